@@ -1,0 +1,777 @@
+//! The account actor: the only writer of one account's state.
+//!
+//! One [`AccountActor`] per live account serializes every change to that account: consumes,
+//! credit grants, profile updates and period rollovers. Its state is the fold of the account's
+//! ledger ([`AccountFold`]); there is no lock around it anywhere, because no one else holds it.
+//!
+//! Write path of a consume: decide (pure, [`decide_consume`]), append one self-contained ledger
+//! entry, update the derived idempotency index, then hand the reply to the store's group
+//! commit ([`Store::commit`]). The reply is sent by the flusher thread once the entry is on
+//! disk, while this actor already decides the next request. This module must never wait for a
+//! flush itself, and never reply to a state-revealing request before a flush.
+
+pub mod directory;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use sha2::{Digest, Sha256};
+
+use crate::ledger::{
+    AccountFold, AccountProfile, Balances, ConsumeRecord, CreditRecord, EntryKind, FoldError,
+    LedgerEntry, apply_credit_delta, decide_consume, meter_limit,
+};
+use crate::model::{
+    AccountId, Catalog, Clock, IdempotencyKey, Metadata, Period, Plan, ValidationError,
+    validate_metadata,
+};
+use crate::store::{AccountSnapshot, CommitError, IdemOp, IdemRecord, Store, StoreError};
+
+pub use directory::{Accounts, DirectoryActor, DirectoryMsg, DirectoryStats};
+
+/// Messages an account actor understands. Callers never build these: they use [`Accounts`].
+pub enum AccountMsg {
+    /// Consume units of a meter (durable, idempotent).
+    Consume(ConsumeCmd, RpcReplyPort<Result<ConsumeReply, AccountError>>),
+    /// The same decision as `Consume`, as a dry run that changes nothing.
+    Check(ConsumeCmd, RpcReplyPort<Result<ConsumeReply, AccountError>>),
+    /// Create the account or change its profile.
+    Upsert(UpsertCmd, RpcReplyPort<Result<UpsertReply, AccountError>>),
+    /// Grant or adjust credits (durable, idempotent).
+    Credit(CreditCmd, RpcReplyPort<Result<CreditReply, AccountError>>),
+    /// The account's current state.
+    Get(RpcReplyPort<Result<AccountView, AccountError>>),
+    /// Periodic: report to the directory when idle for longer than the idle timeout.
+    IdleTick,
+    /// Test only: fail the actor as a bug or storage fault would.
+    #[doc(hidden)]
+    Crash,
+}
+
+/// Expected refusals, answered inside the reply (the actor stays healthy).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccountError {
+    #[error("account `{0}` does not exist")]
+    UnknownAccount(AccountId),
+    #[error("{0}")]
+    Invalid(#[from] ValidationError),
+    #[error("idempotency key was already used with a different request (ledger entry {seq})")]
+    IdempotencyConflict { seq: u64 },
+    #[error("credit balance is {balance}; an adjustment of {amount} would make it negative")]
+    CreditBalanceTooLow { balance: u64, amount: i64 },
+    #[error("storage failure: {0}")]
+    Storage(String),
+    #[error("the account service is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the account did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl From<StoreError> for AccountError {
+    fn from(e: StoreError) -> Self {
+        AccountError::Storage(e.to_string())
+    }
+}
+
+impl From<CommitError> for AccountError {
+    fn from(e: CommitError) -> Self {
+        AccountError::Storage(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumeCmd {
+    pub meter: String,
+    pub quantity: u64,
+    pub idempotency_key: IdempotencyKey,
+    pub metadata: Metadata,
+}
+
+impl ConsumeCmd {
+    /// SHA-256 over a canonical, length-prefixed encoding of what makes two requests "the
+    /// same": meter, quantity and metadata.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"consume/v1");
+        put_str(&mut h, &self.meter);
+        h.update(self.quantity.to_be_bytes());
+        h.update((self.metadata.len() as u64).to_be_bytes());
+        for (k, v) in &self.metadata {
+            put_str(&mut h, k);
+            put_str(&mut h, v);
+        }
+        h.finalize().into()
+    }
+}
+
+fn put_str(h: &mut Sha256, s: &str) {
+    h.update((s.len() as u64).to_be_bytes());
+    h.update(s.as_bytes());
+}
+
+/// The answer to a consume or a check: the ledger entry it produced (or would produce).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumeReply {
+    /// `None` for a check (nothing was written).
+    pub seq: Option<u64>,
+    pub record: ConsumeRecord,
+    /// True when this answers a replayed idempotency key.
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpsertCmd {
+    pub plan: Option<String>,
+    pub seats: Option<u32>,
+    pub email: Option<String>,
+    pub stripe_customer_id: Option<String>,
+    pub metadata: Option<Metadata>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpsertReply {
+    pub created: bool,
+    pub view: AccountView,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditCmd {
+    pub amount: i64,
+    pub reason: String,
+    pub idempotency_key: IdempotencyKey,
+}
+
+impl CreditCmd {
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"credit/v1");
+        h.update(self.amount.to_be_bytes());
+        put_str(&mut h, &self.reason);
+        h.finalize().into()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditReply {
+    pub seq: u64,
+    pub record: CreditRecord,
+    pub replayed: bool,
+}
+
+/// One meter as an account sees it in its current period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterView {
+    pub meter: String,
+    pub used: u64,
+    pub included: u64,
+    pub billable: u64,
+    pub limit: Option<u64>,
+    pub remaining: Option<u64>,
+    pub overage: &'static str,
+}
+
+/// What `GET /v1/accounts/{id}` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountView {
+    pub id: AccountId,
+    pub profile: AccountProfile,
+    pub plan_kind: &'static str,
+    pub features: Vec<String>,
+    pub period: Period,
+    pub meters: Vec<MeterView>,
+    pub credits: u64,
+    pub last_seq: u64,
+}
+
+/// Tunables every account actor shares.
+#[derive(Debug, Clone)]
+pub struct AccountSettings {
+    /// Stop an actor that handled nothing for this long.
+    pub idle_timeout: Duration,
+    /// Write a snapshot after this many new ledger entries.
+    pub snapshot_every: u64,
+    /// Timeout of every call into an actor.
+    pub call_timeout: Duration,
+    /// At most this many live account actors; the least recently used is stopped beyond it.
+    pub max_live: usize,
+}
+
+/// Everything an account actor needs, shared by all of them.
+#[derive(Clone)]
+pub struct AccountDeps {
+    pub store: Store,
+    pub catalog: Arc<Catalog>,
+    pub clock: Clock,
+    pub settings: Arc<AccountSettings>,
+}
+
+pub struct AccountActor;
+
+pub struct AccountArgs {
+    pub id: AccountId,
+    pub deps: AccountDeps,
+    pub directory: ActorRef<DirectoryMsg>,
+}
+
+pub struct AccountState {
+    id: AccountId,
+    deps: AccountDeps,
+    directory: ActorRef<DirectoryMsg>,
+    fold: AccountFold,
+    snapshot_seq: u64,
+    last_activity: Instant,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Actor for AccountActor {
+    type Msg = AccountMsg;
+    type State = AccountState;
+    type Arguments = AccountArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<AccountMsg>,
+        args: AccountArgs,
+    ) -> Result<AccountState, ActorProcessingErr> {
+        let (fold, snapshot_seq) = recover(&args.deps.store, &args.id)?;
+        let period = (args.deps.settings.idle_timeout / 2).max(Duration::from_millis(10));
+        let ticker = myself.send_interval(period, || AccountMsg::IdleTick);
+        Ok(AccountState {
+            id: args.id,
+            deps: args.deps,
+            directory: args.directory,
+            fold,
+            snapshot_seq,
+            last_activity: Instant::now(),
+            ticker: Some(ticker),
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<AccountMsg>,
+        state: &mut AccountState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = state.ticker.take() {
+            t.abort();
+        }
+        if state.fold.last_seq > state.snapshot_seq {
+            state.write_snapshot()?;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<AccountMsg>,
+        msg: AccountMsg,
+        state: &mut AccountState,
+    ) -> Result<(), ActorProcessingErr> {
+        if !matches!(msg, AccountMsg::IdleTick) {
+            state.last_activity = Instant::now();
+        }
+        match msg {
+            AccountMsg::Consume(cmd, reply) => state.consume(cmd, reply)?,
+            AccountMsg::Check(cmd, reply) => state.check(cmd, reply),
+            AccountMsg::Upsert(cmd, reply) => state.upsert(cmd, reply)?,
+            AccountMsg::Credit(cmd, reply) => state.credit(cmd, reply)?,
+            AccountMsg::Get(reply) => {
+                let r = state.view();
+                state.reply_after_commit(reply, r);
+            }
+            AccountMsg::IdleTick => {
+                if state.last_activity.elapsed() >= state.deps.settings.idle_timeout {
+                    let _ = state
+                        .directory
+                        .cast(DirectoryMsg::Idle(state.id.clone(), myself.get_id()));
+                }
+            }
+            AccountMsg::Crash => return Err("crash requested".into()),
+        }
+        Ok(())
+    }
+}
+
+/// Rebuilds an account from its snapshot plus the ledger entries after it, and repairs the
+/// derived idempotency index for those entries (it may have been lost in a crash).
+fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64), StoreError> {
+    let mut fold = AccountFold::default();
+    let mut snapshot_seq = 0;
+    if let Some(s) = store.get_snapshot(id)? {
+        snapshot_seq = s.last_seq;
+        fold = AccountFold {
+            profile: Some(s.profile),
+            balances: Some(s.balances),
+            last_seq: s.last_seq,
+        };
+    }
+    loop {
+        let batch = store.entries_after(id, fold.last_seq, 1024)?;
+        if batch.is_empty() {
+            break;
+        }
+        for e in &batch {
+            fold.apply(e).map_err(|err| corrupt(id, err))?;
+            match &e.kind {
+                EntryKind::Consume(c) => {
+                    let rec = IdemRecord {
+                        seq: e.seq,
+                        at_ms: e.at_ms,
+                    };
+                    store.put_idem(id, IdemOp::Consume, &c.idempotency_key, rec)?;
+                }
+                EntryKind::Credit(c) => {
+                    let rec = IdemRecord {
+                        seq: e.seq,
+                        at_ms: e.at_ms,
+                    };
+                    store.put_idem(id, IdemOp::Credit, &c.idempotency_key, rec)?;
+                }
+                EntryKind::AccountUpserted(_) | EntryKind::PeriodRolled { .. } => {}
+            }
+        }
+    }
+    Ok((fold, snapshot_seq))
+}
+
+fn corrupt(id: &AccountId, err: FoldError) -> StoreError {
+    StoreError::Corrupt {
+        tree: "ledger",
+        detail: format!("account {id}: {err}"),
+    }
+}
+
+impl AccountState {
+    fn catalog_plan(&self, profile: &AccountProfile) -> Result<&Plan, AccountError> {
+        self.deps.catalog.plans.get(&profile.plan).ok_or_else(|| {
+            AccountError::Storage(format!(
+                "account {} is on plan `{}`, which is no longer configured",
+                self.id, profile.plan
+            ))
+        })
+    }
+
+    /// Sends `r` once everything this actor wrote so far is durable.
+    fn reply_after_commit<T: Send + 'static>(
+        &self,
+        reply: RpcReplyPort<Result<T, AccountError>>,
+        r: Result<T, AccountError>,
+    ) {
+        self.deps.store.commit(move |c| {
+            let out = match c {
+                Ok(()) => r,
+                Err(e) => Err(e.into()),
+            };
+            let _ = reply.send(out);
+        });
+    }
+
+    fn append(&mut self, kind: EntryKind, at_ms: i64) -> Result<LedgerEntry, StoreError> {
+        let entry = LedgerEntry {
+            seq: self.fold.last_seq + 1,
+            at_ms,
+            kind,
+        };
+        // Fold first: an entry that does not follow is a bug and must never reach disk.
+        let mut next = self.fold.clone();
+        next.apply(&entry).map_err(|e| corrupt(&self.id, e))?;
+        self.deps.store.append_entry(&self.id, &entry)?;
+        self.fold = next;
+        Ok(entry)
+    }
+
+    fn after_write(&mut self) -> Result<(), StoreError> {
+        if self.fold.last_seq - self.snapshot_seq >= self.deps.settings.snapshot_every {
+            self.write_snapshot()?;
+        }
+        Ok(())
+    }
+
+    fn write_snapshot(&mut self) -> Result<(), StoreError> {
+        if let (Some(profile), Some(balances)) = (&self.fold.profile, &self.fold.balances) {
+            self.deps.store.put_snapshot(
+                &self.id,
+                &AccountSnapshot {
+                    profile: profile.clone(),
+                    balances: balances.clone(),
+                    last_seq: self.fold.last_seq,
+                },
+            )?;
+            self.snapshot_seq = self.fold.last_seq;
+        }
+        Ok(())
+    }
+
+    /// Writes the period rollover entry if `now` is past the current period. Lazy: only an
+    /// account that is used again rolls over.
+    fn roll_period(&mut self, now: i64) -> Result<(), StoreError> {
+        let Some(b) = &self.fold.balances else {
+            return Ok(());
+        };
+        if now >= b.period.end_ms {
+            let from = b.period;
+            let to = Period::calendar_month(now);
+            self.append(EntryKind::PeriodRolled { from, to }, now)?;
+        }
+        Ok(())
+    }
+
+    /// The balances as of `now` without writing anything: a due rollover is applied in memory.
+    fn balances_at(&self, now: i64) -> Option<Balances> {
+        let b = self.fold.balances.as_ref()?;
+        if now >= b.period.end_ms {
+            let mut rolled = Balances::new(Period::calendar_month(now));
+            rolled.credits = b.credits;
+            Some(rolled)
+        } else {
+            Some(b.clone())
+        }
+    }
+
+    fn validate_consume(&self, cmd: &ConsumeCmd) -> Result<&AccountProfile, AccountError> {
+        if !self.deps.catalog.meters.contains_key(&cmd.meter) {
+            return Err(ValidationError::new(format!("unknown meter `{}`", cmd.meter)).into());
+        }
+        if cmd.quantity == 0 || cmd.quantity > crate::model::MAX_QUANTITY {
+            return Err(ValidationError::new(format!(
+                "quantity must be an integer from 1 to {}",
+                crate::model::MAX_QUANTITY
+            ))
+            .into());
+        }
+        validate_metadata(&cmd.metadata)?;
+        self.fold
+            .profile
+            .as_ref()
+            .ok_or_else(|| AccountError::UnknownAccount(self.id.clone()))
+    }
+
+    /// Looks up an idempotency key. `Ok(Some(entry))` is a replay of that entry.
+    fn find_replay(&self, op: IdemOp, key: &str) -> Result<Option<LedgerEntry>, StoreError> {
+        let Some(rec) = self.deps.store.get_idem(&self.id, op, key)? else {
+            return Ok(None);
+        };
+        match self.deps.store.read_entry(&self.id, rec.seq)? {
+            Some(e) => Ok(Some(e)),
+            None => Err(StoreError::Corrupt {
+                tree: "idem",
+                detail: format!(
+                    "account {}: key points at missing entry {}",
+                    self.id, rec.seq
+                ),
+            }),
+        }
+    }
+
+    fn consume(
+        &mut self,
+        cmd: ConsumeCmd,
+        reply: RpcReplyPort<Result<ConsumeReply, AccountError>>,
+    ) -> Result<(), StoreError> {
+        let plan = match self.validate_consume(&cmd) {
+            Ok(p) => p.plan.clone(),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return Ok(());
+            }
+        };
+        let digest = cmd.digest();
+        if let Some(prev) = self.find_replay(IdemOp::Consume, cmd.idempotency_key.as_str())? {
+            let r = match prev.kind {
+                EntryKind::Consume(rec) if rec.digest == digest => Ok(ConsumeReply {
+                    seq: Some(prev.seq),
+                    record: rec,
+                    replayed: true,
+                }),
+                _ => Err(AccountError::IdempotencyConflict { seq: prev.seq }),
+            };
+            // The first answer may not be durable yet: a replay waits for the same flush.
+            self.reply_after_commit(reply, r);
+            return Ok(());
+        }
+        let now = self.deps.clock.now_ms();
+        self.roll_period(now)?;
+        let rule = self
+            .deps
+            .catalog
+            .plans
+            .get(&plan)
+            .and_then(|p| p.meters.get(&cmd.meter));
+        let Some(balances) = &self.fold.balances else {
+            return Ok(());
+        };
+        let d = decide_consume(balances, &cmd.meter, rule, cmd.quantity);
+        let record = ConsumeRecord {
+            meter: cmd.meter,
+            quantity: cmd.quantity,
+            idempotency_key: cmd.idempotency_key.as_str().to_owned(),
+            digest,
+            metadata: cmd.metadata.into_iter().collect(),
+            outcome: d.outcome,
+            billable: d.billable,
+            credits_spent: d.credits_spent,
+            included: d.included,
+            limit: d.limit,
+            used_after: d.used_after,
+            billable_after: d.billable_after,
+            credits_after: d.credits_after,
+        };
+        let entry = self.append(EntryKind::Consume(record), now)?;
+        self.deps.store.put_idem(
+            &self.id,
+            IdemOp::Consume,
+            cmd.idempotency_key.as_str(),
+            IdemRecord {
+                seq: entry.seq,
+                at_ms: now,
+            },
+        )?;
+        self.after_write()?;
+        let EntryKind::Consume(record) = entry.kind else {
+            return Ok(());
+        };
+        self.reply_after_commit(
+            reply,
+            Ok(ConsumeReply {
+                seq: Some(entry.seq),
+                record,
+                replayed: false,
+            }),
+        );
+        Ok(())
+    }
+
+    fn check(&self, cmd: ConsumeCmd, reply: RpcReplyPort<Result<ConsumeReply, AccountError>>) {
+        let r = (|| {
+            let profile = self.validate_consume(&cmd)?;
+            let plan = self.catalog_plan(profile)?;
+            let now = self.deps.clock.now_ms();
+            let balances = self
+                .balances_at(now)
+                .ok_or_else(|| AccountError::UnknownAccount(self.id.clone()))?;
+            let d = decide_consume(
+                &balances,
+                &cmd.meter,
+                plan.meters.get(&cmd.meter),
+                cmd.quantity,
+            );
+            Ok(ConsumeReply {
+                seq: None,
+                record: ConsumeRecord {
+                    digest: cmd.digest(),
+                    meter: cmd.meter,
+                    quantity: cmd.quantity,
+                    idempotency_key: cmd.idempotency_key.as_str().to_owned(),
+                    metadata: cmd.metadata.into_iter().collect(),
+                    outcome: d.outcome,
+                    billable: d.billable,
+                    credits_spent: d.credits_spent,
+                    included: d.included,
+                    limit: d.limit,
+                    used_after: d.used_after,
+                    billable_after: d.billable_after,
+                    credits_after: d.credits_after,
+                },
+                replayed: false,
+            })
+        })();
+        self.reply_after_commit(reply, r);
+    }
+
+    fn upsert(
+        &mut self,
+        cmd: UpsertCmd,
+        reply: RpcReplyPort<Result<UpsertReply, AccountError>>,
+    ) -> Result<(), StoreError> {
+        let now = self.deps.clock.now_ms();
+        let created = self.fold.profile.is_none();
+        let next = match self.merge_profile(cmd, now) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return Ok(());
+            }
+        };
+        if self.fold.profile.as_ref() != Some(&next) {
+            self.append(EntryKind::AccountUpserted(next), now)?;
+            if created {
+                // A new account gets its snapshot at once so later recoveries start from it.
+                self.write_snapshot()?;
+            } else {
+                self.after_write()?;
+            }
+        }
+        let r = self.view().map(|view| UpsertReply { created, view });
+        self.reply_after_commit(reply, r);
+        Ok(())
+    }
+
+    fn merge_profile(&self, cmd: UpsertCmd, now: i64) -> Result<AccountProfile, AccountError> {
+        let current = self.fold.profile.as_ref();
+        let plan_name = match (&cmd.plan, current) {
+            (Some(p), _) => p.clone(),
+            (None, Some(c)) => c.plan.clone(),
+            (None, None) => {
+                return Err(ValidationError::new("`plan` is required to create an account").into());
+            }
+        };
+        let Some(plan) = self.deps.catalog.plans.get(&plan_name) else {
+            let known: Vec<&str> = self.deps.catalog.plans.keys().map(String::as_str).collect();
+            return Err(ValidationError::new(format!(
+                "unknown plan `{plan_name}`; configured plans: {}",
+                known.join(", ")
+            ))
+            .into());
+        };
+        let seats = cmd
+            .seats
+            .or(current.map(|c| c.seats))
+            .unwrap_or(plan.min_seats.max(1));
+        if seats == 0 || seats < plan.min_seats {
+            return Err(ValidationError::new(format!(
+                "plan `{plan_name}` needs at least {} seat(s); got {seats}",
+                plan.min_seats.max(1)
+            ))
+            .into());
+        }
+        let metadata = match cmd.metadata {
+            Some(m) => {
+                validate_metadata(&m)?;
+                m.into_iter().collect()
+            }
+            None => current.map(|c| c.metadata.clone()).unwrap_or_default(),
+        };
+        let check_len = |name: &str, v: &Option<String>| match v {
+            Some(s) if s.len() > 256 => Err(ValidationError::new(format!(
+                "`{name}` is longer than 256 bytes"
+            ))),
+            _ => Ok(()),
+        };
+        check_len("email", &cmd.email)?;
+        check_len("stripe_customer_id", &cmd.stripe_customer_id)?;
+        Ok(AccountProfile {
+            plan: plan_name,
+            seats,
+            email: cmd.email.or_else(|| current.and_then(|c| c.email.clone())),
+            stripe_customer_id: cmd
+                .stripe_customer_id
+                .or_else(|| current.and_then(|c| c.stripe_customer_id.clone())),
+            metadata,
+            created_at_ms: current.map(|c| c.created_at_ms).unwrap_or(now),
+        })
+    }
+
+    fn credit(
+        &mut self,
+        cmd: CreditCmd,
+        reply: RpcReplyPort<Result<CreditReply, AccountError>>,
+    ) -> Result<(), StoreError> {
+        if self.fold.profile.is_none() {
+            let _ = reply.send(Err(AccountError::UnknownAccount(self.id.clone())));
+            return Ok(());
+        }
+        if cmd.amount == 0 || cmd.reason.len() > 500 {
+            let _ = reply.send(Err(ValidationError::new(
+                "amount must be a non-zero integer and reason at most 500 bytes",
+            )
+            .into()));
+            return Ok(());
+        }
+        let digest = cmd.digest();
+        if let Some(prev) = self.find_replay(IdemOp::Credit, cmd.idempotency_key.as_str())? {
+            let r = match prev.kind {
+                EntryKind::Credit(rec) if rec.digest == digest => Ok(CreditReply {
+                    seq: prev.seq,
+                    record: rec,
+                    replayed: true,
+                }),
+                _ => Err(AccountError::IdempotencyConflict { seq: prev.seq }),
+            };
+            self.reply_after_commit(reply, r);
+            return Ok(());
+        }
+        let now = self.deps.clock.now_ms();
+        self.roll_period(now)?;
+        let balance = self.fold.balances.as_ref().map(|b| b.credits).unwrap_or(0);
+        let Some(after) = apply_credit_delta(balance, cmd.amount) else {
+            let _ = reply.send(Err(AccountError::CreditBalanceTooLow {
+                balance,
+                amount: cmd.amount,
+            }));
+            return Ok(());
+        };
+        let record = CreditRecord {
+            amount: cmd.amount,
+            reason: cmd.reason,
+            idempotency_key: cmd.idempotency_key.as_str().to_owned(),
+            digest,
+            credits_after: after,
+        };
+        let entry = self.append(EntryKind::Credit(record), now)?;
+        self.deps.store.put_idem(
+            &self.id,
+            IdemOp::Credit,
+            cmd.idempotency_key.as_str(),
+            IdemRecord {
+                seq: entry.seq,
+                at_ms: now,
+            },
+        )?;
+        self.after_write()?;
+        if let EntryKind::Credit(record) = entry.kind {
+            self.reply_after_commit(
+                reply,
+                Ok(CreditReply {
+                    seq: entry.seq,
+                    record,
+                    replayed: false,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    fn view(&self) -> Result<AccountView, AccountError> {
+        let profile = self
+            .fold
+            .profile
+            .clone()
+            .ok_or_else(|| AccountError::UnknownAccount(self.id.clone()))?;
+        let plan = self.catalog_plan(&profile)?;
+        let balances = self
+            .balances_at(self.deps.clock.now_ms())
+            .ok_or_else(|| AccountError::UnknownAccount(self.id.clone()))?;
+        let mut meters = Vec::new();
+        let rules: BTreeMap<_, _> = plan.meters.iter().collect();
+        for (name, rule) in rules {
+            let usage = balances.usage(name);
+            let limit = meter_limit(rule, usage, balances.credits);
+            meters.push(MeterView {
+                meter: name.clone(),
+                used: usage.used,
+                included: rule.included,
+                billable: usage.billable,
+                limit,
+                remaining: limit.map(|l| l.saturating_sub(usage.used)),
+                overage: match rule.overage {
+                    crate::model::Overage::Block => "block",
+                    crate::model::Overage::Credits { .. } => "credits",
+                    crate::model::Overage::Bill => "bill",
+                    crate::model::Overage::Unlimited => "unlimited",
+                },
+            });
+        }
+        Ok(AccountView {
+            id: self.id.clone(),
+            plan_kind: plan.kind.as_str(),
+            features: plan.features.clone(),
+            period: balances.period,
+            meters,
+            credits: balances.credits,
+            last_seq: self.fold.last_seq,
+            profile,
+        })
+    }
+}

@@ -1,0 +1,18 @@
+//! meterd's core: the actors, the sled store, the ledger and the domain model.
+//!
+//! Actor map:
+//! - [`account::DirectoryActor`] owns `AccountId → ActorRef` and supervises one
+//!   [`account::AccountActor`] per live account.
+//! - [`account::AccountActor`] is the only writer of its account's ledger.
+//! - [`janitor::JanitorActor`] expires idempotency records after the retention period.
+//!
+//! **Architecture invariant:** this crate knows nothing of HTTP, CLIs or file formats; it
+//! depends on neither poem, clap nor toml. The daemon (`meterd`) turns config into a
+//! [`model::Catalog`] and HTTP requests into calls on [`account::Accounts`].
+
+pub mod account;
+pub mod janitor;
+pub mod ledger;
+pub mod model;
+pub mod store;
+pub mod verify;

@@ -1,0 +1,403 @@
+//! Domain vocabulary shared by every actor: validated identifiers, the plan catalog, billing
+//! periods and the clock.
+//!
+//! This module owns validation of everything that reaches the core from outside (account ids,
+//! idempotency keys, meter names, metadata). It never parses a file format and never knows
+//! about HTTP: the daemon builds a [`Catalog`] from its config and hands it in.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+/// The largest quantity one request may consume: 2^53, the largest integer every JSON client
+/// (JavaScript included) represents exactly.
+pub const MAX_QUANTITY: u64 = 1 << 53;
+/// Longest accepted idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+/// Metadata limits, per request: entries, key length, value length (bytes).
+pub const MAX_METADATA_ENTRIES: usize = 20;
+pub const MAX_METADATA_KEY_LEN: usize = 40;
+pub const MAX_METADATA_VALUE_LEN: usize = 500;
+
+/// An account id is the app's own id: 1 to 128 characters of `[A-Za-z0-9_.:-]`.
+///
+/// Because `0x00` can never appear in an id, store keys use it as the separator between the id
+/// and what follows, so one account's prefix never matches another account's keys.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountId(Arc<str>);
+
+impl AccountId {
+    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
+        if raw.is_empty() || raw.len() > 128 {
+            return Err(ValidationError::new(
+                "account id must be 1 to 128 characters",
+            ));
+        }
+        if !raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+        {
+            return Err(ValidationError::new(
+                "account id may contain only A-Z, a-z, 0-9, '_', '.', ':' and '-'",
+            ));
+        }
+        Ok(Self(Arc::from(raw)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AccountId({})", self.0)
+    }
+}
+
+/// A client-chosen idempotency key: 1 to 255 bytes of visible ASCII.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
+        if raw.is_empty() {
+            return Err(ValidationError::new("idempotency_key must not be empty"));
+        }
+        if raw.len() > MAX_IDEMPOTENCY_KEY_LEN {
+            return Err(ValidationError::new(format!(
+                "idempotency_key is longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes"
+            )));
+        }
+        if !raw.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ValidationError::new(
+                "idempotency_key may contain only visible ASCII characters",
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Free-form string metadata attached to a request or an account, bounded in size.
+pub type Metadata = BTreeMap<String, String>;
+
+pub fn validate_metadata(m: &Metadata) -> Result<(), ValidationError> {
+    if m.len() > MAX_METADATA_ENTRIES {
+        return Err(ValidationError::new(format!(
+            "metadata has more than {MAX_METADATA_ENTRIES} entries"
+        )));
+    }
+    for (k, v) in m {
+        if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN {
+            return Err(ValidationError::new(format!(
+                "metadata keys must be 1 to {MAX_METADATA_KEY_LEN} bytes"
+            )));
+        }
+        if v.len() > MAX_METADATA_VALUE_LEN {
+            return Err(ValidationError::new(format!(
+                "metadata value for `{k}` is longer than {MAX_METADATA_VALUE_LEN} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Input that the core refuses; the message is safe to show to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ValidationError(pub String);
+
+impl ValidationError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+/// What happens to consumption beyond a plan's included units for one meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Overage {
+    /// Hard cap: beyond `included` every request is denied with `cap_reached`.
+    Block,
+    /// Draw from the prepaid credit balance at `credits_per_unit`; at zero, `insufficient_credits`.
+    Credits { credits_per_unit: u64 },
+    /// Allowed and counted as billable overage (reported to Stripe by a later component).
+    Bill,
+    /// Never blocks; still counted, never billable.
+    Unlimited,
+}
+
+/// One meter's rule inside a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterRule {
+    pub included: u64,
+    pub overage: Overage,
+    /// Price per overage unit as a decimal string of minor units (e.g. `"50"` or `"0.2"`);
+    /// stored now, used by pricing later.
+    pub unit_price: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanKind {
+    Free,
+    Metered,
+    Flat,
+    Seat,
+    Custom,
+    Prepaid,
+}
+
+impl PlanKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanKind::Free => "free",
+            PlanKind::Metered => "metered",
+            PlanKind::Flat => "flat",
+            PlanKind::Seat => "seat",
+            PlanKind::Custom => "custom",
+            PlanKind::Prepaid => "prepaid",
+        }
+    }
+}
+
+/// A plan as configured. Prices are integers in minor units of `currency`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub name: String,
+    pub kind: PlanKind,
+    pub currency: String,
+    pub base_price: u64,
+    pub seat_price: u64,
+    pub min_seats: u32,
+    pub features: Vec<String>,
+    pub meters: BTreeMap<String, MeterRule>,
+}
+
+/// A prepaid credit package (for example 500 credits for $5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditPackage {
+    pub name: String,
+    pub credits: u64,
+    pub price: u64,
+    pub currency: String,
+}
+
+/// Meters, plans and credit packages: the daemon's whole commercial model, immutable while it
+/// runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Catalog {
+    pub meters: BTreeMap<String, String>,
+    pub plans: BTreeMap<String, Plan>,
+    pub credit_packages: Vec<CreditPackage>,
+}
+
+impl Catalog {
+    /// Checks cross references: every plan's meters exist, seat plans have a minimum.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.plans.is_empty() {
+            return Err(ValidationError::new("at least one plan must be configured"));
+        }
+        for (name, plan) in &self.plans {
+            for meter in plan.meters.keys() {
+                if !self.meters.contains_key(meter) {
+                    return Err(ValidationError::new(format!(
+                        "plans.{name}.meters.{meter}: no meter `{meter}` is declared under [meters]"
+                    )));
+                }
+            }
+            for (meter, rule) in &plan.meters {
+                if let Overage::Credits { credits_per_unit } = rule.overage
+                    && credits_per_unit == 0
+                {
+                    return Err(ValidationError::new(format!(
+                        "plans.{name}.meters.{meter}.credits_per_unit must be at least 1"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Milliseconds since the Unix epoch, UTC.
+pub type UnixMs = i64;
+
+/// The source of "now" for every actor, so tests can move time.
+#[derive(Clone)]
+pub enum Clock {
+    System,
+    Manual(Arc<AtomicI64>),
+}
+
+impl Clock {
+    pub fn manual(start_ms: UnixMs) -> Self {
+        Clock::Manual(Arc::new(AtomicI64::new(start_ms)))
+    }
+
+    pub fn now_ms(&self) -> UnixMs {
+        match self {
+            Clock::System => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                .unwrap_or(0),
+            Clock::Manual(t) => t.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Moves a manual clock; a no-op on the system clock.
+    pub fn set_ms(&self, ms: UnixMs) {
+        if let Clock::Manual(t) = self {
+            t.store(ms, Ordering::SeqCst);
+        }
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Clock::System => f.write_str("Clock::System"),
+            Clock::Manual(t) => write!(f, "Clock::Manual({})", t.load(Ordering::SeqCst)),
+        }
+    }
+}
+
+/// A billing period `[start_ms, end_ms)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct Period {
+    pub start_ms: UnixMs,
+    pub end_ms: UnixMs,
+}
+
+impl Period {
+    /// The calendar month (UTC) containing `at`.
+    pub fn calendar_month(at: UnixMs) -> Period {
+        let days = at.div_euclid(86_400_000);
+        let (y, m, _) = civil_from_days(days);
+        let start = days_from_civil(y, m, 1) * 86_400_000;
+        let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+        let end = days_from_civil(ny, nm, 1) * 86_400_000;
+        Period {
+            start_ms: start,
+            end_ms: end,
+        }
+    }
+
+    pub fn contains(&self, at: UnixMs) -> bool {
+        self.start_ms <= at && at < self.end_ms
+    }
+}
+
+/// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant's algorithm).
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date for a day count since 1970-01-01 (inverse of [`days_from_civil`]).
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    // Both are in range by construction: d in 1..=31, m in 1..=12.
+    (
+        y,
+        u32::try_from(m).unwrap_or(1),
+        u32::try_from(d).unwrap_or(1),
+    )
+}
+
+/// RFC 3339 rendering of a Unix-millisecond timestamp, UTC, millisecond precision.
+pub fn format_rfc3339(ms: UnixMs) -> String {
+    let days = ms.div_euclid(86_400_000);
+    let rem = ms.rem_euclid(86_400_000);
+    let (y, m, d) = civil_from_days(days);
+    let secs = rem / 1000;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60,
+        rem % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_ids_follow_the_documented_alphabet() {
+        assert!(AccountId::parse("team_42:user-7.a").is_ok());
+        assert!(AccountId::parse(&"a".repeat(128)).is_ok());
+        assert!(AccountId::parse("").is_err());
+        assert!(AccountId::parse(&"a".repeat(129)).is_err());
+        assert!(AccountId::parse("a b").is_err());
+        assert!(AccountId::parse("a/b").is_err());
+        assert!(AccountId::parse("é").is_err());
+    }
+
+    #[test]
+    fn idempotency_keys_are_bounded_visible_ascii() {
+        assert!(IdempotencyKey::parse("req-1").is_ok());
+        assert!(IdempotencyKey::parse(&"k".repeat(255)).is_ok());
+        assert!(IdempotencyKey::parse(&"k".repeat(256)).is_err());
+        assert!(IdempotencyKey::parse("").is_err());
+        assert!(IdempotencyKey::parse("has space").is_err());
+    }
+
+    #[test]
+    fn civil_round_trip_over_four_centuries() {
+        for days in (-200_000..200_000).step_by(37) {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+    }
+
+    #[test]
+    fn calendar_months_have_exact_utc_boundaries() {
+        // 2024-02-29T23:59:59.999Z is in February of a leap year.
+        let feb_end = days_from_civil(2024, 3, 1) * 86_400_000;
+        let p = Period::calendar_month(feb_end - 1);
+        assert_eq!(p.start_ms, days_from_civil(2024, 2, 1) * 86_400_000);
+        assert_eq!(p.end_ms, feb_end);
+        assert!(p.contains(feb_end - 1));
+        assert!(!p.contains(feb_end));
+        // The boundary instant itself belongs to the next month.
+        let march = Period::calendar_month(feb_end);
+        assert_eq!(march.start_ms, feb_end);
+        // December rolls into the next year.
+        let dec = Period::calendar_month(days_from_civil(2025, 12, 15) * 86_400_000);
+        assert_eq!(dec.end_ms, days_from_civil(2026, 1, 1) * 86_400_000);
+    }
+
+    #[test]
+    fn rfc3339_formatting() {
+        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_rfc3339(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
+    }
+}
