@@ -1,0 +1,667 @@
+//! Configuration: `config.toml` (raw, serde, unknown keys rejected) → validated [`Config`].
+//!
+//! This module owns the file format and its checks. Secrets never live in the file: it names
+//! environment variables, and [`Config`] holds only those names. Relative paths resolve
+//! against the folder of the config file. There is deliberately no `Default for Config`: the
+//! shipped `config.toml` (embedded in the binary as [`EMBEDDED_DEFAULT`]) is the default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meterd_actors::account::AccountSettings;
+use meterd_actors::model::{Catalog, CreditPackage, MeterRule, Overage, Plan, PlanKind};
+use meterd_actors::store::SyncMode;
+use serde::Deserialize;
+
+/// The shipped `config.toml`, used when no config file is given and none is found.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid config {origin}: `{key}`: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    storage: RawStorage,
+    #[serde(default)]
+    accounts: RawAccounts,
+    #[serde(default)]
+    idempotency: RawIdempotency,
+    auth: RawAuth,
+    #[serde(default)]
+    log: RawLog,
+    meters: BTreeMap<String, RawMeter>,
+    plans: BTreeMap<String, RawPlan>,
+    #[serde(default)]
+    credit_packages: Vec<RawCreditPackage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: usize,
+    #[serde(default = "default_shutdown_timeout")]
+    shutdown_timeout_s: u64,
+}
+
+fn default_max_body() -> usize {
+    16 * 1024
+}
+fn default_shutdown_timeout() -> u64 {
+    20
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    data_dir: String,
+    #[serde(default = "default_sync")]
+    sync: String,
+    #[serde(default = "default_cache_mb")]
+    cache_capacity_mb: u64,
+}
+
+fn default_sync() -> String {
+    "fdatasync".into()
+}
+fn default_cache_mb() -> u64 {
+    256
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAccounts {
+    idle_timeout_s: u64,
+    max_live: usize,
+    call_timeout_ms: u64,
+    snapshot_every: u64,
+}
+
+impl Default for RawAccounts {
+    fn default() -> Self {
+        Self {
+            idle_timeout_s: 300,
+            max_live: 100_000,
+            call_timeout_ms: 5_000,
+            snapshot_every: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawIdempotency {
+    retention_hours: u64,
+    sweep_interval_s: u64,
+}
+
+impl Default for RawIdempotency {
+    fn default() -> Self {
+        Self {
+            retention_hours: 72,
+            sweep_interval_s: 60,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    admin_key_env: String,
+    app_key_env: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    format: String,
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeter {
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    kind: String,
+    #[serde(default = "default_currency")]
+    currency: String,
+    #[serde(default)]
+    base_price: u64,
+    #[serde(default)]
+    seat_price: u64,
+    #[serde(default)]
+    min_seats: u32,
+    #[serde(default)]
+    features: Vec<String>,
+    #[serde(default)]
+    meters: BTreeMap<String, RawMeterRule>,
+}
+
+fn default_currency() -> String {
+    "usd".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeterRule {
+    #[serde(default)]
+    included: u64,
+    overage: String,
+    credits_per_unit: Option<u64>,
+    unit_price: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCreditPackage {
+    name: String,
+    credits: u64,
+    price: u64,
+    #[serde(default = "default_currency")]
+    currency: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the config came from: a path, or "(embedded default)".
+    pub origin: String,
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub shutdown_timeout: Duration,
+    pub data_dir: PathBuf,
+    pub sync: SyncMode,
+    pub cache_capacity_bytes: u64,
+    pub accounts: AccountSettings,
+    pub idempotency_retention: Duration,
+    pub sweep_interval: Duration,
+    pub admin_key_env: String,
+    pub app_key_env: String,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub catalog: Catalog,
+}
+
+impl Config {
+    /// Loads `path`, resolving relative paths against its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Config::parse(&text, &path.display().to_string(), &base)
+    }
+
+    /// The embedded default, with relative paths against `base` (the working directory).
+    pub fn embedded(base: &Path) -> Result<Config, ConfigError> {
+        Config::parse(EMBEDDED_DEFAULT, "(embedded default)", base)
+    }
+
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let listen: SocketAddr = raw.server.listen.parse().map_err(|e| {
+            invalid(
+                "server.listen",
+                format!(
+                    "`{}` is not an address like 127.0.0.1:8787 ({e})",
+                    raw.server.listen
+                ),
+            )
+        })?;
+        if raw.server.max_body_bytes < 256 {
+            return Err(invalid(
+                "server.max_body_bytes",
+                "must be at least 256".into(),
+            ));
+        }
+        let sync = match raw.storage.sync.as_str() {
+            "fdatasync" => SyncMode::Fdatasync,
+            "flush" => SyncMode::Flush,
+            other => {
+                return Err(invalid(
+                    "storage.sync",
+                    format!("`{other}` is not one of: fdatasync, flush"),
+                ));
+            }
+        };
+        if raw.storage.data_dir.is_empty() {
+            return Err(invalid("storage.data_dir", "must not be empty".into()));
+        }
+        let data_dir = resolve(base, &raw.storage.data_dir);
+        let a = &raw.accounts;
+        if a.idle_timeout_s == 0 {
+            return Err(invalid(
+                "accounts.idle_timeout_s",
+                "must be at least 1".into(),
+            ));
+        }
+        if a.max_live == 0 {
+            return Err(invalid("accounts.max_live", "must be at least 1".into()));
+        }
+        if a.call_timeout_ms < 10 {
+            return Err(invalid(
+                "accounts.call_timeout_ms",
+                "must be at least 10".into(),
+            ));
+        }
+        if a.snapshot_every == 0 {
+            return Err(invalid(
+                "accounts.snapshot_every",
+                "must be at least 1".into(),
+            ));
+        }
+        if raw.idempotency.retention_hours < 72 {
+            return Err(invalid(
+                "idempotency.retention_hours",
+                "must be at least 72: clients retry for up to three days".into(),
+            ));
+        }
+        if raw.idempotency.sweep_interval_s == 0 {
+            return Err(invalid(
+                "idempotency.sweep_interval_s",
+                "must be at least 1".into(),
+            ));
+        }
+        for (key, var) in [
+            ("auth.admin_key_env", &raw.auth.admin_key_env),
+            ("auth.app_key_env", &raw.auth.app_key_env),
+        ] {
+            if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(invalid(
+                    key,
+                    format!("`{var}` is not an environment variable name"),
+                ));
+            }
+        }
+        if raw.auth.admin_key_env == raw.auth.app_key_env {
+            return Err(invalid(
+                "auth.app_key_env",
+                "must differ from auth.admin_key_env".into(),
+            ));
+        }
+        let log_format = match raw.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("`{other}` is not one of: text, json"),
+                ));
+            }
+        };
+        if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a log filter such as `info`", raw.log.level),
+            ));
+        }
+        let catalog = build_catalog(&raw, &invalid)?;
+        Ok(Config {
+            origin: origin.to_owned(),
+            listen,
+            max_body_bytes: raw.server.max_body_bytes,
+            shutdown_timeout: Duration::from_secs(raw.server.shutdown_timeout_s.max(1)),
+            data_dir,
+            sync,
+            cache_capacity_bytes: raw.storage.cache_capacity_mb.max(1) * 1024 * 1024,
+            accounts: AccountSettings {
+                idle_timeout: Duration::from_secs(a.idle_timeout_s),
+                snapshot_every: a.snapshot_every,
+                call_timeout: Duration::from_millis(a.call_timeout_ms),
+                max_live: a.max_live,
+            },
+            idempotency_retention: Duration::from_secs(raw.idempotency.retention_hours * 3600),
+            sweep_interval: Duration::from_secs(raw.idempotency.sweep_interval_s),
+            admin_key_env: raw.auth.admin_key_env,
+            app_key_env: raw.auth.app_key_env,
+            log_format,
+            log_level: raw.log.level,
+            catalog,
+        })
+    }
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn build_catalog(
+    raw: &RawConfig,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Catalog, ConfigError> {
+    let mut catalog = Catalog::default();
+    if raw.meters.is_empty() {
+        return Err(invalid("meters", "declare at least one meter".into()));
+    }
+    for (name, m) in &raw.meters {
+        if !valid_name(name) {
+            return Err(invalid(
+                &format!("meters.{name}"),
+                "meter names are 1-64 characters of A-Z a-z 0-9 _ -".into(),
+            ));
+        }
+        catalog.meters.insert(name.clone(), m.description.clone());
+    }
+    for (name, p) in &raw.plans {
+        let key = format!("plans.{name}");
+        if !valid_name(name) {
+            return Err(invalid(
+                &key,
+                "plan names are 1-64 characters of A-Z a-z 0-9 _ -".into(),
+            ));
+        }
+        let kind = match p.kind.as_str() {
+            "free" => PlanKind::Free,
+            "metered" => PlanKind::Metered,
+            "flat" => PlanKind::Flat,
+            "seat" => PlanKind::Seat,
+            "custom" => PlanKind::Custom,
+            "prepaid" => PlanKind::Prepaid,
+            other => {
+                return Err(invalid(
+                    &format!("{key}.kind"),
+                    format!("`{other}` is not one of: free, metered, flat, seat, custom, prepaid"),
+                ));
+            }
+        };
+        if kind == PlanKind::Seat && p.min_seats == 0 {
+            return Err(invalid(
+                &format!("{key}.min_seats"),
+                "a seat plan needs min_seats of at least 1".into(),
+            ));
+        }
+        validate_currency(&p.currency).map_err(|m| invalid(&format!("{key}.currency"), m))?;
+        let mut meters = BTreeMap::new();
+        for (meter, r) in &p.meters {
+            let rkey = format!("{key}.meters.{meter}");
+            if !raw.meters.contains_key(meter) {
+                return Err(invalid(
+                    &rkey,
+                    format!("no meter `{meter}` is declared under [meters]"),
+                ));
+            }
+            let overage = match (r.overage.as_str(), r.credits_per_unit) {
+                ("block", None) => Overage::Block,
+                ("bill", None) => Overage::Bill,
+                ("unlimited", None) => Overage::Unlimited,
+                ("credits", Some(n)) if n >= 1 => Overage::Credits {
+                    credits_per_unit: n,
+                },
+                ("credits", _) => {
+                    return Err(invalid(
+                        &format!("{rkey}.credits_per_unit"),
+                        "overage = \"credits\" needs credits_per_unit of at least 1".into(),
+                    ));
+                }
+                ("block" | "bill" | "unlimited", Some(_)) => {
+                    return Err(invalid(
+                        &format!("{rkey}.credits_per_unit"),
+                        "only meaningful with overage = \"credits\"".into(),
+                    ));
+                }
+                (other, _) => {
+                    return Err(invalid(
+                        &format!("{rkey}.overage"),
+                        format!("`{other}` is not one of: block, credits, bill, unlimited"),
+                    ));
+                }
+            };
+            if let Some(price) = &r.unit_price {
+                validate_decimal(price).map_err(|m| invalid(&format!("{rkey}.unit_price"), m))?;
+            }
+            meters.insert(
+                meter.clone(),
+                MeterRule {
+                    included: r.included,
+                    overage,
+                    unit_price: r.unit_price.clone(),
+                },
+            );
+        }
+        catalog.plans.insert(
+            name.clone(),
+            Plan {
+                name: name.clone(),
+                kind,
+                currency: p.currency.clone(),
+                base_price: p.base_price,
+                seat_price: p.seat_price,
+                min_seats: p.min_seats,
+                features: p.features.clone(),
+                meters,
+            },
+        );
+    }
+    if catalog.plans.is_empty() {
+        return Err(invalid("plans", "declare at least one plan".into()));
+    }
+    for (i, c) in raw.credit_packages.iter().enumerate() {
+        let key = format!("credit_packages[{i}]");
+        if !valid_name(&c.name) {
+            return Err(invalid(
+                &format!("{key}.name"),
+                "invalid package name".into(),
+            ));
+        }
+        if c.credits == 0 {
+            return Err(invalid(
+                &format!("{key}.credits"),
+                "must be at least 1".into(),
+            ));
+        }
+        validate_currency(&c.currency).map_err(|m| invalid(&format!("{key}.currency"), m))?;
+        catalog.credit_packages.push(CreditPackage {
+            name: c.name.clone(),
+            credits: c.credits,
+            price: c.price,
+            currency: c.currency.clone(),
+        });
+    }
+    Ok(catalog)
+}
+
+fn validate_currency(c: &str) -> Result<(), String> {
+    if c.len() == 3 && c.bytes().all(|b| b.is_ascii_lowercase()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{c}` is not a lowercase ISO 4217 code such as usd"
+        ))
+    }
+}
+
+/// A non-negative decimal of minor units: digits, optionally a point and up to 12 digits.
+fn validate_decimal(s: &str) -> Result<(), String> {
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let ok = !int.is_empty()
+        && int.len() <= 15
+        && int.bytes().all(|b| b.is_ascii_digit())
+        && frac.len() <= 12
+        && frac.bytes().all(|b| b.is_ascii_digit())
+        && !(s.contains('.') && frac.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{s}` is not a decimal amount of minor units such as \"50\" or \"0.2\""
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", Path::new("/etc/meterd"))
+    }
+
+    #[test]
+    fn the_shipped_default_is_valid_and_carries_the_seed_plans() {
+        let c = Config::embedded(Path::new("/srv")).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8787");
+        assert_eq!(c.data_dir, PathBuf::from("/srv/data"));
+        assert_eq!(c.sync, SyncMode::Fdatasync);
+        for plan in ["free", "payg", "pro", "team", "enterprise", "prepaid"] {
+            assert!(c.catalog.plans.contains_key(plan), "missing plan {plan}");
+        }
+        let free = &c.catalog.plans["free"].meters["tokens"];
+        assert_eq!(free.included, 100);
+        assert_eq!(free.overage, Overage::Block);
+        assert_eq!(
+            c.catalog.plans["prepaid"].meters["tokens"].overage,
+            Overage::Credits {
+                credits_per_unit: 1
+            }
+        );
+        assert_eq!(c.catalog.plans["team"].min_seats, 2);
+        assert_eq!(c.catalog.plans["team"].seat_price, 1900);
+        assert_eq!(c.catalog.plans["pro"].base_price, 2900);
+        let credits: Vec<u64> = c
+            .catalog
+            .credit_packages
+            .iter()
+            .map(|p| p.credits)
+            .collect();
+        assert_eq!(credits, vec![500, 1000, 5000, 10000]);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let text = EMBEDDED_DEFAULT.replace("[server]", "[server]\nlisten_port = 1");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("listen_port"), "{err}");
+        let text = EMBEDDED_DEFAULT.replace("included = 100", "included = 100\nincluded_typo = 3");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("included_typo"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let cases = [
+            (
+                "sync = \"fdatasync\"",
+                "sync = \"sometimes\"",
+                "storage.sync",
+            ),
+            (
+                "listen = \"127.0.0.1:8787\"",
+                "listen = \"localhost\"",
+                "server.listen",
+            ),
+            (
+                "retention_hours = 72",
+                "retention_hours = 1",
+                "idempotency.retention_hours",
+            ),
+            (
+                "overage = \"block\"",
+                "overage = \"explode\"",
+                "plans.free.meters.tokens.overage",
+            ),
+        ];
+        for (from, to, key) in cases {
+            assert!(EMBEDDED_DEFAULT.contains(from), "default lacks {from}");
+            let err = parse(&EMBEDDED_DEFAULT.replacen(from, to, 1))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        }
+    }
+
+    #[test]
+    fn a_plan_cannot_reference_an_undeclared_meter() {
+        let text = EMBEDDED_DEFAULT.replacen(
+            "[plans.free.meters.tokens]",
+            "[plans.free.meters.images]",
+            1,
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("plans.free.meters.images"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let c = parse(EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/etc/meterd/data"));
+        let abs =
+            EMBEDDED_DEFAULT.replacen("data_dir = \"data\"", "data_dir = \"/var/lib/meterd\"", 1);
+        assert_eq!(
+            parse(&abs).unwrap().data_dir,
+            PathBuf::from("/var/lib/meterd")
+        );
+    }
+
+    #[test]
+    fn decimals_are_checked() {
+        assert!(validate_decimal("50").is_ok());
+        assert!(validate_decimal("0.2").is_ok());
+        assert!(validate_decimal("-1").is_err());
+        assert!(validate_decimal("1.").is_err());
+        assert!(validate_decimal("1e3").is_err());
+    }
+}

@@ -1,0 +1,220 @@
+//! Startup order and ordered, bounded shutdown.
+//!
+//! Start: open the store → load API keys → spawn the actors → serve on the given listener →
+//! tell systemd `READY=1`. Stop (the `shutdown` future resolves): stop accepting and finish
+//! in-flight requests (bounded by `server.shutdown_timeout_s`) → drain every account actor →
+//! final flush → return. Shutdown is an argument, so tests control it.
+
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use meterd_actors::account::{AccountDeps, Accounts};
+use meterd_actors::janitor::{JanitorActor, JanitorArgs};
+use meterd_actors::model::Clock;
+use meterd_actors::store::{Store, StoreConfig};
+use poem::Server;
+use poem::listener::{Acceptor, TcpAcceptor};
+
+use crate::config::Config;
+use crate::http::auth::{ApiKeys, Scope};
+
+/// Secrets, read from the environment by `main` (tests pass them directly).
+#[derive(Clone, Default)]
+pub struct Secrets {
+    pub admin_key: Option<String>,
+    pub app_key: Option<String>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets([redacted])")
+    }
+}
+
+/// Shortest API key accepted from the environment.
+pub const MIN_KEY_LEN: usize = 16;
+
+impl Secrets {
+    /// Reads the variables the config names. A set but too short key is an error: a weak
+    /// key must not be accepted silently.
+    pub fn from_env(config: &Config) -> anyhow::Result<Secrets> {
+        let read = |var: &str| -> anyhow::Result<Option<String>> {
+            match std::env::var(var) {
+                Ok(v) if v.is_empty() => Ok(None),
+                Ok(v) if v.len() < MIN_KEY_LEN => anyhow::bail!(
+                    "environment variable {var} holds a key shorter than {MIN_KEY_LEN} characters"
+                ),
+                Ok(v) => Ok(Some(v)),
+                Err(std::env::VarError::NotPresent) => Ok(None),
+                Err(e) => anyhow::bail!("environment variable {var}: {e}"),
+            }
+        };
+        Ok(Secrets {
+            admin_key: read(&config.admin_key_env)?,
+            app_key: read(&config.app_key_env)?,
+        })
+    }
+}
+
+/// Where the admin key came from.
+pub fn admin_key_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.key")
+}
+
+/// The admin key from the environment, or else from `<data_dir>/admin.key`, generated with
+/// mode 0600 on first start. Logs the file's path, never the key.
+fn load_keys(config: &Config, secrets: &Secrets) -> anyhow::Result<ApiKeys> {
+    let mut keys = ApiKeys::default();
+    match &secrets.admin_key {
+        Some(k) => keys.add(k, Scope::Admin),
+        None => {
+            let path = admin_key_file(&config.data_dir);
+            let key = read_or_create_key_file(&path)?;
+            tracing::info!(
+                file = %path.display(),
+                "{} is not set; using the generated admin key stored in this file",
+                config.admin_key_env
+            );
+            keys.add(&key, Scope::Admin);
+        }
+    }
+    match &secrets.app_key {
+        Some(k) => keys.add(k, Scope::App),
+        None => tracing::warn!(
+            "{} is not set: no app-scoped key exists, only the admin key can call the API",
+            config.app_key_env
+        ),
+    }
+    Ok(keys)
+}
+
+fn read_or_create_key_file(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::read_to_string(path) {
+        Ok(s) => {
+            let mode = std::fs::metadata(path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(file = %path.display(), "admin key file is readable by group or others; chmod 600 it");
+            }
+            let key = s.trim().to_owned();
+            anyhow::ensure!(
+                key.len() >= MIN_KEY_LEN,
+                "admin key file {} holds a key shorter than {MIN_KEY_LEN} characters",
+                path.display()
+            );
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut raw = [0u8; 32];
+            getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let key = format!("mtd_admin_{}", hex::encode(raw));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            writeln!(f, "{key}")?;
+            f.sync_all()?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Runs the daemon on `listener` until `shutdown` resolves, then stops in order.
+pub async fn run(
+    config: Config,
+    secrets: Secrets,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    run_with_clock(config, secrets, listener, shutdown, Clock::System).await
+}
+
+pub async fn run_with_clock(
+    config: Config,
+    secrets: Secrets,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    clock: Clock,
+) -> anyhow::Result<()> {
+    let store_cfg = StoreConfig {
+        path: config.data_dir.clone(),
+        sync: config.sync,
+        cache_capacity_bytes: config.cache_capacity_bytes,
+    };
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_cfg))
+        .await?
+        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        sync = ?config.sync,
+        "store open"
+    );
+    let keys = load_keys(&config, &secrets)?;
+    let deps = AccountDeps {
+        store: store.clone(),
+        catalog: Arc::new(config.catalog.clone()),
+        clock: clock.clone(),
+        settings: Arc::new(config.accounts.clone()),
+    };
+    let (accounts, directory_handle) = Accounts::spawn(deps)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start the account directory: {e}"))?;
+    let (janitor, janitor_handle) = ractor::Actor::spawn(
+        None,
+        JanitorActor,
+        JanitorArgs {
+            store: store.clone(),
+            clock,
+            retention: config.idempotency_retention,
+            interval: config.sweep_interval,
+            page: 10_000,
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot start the janitor: {e}"))?;
+
+    let ready = Arc::new(AtomicBool::new(true));
+    let app = crate::http::app(crate::http::AppDeps {
+        accounts: accounts.clone(),
+        store: store.clone(),
+        keys,
+        max_body_bytes: config.max_body_bytes,
+        ready: ready.clone(),
+    });
+    let acceptor = TcpAcceptor::from_tokio(listener)?;
+    let addr = acceptor
+        .local_addr()
+        .first()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(addr = %addr, "meterd ready");
+    tracing::info!(
+        "Stripe: offline (no Stripe integration configured); usage is recorded in the local ledger only"
+    );
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    let served = Server::new_with_acceptor(acceptor)
+        .run_with_graceful_shutdown(app, shutdown, Some(config.shutdown_timeout))
+        .await;
+    ready.store(false, Ordering::Release);
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    tracing::info!("HTTP stopped; draining account actors");
+
+    let drained = accounts.shutdown(config.shutdown_timeout).await;
+    janitor.stop(None);
+    let _ = janitor_handle.await;
+    let _ = directory_handle.await;
+    let closed = tokio::task::spawn_blocking(move || store.close()).await?;
+    served.context("HTTP server failed")?;
+    drained.map_err(|e| anyhow::anyhow!("account actors did not stop cleanly: {e}"))?;
+    closed.map_err(|e| anyhow::anyhow!("final flush failed: {e}"))?;
+    tracing::info!("meterd stopped");
+    Ok(())
+}

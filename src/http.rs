@@ -1,0 +1,119 @@
+//! The HTTP API: poem-openapi routes, the OpenAPI document, and one error format.
+//!
+//! This module owns request parsing, authentication and rendering. It never holds account
+//! state: every route makes one call on `Accounts` and renders the answer.
+
+pub mod accounts;
+pub mod auth;
+pub mod body;
+pub mod error;
+pub mod views;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use poem::{Endpoint, EndpointExt, Route};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi, OpenApiService, Tags};
+
+use meterd_actors::account::Accounts;
+use meterd_actors::store::Store;
+
+use self::accounts::AccountsApi;
+use self::auth::ApiKeys;
+use self::body::BodyLimit;
+
+#[derive(Tags)]
+enum HealthTags {
+    /// Liveness and readiness (no API key needed).
+    Health,
+}
+
+struct HealthApi {
+    accounts: Accounts,
+    store: Store,
+    ready: Arc<AtomicBool>,
+}
+
+#[derive(Object)]
+struct HealthBody {
+    status: String,
+}
+
+#[derive(ApiResponse)]
+enum ReadyResponse {
+    /// The store is open, the actors answer, and the daemon is not shutting down.
+    #[oai(status = 200)]
+    Ready(Json<HealthBody>),
+    #[oai(status = 503)]
+    NotReady(Json<HealthBody>),
+}
+
+#[OpenApi(tag = "HealthTags::Health")]
+impl HealthApi {
+    /// Liveness: the process answers HTTP.
+    #[oai(path = "/healthz", method = "get")]
+    async fn healthz(&self) -> Json<HealthBody> {
+        Json(HealthBody {
+            status: "ok".into(),
+        })
+    }
+
+    /// Readiness: able to accept and durably record consumption.
+    #[oai(path = "/readyz", method = "get")]
+    async fn readyz(&self) -> ReadyResponse {
+        let not_ready =
+            |why: &str| ReadyResponse::NotReady(Json(HealthBody { status: why.into() }));
+        if !self.ready.load(Ordering::Acquire) {
+            return not_ready("shutting_down");
+        }
+        if self.store.has_failed() {
+            return not_ready("storage_failed");
+        }
+        if self.accounts.stats().await.is_err() {
+            return not_ready("actors_unavailable");
+        }
+        ReadyResponse::Ready(Json(HealthBody {
+            status: "ready".into(),
+        }))
+    }
+}
+
+pub struct AppDeps {
+    pub accounts: Accounts,
+    pub store: Store,
+    pub keys: ApiKeys,
+    pub max_body_bytes: usize,
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The whole route tree: the API, `/openapi.json`, `/docs`, and the common error format.
+pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
+    let api = OpenApiService::new(
+        (
+            AccountsApi {
+                accounts: deps.accounts.clone(),
+                store: deps.store.clone(),
+            },
+            HealthApi {
+                accounts: deps.accounts,
+                store: deps.store,
+                ready: deps.ready,
+            },
+        ),
+        "meterd",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "Usage metering and billing daemon. Authenticate with `Authorization: Bearer <key>`.",
+    );
+    let spec = api.spec_endpoint();
+    let docs = api.swagger_ui();
+    Route::new()
+        .at("/openapi.json", spec)
+        .nest("/docs", docs)
+        .nest("/", api)
+        .data(deps.keys)
+        .data(BodyLimit(deps.max_body_bytes))
+        .catch_all_error(|err| async move { error::render_poem_error(err) })
+}

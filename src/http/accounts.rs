@@ -1,0 +1,315 @@
+//! Account routes: create/update, read, consume, check, credits, ledger.
+//!
+//! Each route validates its input, then makes exactly one call on [`Accounts`]; it never
+//! touches account state itself.
+
+use poem::http::StatusCode;
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::{Json, PlainText};
+use poem_openapi::{ApiResponse, OpenApi, Tags};
+
+use meterd_actors::account::{Accounts, ConsumeCmd, ConsumeReply, CreditCmd, UpsertCmd};
+use meterd_actors::ledger::{DenyCode, Outcome};
+use meterd_actors::model::{AccountId, IdempotencyKey, Metadata};
+use meterd_actors::store::Store;
+
+use super::auth::ApiKeyAuth;
+use super::body::JsonBody;
+use super::error::ApiError;
+use super::views::*;
+
+#[derive(Tags)]
+enum ApiTags {
+    /// Accounts, consumption, credits and the ledger.
+    Accounts,
+}
+
+pub struct AccountsApi {
+    pub accounts: Accounts,
+    pub store: Store,
+}
+
+#[derive(ApiResponse)]
+pub enum PutAccountResponse {
+    /// The account was created.
+    #[oai(status = 201)]
+    Created(Json<AccountResult>),
+    /// The account was updated (or already had this profile).
+    #[oai(status = 200)]
+    Ok(Json<AccountResult>),
+}
+
+#[derive(ApiResponse)]
+pub enum ConsumeResponse {
+    /// Allowed and durably recorded.
+    #[oai(status = 200)]
+    Ok(
+        Json<ConsumeResult>,
+        /// `true` when this repeats the first answer to an idempotency key.
+        #[oai(header = "Idempotent-Replayed")]
+        Option<String>,
+    ),
+}
+
+#[derive(ApiResponse)]
+pub enum CreditResponse {
+    #[oai(status = 200)]
+    Ok(
+        Json<CreditResult>,
+        #[oai(header = "Idempotent-Replayed")] Option<String>,
+    ),
+}
+
+#[derive(ApiResponse)]
+pub enum LedgerResponse {
+    #[oai(status = 200)]
+    Json(Json<LedgerPage>),
+    /// `format=csv`.
+    #[oai(status = 200, content_type = "text/csv; charset=utf-8")]
+    Csv(PlainText<String>),
+}
+
+fn account_id(raw: &str) -> Result<AccountId, ApiError> {
+    AccountId::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+fn idempotency_key(
+    body: Option<String>,
+    header: Option<String>,
+) -> Result<IdempotencyKey, ApiError> {
+    let raw = match (body, header) {
+        (Some(b), Some(h)) if b != h => {
+            return Err(ApiError::invalid(
+                "idempotency_key in the body differs from the Idempotency-Key header",
+            ));
+        }
+        (Some(k), _) | (None, Some(k)) => k,
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "an idempotency key is required: `idempotency_key` in the body or the Idempotency-Key header",
+            ));
+        }
+    };
+    IdempotencyKey::parse(&raw).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+fn replayed_header(replayed: bool) -> Option<String> {
+    replayed.then(|| "true".to_owned())
+}
+
+fn consume_cmd(body: ConsumeBody, header: Option<String>) -> Result<ConsumeCmd, ApiError> {
+    Ok(ConsumeCmd {
+        idempotency_key: idempotency_key(body.idempotency_key, header)?,
+        meter: body.meter,
+        quantity: body.quantity,
+        metadata: body
+            .metadata
+            .unwrap_or_default()
+            .into_iter()
+            .collect::<Metadata>(),
+    })
+}
+
+/// A recorded denial becomes an error response that still carries the decision.
+fn denial(reply: &ConsumeReply, code: DenyCode) -> ApiError {
+    let r = &reply.record;
+    let (status, message) = match code {
+        DenyCode::CapReached => (
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("`{}` has reached its limit for this period", r.meter),
+        ),
+        DenyCode::InsufficientCredits => (
+            StatusCode::PAYMENT_REQUIRED,
+            format!(
+                "not enough credits: the balance is {} credits",
+                r.credits_after
+            ),
+        ),
+        DenyCode::MeterNotInPlan => (
+            StatusCode::FORBIDDEN,
+            format!("the account's plan does not include `{}`", r.meter),
+        ),
+    };
+    let mut e = ApiError::new(status, code.as_str(), message);
+    e.body.ledger_seq = reply.seq;
+    e.body.meter = Some(meter_state(r));
+    e.body.credits = Some(CreditsView {
+        balance: r.credits_after,
+        spent: Some(0),
+    });
+    e.replayed = reply.replayed;
+    e
+}
+
+#[OpenApi(tag = "ApiTags::Accounts")]
+impl AccountsApi {
+    /// Create or update an account (admin).
+    #[oai(path = "/v1/accounts/:id", method = "put")]
+    async fn put_account(
+        &self,
+        auth: ApiKeyAuth,
+        id: Path<String>,
+        body: JsonBody<PutAccountBody>,
+    ) -> Result<PutAccountResponse, ApiError> {
+        auth.require_admin()?;
+        let id = account_id(&id)?;
+        let b = body.0;
+        let cmd = UpsertCmd {
+            plan: b.plan,
+            seats: b.seats,
+            email: b.email,
+            stripe_customer_id: b.stripe_customer_id,
+            metadata: b.metadata.map(|m| m.into_iter().collect()),
+        };
+        let reply = self.accounts.upsert(&id, cmd).await?;
+        let view = Json(account_result(&reply.view));
+        Ok(if reply.created {
+            tracing::info!(account = %id, plan = %reply.view.profile.plan, "account created");
+            PutAccountResponse::Created(view)
+        } else {
+            PutAccountResponse::Ok(view)
+        })
+    }
+
+    /// Read an account: plan, period, per-meter usage and limits, credits, features.
+    #[oai(path = "/v1/accounts/:id", method = "get")]
+    async fn get_account(
+        &self,
+        _auth: ApiKeyAuth,
+        id: Path<String>,
+    ) -> Result<Json<AccountResult>, ApiError> {
+        let id = account_id(&id)?;
+        let view = self.accounts.get(&id).await?;
+        Ok(Json(account_result(&view)))
+    }
+
+    /// Consume units of a meter: atomic, durable before the answer, idempotent by key.
+    ///
+    /// Denials (429 `cap_reached`, 402 `insufficient_credits`, 403 `meter_not_in_plan`) are
+    /// recorded decisions too and replay identically.
+    #[oai(path = "/v1/accounts/:id/consume", method = "post")]
+    async fn consume(
+        &self,
+        _auth: ApiKeyAuth,
+        id: Path<String>,
+        #[oai(name = "Idempotency-Key")] idem: Header<Option<String>>,
+        body: JsonBody<ConsumeBody>,
+    ) -> Result<ConsumeResponse, ApiError> {
+        let id = account_id(&id)?;
+        let cmd = consume_cmd(body.0, idem.0)?;
+        let reply = self.accounts.consume(&id, cmd).await?;
+        match reply.record.outcome {
+            Outcome::Allowed => Ok(ConsumeResponse::Ok(
+                Json(consume_result(&reply)),
+                replayed_header(reply.replayed),
+            )),
+            Outcome::Denied(code) => Err(denial(&reply, code)),
+        }
+    }
+
+    /// Dry run of a consume: the same decision, nothing changes. Always 200 for a valid
+    /// request; `allowed` and `code` give the answer.
+    #[oai(path = "/v1/accounts/:id/check", method = "post")]
+    async fn check(
+        &self,
+        _auth: ApiKeyAuth,
+        id: Path<String>,
+        #[oai(name = "Idempotency-Key")] idem: Header<Option<String>>,
+        body: JsonBody<ConsumeBody>,
+    ) -> Result<Json<ConsumeResult>, ApiError> {
+        let id = account_id(&id)?;
+        let mut b = body.0;
+        // A check records nothing, so a key is optional; one is made up if absent.
+        if b.idempotency_key.is_none() && idem.0.is_none() {
+            b.idempotency_key = Some("check".into());
+        }
+        let cmd = consume_cmd(b, idem.0)?;
+        let reply = self.accounts.check(&id, cmd).await?;
+        Ok(Json(consume_result(&reply)))
+    }
+
+    /// Grant (positive) or adjust (negative, never below zero) credits (admin). Idempotent.
+    #[oai(path = "/v1/accounts/:id/credits", method = "post")]
+    async fn credits(
+        &self,
+        auth: ApiKeyAuth,
+        id: Path<String>,
+        #[oai(name = "Idempotency-Key")] idem: Header<Option<String>>,
+        body: JsonBody<CreditBody>,
+    ) -> Result<CreditResponse, ApiError> {
+        auth.require_admin()?;
+        let id = account_id(&id)?;
+        let b = body.0;
+        let cmd = CreditCmd {
+            idempotency_key: idempotency_key(b.idempotency_key, idem.0)?,
+            amount: b.amount,
+            reason: b.reason,
+        };
+        let reply = self.accounts.credit(&id, cmd).await?;
+        if !reply.replayed {
+            tracing::info!(account = %id, amount = reply.record.amount, seq = reply.seq, "credits changed");
+        }
+        Ok(CreditResponse::Ok(
+            Json(credit_result(&reply)),
+            replayed_header(reply.replayed),
+        ))
+    }
+
+    /// The account's ledger, oldest first. `format=csv` returns CSV.
+    #[oai(path = "/v1/accounts/:id/ledger", method = "get")]
+    async fn ledger(
+        &self,
+        _auth: ApiKeyAuth,
+        id: Path<String>,
+        /// Return entries after this sequence number (default 0: from the start).
+        after_seq: Query<Option<u64>>,
+        /// At most this many entries, 1-1000 (default 100).
+        limit: Query<Option<u32>>,
+        /// `json` (default) or `csv`.
+        format: Query<Option<String>>,
+    ) -> Result<LedgerResponse, ApiError> {
+        let id = account_id(&id)?;
+        let limit = limit.0.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(ApiError::invalid("`limit` must be from 1 to 1000"));
+        }
+        let csv = match format.0.as_deref() {
+            None | Some("json") => false,
+            Some("csv") => true,
+            Some(other) => {
+                return Err(ApiError::invalid(format!(
+                    "`format` must be json or csv, not `{other}`"
+                )));
+            }
+        };
+        // Existence and durability: the actor answers only after a flush, so every entry up
+        // to `durable` is on disk. Later entries are left for the next read.
+        let durable = self.accounts.get(&id).await?.last_seq;
+        let after = after_seq.0.unwrap_or(0);
+        let store = self.store.clone();
+        let entries =
+            tokio::task::spawn_blocking(move || store.entries_after(&id, after, limit as usize))
+                .await
+                .map_err(|e| {
+                    ApiError::from(meterd_actors::account::AccountError::Unavailable(
+                        e.to_string(),
+                    ))
+                })?
+                .map_err(|e| ApiError::from(meterd_actors::account::AccountError::from(e)))?;
+        let views: Vec<LedgerEntryView> = entries
+            .iter()
+            .filter(|e| e.seq <= durable)
+            .map(ledger_entry_view)
+            .collect();
+        if csv {
+            return Ok(LedgerResponse::Csv(PlainText(ledger_csv(&views))));
+        }
+        let next_after_seq = (views.len() == limit as usize)
+            .then(|| views.last().map(|v| v.seq))
+            .flatten();
+        Ok(LedgerResponse::Json(Json(LedgerPage {
+            entries: views,
+            next_after_seq,
+        })))
+    }
+}

@@ -1,0 +1,211 @@
+//! `ApiError`: the one table from failures to HTTP (status, machine-readable `code`, message).
+//!
+//! Every error body is `{"error":{"code":…,"message":…,…}}`. Domain errors map here by an
+//! exhaustive `match`, so a new `AccountError` variant without a code does not compile. Errors
+//! raised by poem itself (unknown route, bad query, failed auth) are mapped by
+//! [`render_poem_error`], so clients see one format everywhere.
+
+use poem::http::StatusCode;
+use poem::{IntoResponse, Response};
+use poem_openapi::registry::{MetaMediaType, MetaResponse, MetaResponses, Registry};
+use poem_openapi::types::Type;
+use poem_openapi::{ApiResponse, Object};
+
+use meterd_actors::account::AccountError;
+
+use super::views::{CreditsView, MeterState};
+
+/// The body of every error response.
+#[derive(Debug, Clone, Object, serde::Serialize)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Clone, Object, serde::Serialize)]
+pub struct ErrorBody {
+    /// Machine-readable: `invalid_request`, `unauthorized`, `forbidden`, `unknown_account`,
+    /// `not_found`, `method_not_allowed`, `idempotency_conflict`, `cap_reached`,
+    /// `insufficient_credits`, `meter_not_in_plan`, `credit_balance_too_low`, `unavailable`,
+    /// `internal`.
+    pub code: String,
+    /// For humans; never contains secrets or request bodies.
+    pub message: String,
+    /// For a recorded denial: the ledger entry that records it.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ledger_seq: Option<u64>,
+    /// For a denial: the meter's state at decision time.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meter: Option<MeterState>,
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<CreditsView>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: Box<ErrorBody>,
+    /// Set on a replayed recorded denial (`Idempotent-Replayed: true`).
+    pub replayed: bool,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            body: Box::new(ErrorBody {
+                code: code.to_owned(),
+                message: message.into(),
+                ledger_seq: None,
+                meter: None,
+                credits: None,
+            }),
+            replayed: false,
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid API key: send `Authorization: Bearer <key>`",
+        )
+    }
+
+    pub fn forbidden(needed: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this route needs an API key with the `{needed}` scope"),
+        )
+    }
+}
+
+impl From<AccountError> for ApiError {
+    fn from(e: AccountError) -> Self {
+        let msg = e.to_string();
+        let (status, code) = match e {
+            AccountError::UnknownAccount(_) => (StatusCode::NOT_FOUND, "unknown_account"),
+            AccountError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            AccountError::IdempotencyConflict { .. } => {
+                (StatusCode::CONFLICT, "idempotency_conflict")
+            }
+            AccountError::CreditBalanceTooLow { .. } => {
+                (StatusCode::CONFLICT, "credit_balance_too_low")
+            }
+            AccountError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            AccountError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            AccountError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        ApiError::new(status, code, msg)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.body.code, self.body.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl poem::error::ResponseError for ApiError {
+    fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    fn as_response(&self) -> Response {
+        self.clone().into_response()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&ErrorEnvelope { error: *self.body }).unwrap_or_default();
+        let mut resp = Response::builder()
+            .status(self.status)
+            .content_type("application/json; charset=utf-8")
+            .body(body);
+        if self.replayed {
+            resp.headers_mut().insert(
+                "Idempotent-Replayed",
+                poem::http::HeaderValue::from_static("true"),
+            );
+        }
+        resp
+    }
+}
+
+const DOCUMENTED: &[(u16, &str)] = &[
+    (400, "Invalid request: `invalid_request`"),
+    (401, "Missing or wrong API key: `unauthorized`"),
+    (402, "Recorded denial: `insufficient_credits`"),
+    (
+        403,
+        "Key lacks the scope (`forbidden`), or recorded denial `meter_not_in_plan`",
+    ),
+    (404, "`unknown_account`"),
+    (409, "`idempotency_conflict` or `credit_balance_too_low`"),
+    (429, "Recorded denial: `cap_reached`"),
+    (
+        503,
+        "`unavailable`: storage failure or timeout; retry with the same idempotency key",
+    ),
+];
+
+impl ApiResponse for ApiError {
+    fn meta() -> MetaResponses {
+        MetaResponses {
+            responses: DOCUMENTED
+                .iter()
+                .map(|(status, description)| MetaResponse {
+                    description,
+                    status: Some(*status),
+                    status_range: None,
+                    content: vec![MetaMediaType {
+                        content_type: "application/json; charset=utf-8",
+                        schema: ErrorEnvelope::schema_ref(),
+                    }],
+                    headers: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    fn register(registry: &mut Registry) {
+        ErrorEnvelope::register(registry);
+    }
+}
+
+/// Renders any error that reached the top of the route tree in the common format.
+pub fn render_poem_error(err: poem::Error) -> Response {
+    if let Some(api) = err.downcast_ref::<ApiError>() {
+        return api.clone().into_response();
+    }
+    let status = err.status();
+    let api = match status {
+        StatusCode::NOT_FOUND => ApiError::new(status, "not_found", "no such route"),
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::new(
+            status,
+            "method_not_allowed",
+            "this route does not accept that method",
+        ),
+        StatusCode::UNAUTHORIZED => ApiError::unauthorized(),
+        s if s.is_client_error() => ApiError::invalid(err.to_string()),
+        _ => {
+            tracing::error!(status = %status, error = %err, "request failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
+        }
+    };
+    api.into_response()
+}
