@@ -1,1 +1,10 @@
-fn main() {}
+//! The one integration-test binary: starts the real daemon on 127.0.0.1:0 (in process, or the
+//! built binary for crash and signal tests). Loopback only; every wait is bounded.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+mod api;
+mod consume;
+mod crash;
+mod shutdown;
+mod support;

@@ -1,0 +1,356 @@
+//! Shared test support: an in-process daemon on 127.0.0.1:0, the real binary as a child
+//! process, a small JSON client, and bounded waiting. Every wait here has a deadline.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meterd::config::Config;
+use meterd::daemon::Secrets;
+use meterd_actors::model::Clock;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
+pub const APP_KEY: &str = "test-app-key-0123456789ab";
+
+/// The shipped config with a data directory of the test's own.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut c = Config::embedded(data_dir).expect("embedded config");
+    c.data_dir = data_dir.to_path_buf();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c
+}
+
+pub fn secrets() -> Secrets {
+    Secrets {
+        admin_key: Some(ADMIN_KEY.into()),
+        app_key: Some(APP_KEY.into()),
+    }
+}
+
+/// A daemon running inside the test process, with a shutdown it controls.
+pub struct TestDaemon {
+    pub addr: SocketAddr,
+    pub client: Client,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    join: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestDaemon {
+    pub async fn start() -> TestDaemon {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestDaemon {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, tweak, Clock::System).await
+    }
+
+    /// Starts on an existing data directory (for restart tests).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        tweak: impl FnOnce(&mut Config),
+        clock: Clock,
+    ) -> TestDaemon {
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let join = tokio::spawn(meterd::daemon::run_with_clock(
+            config,
+            secrets(),
+            listener,
+            async move {
+                let _ = rx.await;
+            },
+            clock,
+        ));
+        let client = Client::new(addr);
+        let d = TestDaemon {
+            addr,
+            client,
+            dir,
+            stop: Some(tx),
+            join: Some(join),
+        };
+        eventually(Duration::from_secs(10), || async {
+            d.client.get_noauth("/healthz").await.0 == 200
+        })
+        .await;
+        d
+    }
+
+    /// Graceful stop; returns the data directory for a restart.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(j) = self.join.take() {
+            tokio::time::timeout(Duration::from_secs(30), j)
+                .await
+                .expect("daemon stops within 30 s")
+                .unwrap()
+                .expect("daemon exits cleanly");
+        }
+        self.dir
+    }
+}
+
+/// A minimal JSON-over-HTTP client bound to one daemon.
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Resp {
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+    pub fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Client {
+        Client {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> Resp {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.expect("request");
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Resp {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    pub async fn get_noauth(&self, path: &str) -> (u16, Value) {
+        match self.http.get(format!("{}{path}", self.base)).send().await {
+            Ok(r) => {
+                let s = r.status().as_u16();
+                (s, r.json().await.unwrap_or(Value::Null))
+            }
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    pub async fn put_account(&self, id: &str, body: Value) -> Resp {
+        self.send(
+            reqwest::Method::PUT,
+            &format!("/v1/accounts/{id}"),
+            Some(ADMIN_KEY),
+            Some(body),
+        )
+        .await
+    }
+
+    pub async fn get_account(&self, id: &str) -> Resp {
+        self.send(
+            reqwest::Method::GET,
+            &format!("/v1/accounts/{id}"),
+            Some(APP_KEY),
+            None,
+        )
+        .await
+    }
+
+    pub async fn consume(&self, id: &str, quantity: u64, key: &str) -> Resp {
+        self.send(
+            reqwest::Method::POST,
+            &format!("/v1/accounts/{id}/consume"),
+            Some(APP_KEY),
+            Some(serde_json::json!({"meter": "tokens", "quantity": quantity, "idempotency_key": key})),
+        )
+        .await
+    }
+
+    pub async fn credit(&self, id: &str, amount: i64, key: &str) -> Resp {
+        self.send(
+            reqwest::Method::POST,
+            &format!("/v1/accounts/{id}/credits"),
+            Some(ADMIN_KEY),
+            Some(serde_json::json!({"amount": amount, "reason": "test", "idempotency_key": key})),
+        )
+        .await
+    }
+
+    /// Every ledger entry of an account, all pages.
+    pub async fn ledger(&self, id: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0u64;
+        for _ in 0..10_000 {
+            let r = self
+                .send(
+                    reqwest::Method::GET,
+                    &format!("/v1/accounts/{id}/ledger?after_seq={after}&limit=1000"),
+                    Some(APP_KEY),
+                    None,
+                )
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            let entries = r.body["entries"].as_array().cloned().unwrap_or_default();
+            out.extend(entries);
+            match r.body["next_after_seq"].as_u64() {
+                Some(n) => after = n,
+                None => return out,
+            }
+        }
+        panic!("ledger paging did not end");
+    }
+}
+
+/// Polls `check` until it holds, failing the test after `deadline`.
+pub async fn eventually<F, Fut>(deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("condition not met within {deadline:?}");
+}
+
+/// The built `meterd` binary, run as a child process.
+pub struct BinDaemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub client: Client,
+}
+
+pub fn meterd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_meterd"))
+}
+
+impl BinDaemon {
+    /// Starts `meterd serve` on 127.0.0.1:0 with its data in `data_dir`, and waits for the
+    /// "listening on" line (at most 30 s).
+    pub fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> BinDaemon {
+        let mut cmd = Command::new(meterd_bin());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("METERD_ADMIN_KEY", ADMIN_KEY)
+            .env("METERD_APP_KEY", APP_KEY)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn meterd");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Some(Ok(line)) = lines.next() {
+                if let Some(a) = line.strip_prefix("meterd listening on ") {
+                    let _ = tx.send(a.trim().to_owned());
+                }
+            }
+        });
+        let addr: SocketAddr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("meterd printed its address")
+            .parse()
+            .unwrap();
+        BinDaemon {
+            child,
+            addr,
+            client: Client::new(addr),
+        }
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits (at most `bound`) for the exit status.
+    pub fn sigterm(mut self, bound: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM failed");
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if start.elapsed() > bound {
+                let _ = self.child.kill();
+                panic!("meterd did not exit within {bound:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for BinDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `meterd ledger verify` on a stopped daemon's data directory.
+pub fn ledger_verify(data_dir: &Path) -> std::process::Output {
+    Command::new(meterd_bin())
+        .args(["ledger", "verify", "--config"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("run meterd ledger verify")
+}
