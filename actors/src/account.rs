@@ -50,6 +50,28 @@ pub enum AccountMsg {
     Crash,
 }
 
+impl AccountMsg {
+    /// Answers the message's caller with `err` without handling it (used by the directory
+    /// when no actor can take the message).
+    pub(crate) fn fail(self, err: AccountError) {
+        match self {
+            AccountMsg::Consume(_, r) | AccountMsg::Check(_, r) => {
+                let _ = r.send(Err(err));
+            }
+            AccountMsg::Upsert(_, r) => {
+                let _ = r.send(Err(err));
+            }
+            AccountMsg::Credit(_, r) => {
+                let _ = r.send(Err(err));
+            }
+            AccountMsg::Get(r) => {
+                let _ = r.send(Err(err));
+            }
+            AccountMsg::IdleTick | AccountMsg::Crash => {}
+        }
+    }
+}
+
 /// Expected refusals, answered inside the reply (the actor stays healthy).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AccountError {

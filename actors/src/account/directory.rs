@@ -6,8 +6,12 @@
 //! requests for its account are parked until it has terminated, then served by a fresh actor.
 //! A crashed actor is dropped from the map; the next request restarts it from sled.
 //!
-//! [`Accounts`] is the handle everything else uses. Every call has a timeout, and a call that
-//! could not even be delivered (the actor was stopping) is retried through the directory.
+//! Messages are routed *through* the directory ([`DirectoryMsg::Route`]): it forwards each one
+//! into the live actor's mailbox in the same handler that decides evictions, so a forwarded
+//! message is always queued ahead of a drain marker and is never lost to a stopping actor.
+//! Messages for a draining account are parked and forwarded to its next actor.
+//!
+//! [`Accounts`] is the handle everything else uses. Every call has a timeout.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -25,11 +29,9 @@ use super::{
 };
 use crate::model::AccountId;
 
-type GetReply = RpcReplyPort<Result<ActorRef<AccountMsg>, AccountError>>;
-
 pub enum DirectoryMsg {
-    /// The live actor for an account, spawning it if needed.
-    Get(AccountId, GetReply),
+    /// Forward a message to the account's live actor, spawning it if needed.
+    Route(AccountId, AccountMsg),
     /// An account actor has been idle for the idle timeout.
     Idle(AccountId, ActorId),
     Stats(RpcReplyPort<DirectoryStats>),
@@ -55,8 +57,8 @@ pub struct DirectoryState {
     live: HashMap<AccountId, Live>,
     /// `last_used` tick → account, for least-recently-used eviction.
     lru: BTreeMap<u64, AccountId>,
-    /// Accounts whose actor is stopping, with the callers waiting for the next one.
-    draining: HashMap<AccountId, Vec<GetReply>>,
+    /// Accounts whose actor is stopping, with the messages waiting for the next one.
+    draining: HashMap<AccountId, Vec<AccountMsg>>,
     /// Which account each running actor serves.
     by_actor: HashMap<ActorId, AccountId>,
     tick: u64,
@@ -95,14 +97,13 @@ impl Actor for DirectoryActor {
         state: &mut DirectoryState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            DirectoryMsg::Get(id, reply) => {
+            DirectoryMsg::Route(id, msg) => {
                 if state.shutdown.is_some() {
-                    let _ = reply.send(Err(AccountError::Unavailable("shutting down".into())));
+                    msg.fail(AccountError::Unavailable("shutting down".into()));
                 } else if let Some(parked) = state.draining.get_mut(&id) {
-                    parked.push(reply);
+                    parked.push(msg);
                 } else {
-                    let r = state.get_or_spawn(&myself, &id).await;
-                    let _ = reply.send(r);
+                    state.forward(&myself, &id, msg).await;
                 }
             }
             DirectoryMsg::Idle(id, actor_id) => {
@@ -146,6 +147,29 @@ impl Actor for DirectoryActor {
 }
 
 impl DirectoryState {
+    /// Puts `msg` into the mailbox of the account's live actor, spawning one if needed.
+    async fn forward(&mut self, myself: &ActorRef<DirectoryMsg>, id: &AccountId, msg: AccountMsg) {
+        let actor = match self.get_or_spawn(myself, id).await {
+            Ok(a) => a,
+            Err(e) => return msg.fail(e),
+        };
+        if let Err(MessagingErr::SendErr(msg)) = actor.send_message(msg) {
+            // The actor died and its exit event is still in our mailbox: forget it now and
+            // give the message to a fresh one.
+            if let Some(l) = self.live.remove(id) {
+                self.lru.remove(&l.last_used);
+            }
+            match self.get_or_spawn(myself, id).await {
+                Ok(a) => {
+                    if let Err(MessagingErr::SendErr(msg)) = a.send_message(msg) {
+                        msg.fail(AccountError::Unavailable("account actor stopped".into()));
+                    }
+                }
+                Err(e) => msg.fail(e),
+            }
+        }
+    }
+
     async fn get_or_spawn(
         &mut self,
         myself: &ActorRef<DirectoryMsg>,
@@ -228,14 +252,11 @@ impl DirectoryState {
             }
         }
         if let Some(parked) = self.draining.remove(&id) {
-            if self.shutdown.is_some() {
-                for p in parked {
-                    let _ = p.send(Err(AccountError::Unavailable("shutting down".into())));
-                }
-            } else if !parked.is_empty() {
-                let r = self.get_or_spawn(myself, &id).await;
-                for p in parked {
-                    let _ = p.send(r.clone());
+            for msg in parked {
+                if self.shutdown.is_some() {
+                    msg.fail(AccountError::Unavailable("shutting down".into()));
+                } else {
+                    self.forward(myself, &id, msg).await;
                 }
             }
         }
@@ -270,46 +291,30 @@ impl Accounts {
         Ok((Accounts { directory, timeout }, handle))
     }
 
-    async fn actor_for(&self, id: &AccountId) -> Result<ActorRef<AccountMsg>, AccountError> {
+    /// Sends one request to the account's actor through the directory and waits (bounded)
+    /// for the answer. Never re-sends: a delivered message may already have taken effect, so
+    /// only the client retries, with its idempotency key.
+    async fn call<T: Send + 'static>(
+        &self,
+        id: &AccountId,
+        build: impl FnOnce(RpcReplyPort<Result<T, AccountError>>) -> AccountMsg,
+    ) -> Result<T, AccountError> {
         let id = id.clone();
         match self
             .directory
-            .call(|p| DirectoryMsg::Get(id, p), Some(self.timeout))
+            .call(|p| DirectoryMsg::Route(id, build(p)), Some(self.timeout))
             .await
         {
             Ok(CallResult::Success(r)) => r,
             Ok(CallResult::Timeout) => Err(AccountError::Timeout(self.timeout)),
-            Ok(CallResult::SenderError) | Err(_) => Err(AccountError::Unavailable(
+            Ok(CallResult::SenderError) => Err(AccountError::Unavailable(
+                "the account actor stopped before answering; retry with the same idempotency key"
+                    .into(),
+            )),
+            Err(_) => Err(AccountError::Unavailable(
                 "the account directory is not running".into(),
             )),
         }
-    }
-
-    /// Sends one request to the account's actor. A message that could not be delivered (the
-    /// actor was stopping) is retried through the directory; one that was delivered is never
-    /// re-sent here, since its effect may already be recorded.
-    async fn call<T: Send + 'static>(
-        &self,
-        id: &AccountId,
-        build: impl Fn(RpcReplyPort<Result<T, AccountError>>) -> AccountMsg,
-    ) -> Result<T, AccountError> {
-        for _ in 0..3 {
-            let actor = self.actor_for(id).await?;
-            match actor.call(&build, Some(self.timeout)).await {
-                Ok(CallResult::Success(r)) => return r,
-                Ok(CallResult::Timeout) => return Err(AccountError::Timeout(self.timeout)),
-                Ok(CallResult::SenderError) => {
-                    return Err(AccountError::Unavailable(
-                        "the account actor stopped before answering; retry with the same idempotency key".into(),
-                    ));
-                }
-                Err(MessagingErr::SendErr(_)) => continue,
-                Err(e) => return Err(AccountError::Unavailable(e.to_string())),
-            }
-        }
-        Err(AccountError::Unavailable(
-            "the account actor kept stopping; retry".into(),
-        ))
     }
 
     pub async fn consume(
@@ -317,7 +322,7 @@ impl Accounts {
         id: &AccountId,
         cmd: ConsumeCmd,
     ) -> Result<ConsumeReply, AccountError> {
-        self.call(id, |p| AccountMsg::Consume(cmd.clone(), p)).await
+        self.call(id, |p| AccountMsg::Consume(cmd, p)).await
     }
 
     pub async fn check(
@@ -325,7 +330,7 @@ impl Accounts {
         id: &AccountId,
         cmd: ConsumeCmd,
     ) -> Result<ConsumeReply, AccountError> {
-        self.call(id, |p| AccountMsg::Check(cmd.clone(), p)).await
+        self.call(id, |p| AccountMsg::Check(cmd, p)).await
     }
 
     pub async fn upsert(
@@ -333,7 +338,7 @@ impl Accounts {
         id: &AccountId,
         cmd: UpsertCmd,
     ) -> Result<UpsertReply, AccountError> {
-        self.call(id, |p| AccountMsg::Upsert(cmd.clone(), p)).await
+        self.call(id, |p| AccountMsg::Upsert(cmd, p)).await
     }
 
     pub async fn credit(
@@ -341,7 +346,7 @@ impl Accounts {
         id: &AccountId,
         cmd: CreditCmd,
     ) -> Result<CreditReply, AccountError> {
-        self.call(id, |p| AccountMsg::Credit(cmd.clone(), p)).await
+        self.call(id, |p| AccountMsg::Credit(cmd, p)).await
     }
 
     pub async fn get(&self, id: &AccountId) -> Result<AccountView, AccountError> {
@@ -351,9 +356,8 @@ impl Accounts {
     /// Test and fault-injection hook: makes the account's actor fail.
     #[doc(hidden)]
     pub async fn crash(&self, id: &AccountId) -> Result<(), AccountError> {
-        let actor = self.actor_for(id).await?;
-        actor
-            .cast(AccountMsg::Crash)
+        self.directory
+            .cast(DirectoryMsg::Route(id.clone(), AccountMsg::Crash))
             .map_err(|e| AccountError::Unavailable(e.to_string()))
     }
 
@@ -370,11 +374,14 @@ impl Accounts {
 
     /// Drains every account actor and stops the directory, within `bound`.
     pub async fn shutdown(&self, bound: Duration) -> Result<(), AccountError> {
+        let started = std::time::Instant::now();
         let r = self
             .directory
             .call(DirectoryMsg::Shutdown, Some(bound))
             .await;
-        self.directory.stop(None);
+        // Wait for the directory itself, so nothing holds the store afterwards.
+        let rest = bound.saturating_sub(started.elapsed());
+        let _ = self.directory.stop_and_wait(None, Some(rest)).await;
         match r {
             Ok(CallResult::Success(())) => Ok(()),
             Ok(CallResult::Timeout) => Err(AccountError::Timeout(bound)),

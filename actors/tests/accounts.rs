@@ -1,0 +1,422 @@
+//! The account actors through their public handle, without HTTP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use meterd_actors::account::{
+    AccountDeps, AccountError, AccountSettings, Accounts, ConsumeCmd, CreditCmd, UpsertCmd,
+};
+use meterd_actors::ledger::{ConsumeRecord, EntryKind, LedgerEntry, Outcome};
+use meterd_actors::model::{
+    AccountId, Catalog, Clock, IdempotencyKey, MeterRule, Overage, Plan, PlanKind,
+};
+use meterd_actors::store::{Store, StoreConfig, SyncMode};
+
+fn catalog() -> Catalog {
+    let mut c = Catalog::default();
+    c.meters.insert("tokens".into(), String::new());
+    let plan = |name: &str, included, overage| Plan {
+        name: name.into(),
+        kind: PlanKind::Free,
+        currency: "usd".into(),
+        base_price: 0,
+        seat_price: 0,
+        min_seats: 0,
+        features: vec![],
+        meters: BTreeMap::from([(
+            "tokens".to_string(),
+            MeterRule {
+                included,
+                overage,
+                unit_price: None,
+            },
+        )]),
+    };
+    c.plans
+        .insert("capped".into(), plan("capped", 1000, Overage::Block));
+    c.plans
+        .insert("open".into(), plan("open", 0, Overage::Unlimited));
+    c.plans.insert(
+        "prepaid".into(),
+        plan(
+            "prepaid",
+            0,
+            Overage::Credits {
+                credits_per_unit: 2,
+            },
+        ),
+    );
+    c
+}
+
+fn settings() -> AccountSettings {
+    AccountSettings {
+        idle_timeout: Duration::from_secs(300),
+        snapshot_every: 1000,
+        call_timeout: Duration::from_secs(10),
+        max_live: 1000,
+    }
+}
+
+fn open_store(dir: &std::path::Path) -> Store {
+    Store::open(&StoreConfig {
+        path: dir.to_path_buf(),
+        sync: SyncMode::Fdatasync,
+        cache_capacity_bytes: 16 << 20,
+    })
+    .unwrap()
+}
+
+async fn system(store: &Store, settings: AccountSettings) -> Accounts {
+    let deps = AccountDeps {
+        store: store.clone(),
+        catalog: Arc::new(catalog()),
+        clock: Clock::System,
+        settings: Arc::new(settings),
+    };
+    Accounts::spawn(deps).await.unwrap().0
+}
+
+fn id(s: &str) -> AccountId {
+    AccountId::parse(s).unwrap()
+}
+
+fn consume(q: u64, key: &str) -> ConsumeCmd {
+    ConsumeCmd {
+        meter: "tokens".into(),
+        quantity: q,
+        idempotency_key: IdempotencyKey::parse(key).unwrap(),
+        metadata: BTreeMap::new(),
+    }
+}
+
+async fn create(accounts: &Accounts, account: &str, plan: &str) {
+    let r = accounts
+        .upsert(
+            &id(account),
+            UpsertCmd {
+                plan: Some(plan.into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.created);
+}
+
+/// Every consume of one account goes through its one actor: under 200 concurrent callers the
+/// cap holds exactly, sequence numbers are contiguous, and the flusher commits many writes per
+/// flush (group commit) instead of one flush per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_actor_serializes_concurrent_consumes_with_group_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(&store, settings()).await;
+    create(&accounts, "hot", "capped").await;
+    let flushes_before = store.stats().flushes.load(Ordering::Relaxed);
+    let waiters_before = store.stats().waiters.load(Ordering::Relaxed);
+    let mut tasks = Vec::new();
+    for t in 0..200 {
+        let accounts = accounts.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut allowed = Vec::new();
+            for i in 0..3 {
+                let r = eat(&accounts, &id("hot"), 7, &format!("t{t}-{i}"))
+                    .await
+                    .unwrap();
+                if r.record.outcome == Outcome::Allowed {
+                    allowed.push(r.seq.unwrap());
+                }
+            }
+            allowed
+        }));
+    }
+    let mut allowed = Vec::new();
+    for t in tasks {
+        allowed.extend(t.await.unwrap());
+    }
+    // 1000 / 7 = 142 requests fit under the cap, never one more.
+    assert_eq!(allowed.len(), 142);
+    let view = accounts.get(&id("hot")).await.unwrap();
+    assert_eq!(view.meters[0].used, 994);
+    assert_eq!(view.last_seq, 1 + 600);
+    let flushes = store.stats().flushes.load(Ordering::Relaxed) - flushes_before;
+    let waiters = store.stats().waiters.load(Ordering::Relaxed) - waiters_before;
+    assert!(waiters >= 601, "every reply waited for a flush ({waiters})");
+    assert!(
+        flushes < waiters,
+        "group commit: {flushes} flushes for {waiters} acknowledgements"
+    );
+    let report = meterd_actors::verify::verify_store(&store).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.entries, 601);
+}
+
+async fn eat(
+    accounts: &Accounts,
+    account: &AccountId,
+    q: u64,
+    key: &str,
+) -> Result<meterd_actors::account::ConsumeReply, AccountError> {
+    accounts.consume(account, consume(q, key)).await
+}
+
+/// A crashed actor's callers get an error at once (not a hang), and the supervisor's next
+/// actor for the account starts from sled with nothing lost or counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_actor_restarts_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(&store, settings()).await;
+    create(&accounts, "a", "open").await;
+    eat(&accounts, &id("a"), 5, "k1").await.unwrap();
+    accounts.crash(&id("a")).await.unwrap();
+    // Queued behind the crash: dropped with the actor, so the caller hears about it fast.
+    let started = std::time::Instant::now();
+    let during = eat(&accounts, &id("a"), 5, "k2").await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    if let Err(e) = &during {
+        assert!(matches!(e, AccountError::Unavailable(_)), "{e:?}");
+    }
+    // The client retries with the same key: counted once either way.
+    let retry = eat(&accounts, &id("a"), 5, "k2").await.unwrap();
+    assert_eq!(retry.record.outcome, Outcome::Allowed);
+    let again = eat(&accounts, &id("a"), 5, "k1").await.unwrap();
+    assert!(again.replayed);
+    let view = accounts.get(&id("a")).await.unwrap();
+    assert_eq!(view.meters[0].used, 10);
+    let stats = accounts.stats().await.unwrap();
+    assert_eq!(stats.failed_total, 1);
+    assert!(stats.spawned_total >= 2);
+}
+
+/// With a live limit of 2 and a 20 ms idle timeout, actors stop and restart constantly while
+/// 24 callers hammer 6 accounts. If two actors ever served one account at once, both would
+/// write the same sequence number and acknowledged consumes would go missing from the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passivation_never_yields_two_writers_for_one_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(
+        &store,
+        AccountSettings {
+            idle_timeout: Duration::from_millis(20),
+            max_live: 2,
+            snapshot_every: 5,
+            ..settings()
+        },
+    )
+    .await;
+    for a in 0..6 {
+        create(&accounts, &format!("acct{a}"), "open").await;
+    }
+    let mut tasks = Vec::new();
+    for t in 0..24u64 {
+        let accounts = accounts.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acked: Vec<(String, u64)> = Vec::new();
+            for i in 0..40u64 {
+                let a = format!("acct{}", (t + i * 5) % 6);
+                if i % 13 == 0 {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+                let r = eat(&accounts, &id(&a), 1, &format!("t{t}-{i}"))
+                    .await
+                    .unwrap();
+                acked.push((a, r.seq.unwrap()));
+            }
+            acked
+        }));
+    }
+    let mut per_account: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for t in tasks {
+        for (a, seq) in t.await.unwrap() {
+            per_account.entry(a).or_default().push(seq);
+        }
+    }
+    let stats = accounts.stats().await.unwrap();
+    assert!(
+        stats.spawned_total > 6,
+        "actors were passivated and respawned: {stats:?}"
+    );
+    for (a, mut seqs) in per_account {
+        seqs.sort_unstable();
+        let n = seqs.len();
+        seqs.dedup();
+        assert_eq!(
+            seqs.len(),
+            n,
+            "account {a}: two acknowledgements share a seq"
+        );
+        let view = accounts.get(&id(&a)).await.unwrap();
+        assert_eq!(view.meters[0].used, n as u64, "account {a}");
+        let ledger = store.entries_after(&id(&a), 0, 10_000).unwrap();
+        let consumes = ledger
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Consume(_)))
+            .count();
+        assert_eq!(
+            consumes, n,
+            "account {a}: every acknowledged consume is in the ledger"
+        );
+    }
+    let report = meterd_actors::verify::verify_store(&store).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+#[tokio::test]
+async fn idle_actors_stop_and_come_back_with_their_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(
+        &store,
+        AccountSettings {
+            idle_timeout: Duration::from_millis(50),
+            ..settings()
+        },
+    )
+    .await;
+    create(&accounts, "sleepy", "capped").await;
+    eat(&accounts, &id("sleepy"), 5, "k1").await.unwrap();
+    let mut stopped = false;
+    for _ in 0..100 {
+        if accounts.stats().await.unwrap().live == 0 {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stopped, "the idle actor stopped");
+    let r = eat(&accounts, &id("sleepy"), 5, "k2").await.unwrap();
+    assert_eq!(r.record.used_after, 10);
+    let stats = accounts.stats().await.unwrap();
+    assert_eq!(stats.spawned_total, 2);
+}
+
+#[tokio::test]
+async fn the_live_actor_limit_evicts_the_least_recently_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(
+        &store,
+        AccountSettings {
+            max_live: 3,
+            ..settings()
+        },
+    )
+    .await;
+    for a in 0..10 {
+        create(&accounts, &format!("a{a}"), "capped").await;
+        eat(&accounts, &id(&format!("a{a}")), 1, "k").await.unwrap();
+    }
+    let stats = accounts.stats().await.unwrap();
+    assert!(stats.live <= 3, "{stats:?}");
+    for a in 0..10 {
+        let v = accounts.get(&id(&format!("a{a}"))).await.unwrap();
+        assert_eq!(v.meters[0].used, 1);
+    }
+}
+
+/// The snapshot and the idempotency index are derived: wiped, they are rebuilt from the
+/// ledger, and replays still answer with the original entry.
+#[tokio::test]
+async fn derived_state_is_rebuilt_from_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open_store(dir.path());
+        let accounts = system(
+            &store,
+            AccountSettings {
+                snapshot_every: 3,
+                ..settings()
+            },
+        )
+        .await;
+        create(&accounts, "p", "prepaid").await;
+        accounts
+            .credit(
+                &id("p"),
+                CreditCmd {
+                    amount: 100,
+                    reason: "grant".into(),
+                    idempotency_key: IdempotencyKey::parse("g1").unwrap(),
+                },
+            )
+            .await
+            .unwrap();
+        for i in 0..10 {
+            eat(&accounts, &id("p"), 3, &format!("k{i}")).await.unwrap();
+        }
+        accounts.shutdown(Duration::from_secs(5)).await.unwrap();
+        store.close().unwrap();
+        drop(store);
+    }
+    // Wipe the derived trees, as a crash between ledger write and index write could.
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("idem").unwrap().clear().unwrap();
+        db.open_tree("accounts").unwrap().clear().unwrap();
+        db.flush().unwrap();
+    }
+    let store = open_store(dir.path());
+    let accounts = system(&store, settings()).await;
+    let view = accounts.get(&id("p")).await.unwrap();
+    // 10 consumes of 3 units at 2 credits each: 60 of 100 credits spent.
+    assert_eq!(view.credits, 40);
+    assert_eq!(view.meters[0].used, 30);
+    let replay = eat(&accounts, &id("p"), 3, "k4").await.unwrap();
+    assert!(replay.replayed);
+    assert_eq!(replay.seq, Some(2 + 5));
+    let conflict = eat(&accounts, &id("p"), 4, "k4").await.unwrap_err();
+    assert_eq!(conflict, AccountError::IdempotencyConflict { seq: 7 });
+    assert!(meterd_actors::verify::verify_store(&store).unwrap().ok());
+}
+
+/// `verify` notices an entry whose recorded balances do not follow from the ones before.
+#[tokio::test]
+async fn verify_detects_a_tampered_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(&store, settings()).await;
+    create(&accounts, "t", "capped").await;
+    eat(&accounts, &id("t"), 5, "k1").await.unwrap();
+    accounts.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert!(meterd_actors::verify::verify_store(&store).unwrap().ok());
+    let mut bad = store.read_entry(&id("t"), 2).unwrap().unwrap();
+    if let EntryKind::Consume(c) = &mut bad.kind {
+        *c = ConsumeRecord {
+            used_after: 6,
+            ..c.clone()
+        };
+    }
+    store.append_entry(&id("t"), &bad).unwrap();
+    let report = meterd_actors::verify::verify_store(&store).unwrap();
+    assert!(!report.ok());
+    assert!(report.problems[0].contains("used"), "{:?}", report.problems);
+}
+
+/// `verify` notices a gap in the sequence numbers.
+#[tokio::test]
+async fn verify_detects_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(&store, settings()).await;
+    create(&accounts, "g", "open").await;
+    eat(&accounts, &id("g"), 5, "k1").await.unwrap();
+    accounts.shutdown(Duration::from_secs(5)).await.unwrap();
+    let entry = store.read_entry(&id("g"), 2).unwrap().unwrap();
+    store
+        .append_entry(&id("g"), &LedgerEntry { seq: 4, ..entry })
+        .unwrap();
+    let report = meterd_actors::verify::verify_store(&store).unwrap();
+    assert!(!report.ok());
+    assert!(
+        report.problems[0].contains("expected sequence number 3"),
+        "{:?}",
+        report.problems
+    );
+}
