@@ -156,6 +156,11 @@ pub async fn run_with_clock(
         sync = ?config.sync,
         "store open"
     );
+    if config.sync == meterd_actors::store::SyncMode::Flush {
+        tracing::warn!(
+            "storage.sync = \"flush\": acknowledged consumption survives a process crash but NOT a power loss or kernel crash; use \"fdatasync\" for full durability"
+        );
+    }
     let keys = load_keys(&config, &secrets)?;
     let deps = AccountDeps {
         store: store.clone(),
