@@ -396,11 +396,11 @@ impl AccountState {
             at_ms,
             kind,
         };
-        // Fold first: an entry that does not follow is a bug and must never reach disk.
-        let mut next = self.fold.clone();
-        next.apply(&entry).map_err(|e| corrupt(&self.id, e))?;
+        // Fold first: an entry that does not follow is a bug and must never reach disk. On
+        // any error the handler fails the actor, which discards this in-memory state and
+        // restarts from the store, so no rollback is needed here.
+        self.fold.apply(&entry).map_err(|e| corrupt(&self.id, e))?;
         self.deps.store.append_entry(&self.id, &entry)?;
-        self.fold = next;
         Ok(entry)
     }
 
