@@ -79,6 +79,14 @@ impl<'a, T: Type + DeserializeOwned + Send> ApiExtractor<'a> for JsonBody<T> {
                 }
                 other => ApiError::invalid(format!("cannot read request body: {other}")),
             })?;
+        // serde would read a JSON array positionally into a struct; only objects are bodies.
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => {}
+            None => return Err(ApiError::invalid("empty request body: send a JSON object").into()),
+            Some(_) => {
+                return Err(ApiError::invalid("the request body must be a JSON object").into());
+            }
+        }
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
         let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
