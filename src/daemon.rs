@@ -17,7 +17,7 @@ use meterd_actors::janitor::{JanitorActor, JanitorArgs};
 use meterd_actors::model::Clock;
 use meterd_actors::store::{Store, StoreConfig};
 use poem::Server;
-use poem::listener::{Acceptor, TcpAcceptor};
+use poem::listener::TcpAcceptor;
 
 use crate::config::Config;
 use crate::http::auth::{ApiKeys, Scope};
@@ -193,17 +193,19 @@ pub async fn run_with_clock(
         max_body_bytes: config.max_body_bytes,
         ready: ready.clone(),
     });
+    let addr = listener.local_addr()?;
     let acceptor = TcpAcceptor::from_tokio(listener)?;
-    let addr = acceptor
-        .local_addr()
-        .first()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
     tracing::info!(addr = %addr, "meterd ready");
     tracing::info!(
         "Stripe: offline (no Stripe integration configured); usage is recorded in the local ledger only"
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    // One machine-readable line on stdout once ready: scripts and tests read the bound port
+    // here (the equivalent of READY=1 without systemd).
+    #[allow(clippy::print_stdout)]
+    {
+        println!("meterd listening on {addr}");
+    }
 
     let served = Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(app, shutdown, Some(config.shutdown_timeout))

@@ -116,12 +116,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let addr = listener.local_addr()?;
-        // One machine-readable line on stdout: tests and scripts read the bound port here.
-        #[allow(clippy::print_stdout)]
-        {
-            println!("meterd listening on {addr}");
-        }
         daemon::run(config, secrets, listener, shutdown_signal()).await
     })?;
     Ok(ExitCode::SUCCESS)

@@ -6,5 +6,6 @@
 mod api;
 mod consume;
 mod crash;
+mod logs;
 mod shutdown;
 mod support;

@@ -270,6 +270,17 @@ impl BinDaemon {
     /// Starts `meterd serve` on 127.0.0.1:0 with its data in `data_dir`, and waits for the
     /// "listening on" line (at most 30 s).
     pub fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> BinDaemon {
+        Self::start_opts(data_dir, extra_env, true, None)
+    }
+
+    /// As [`BinDaemon::start`], optionally without `METERD_ADMIN_KEY`, and optionally
+    /// collecting stderr (the logs) into `logs`.
+    pub fn start_opts(
+        data_dir: &Path,
+        extra_env: &[(&str, &str)],
+        admin_key: bool,
+        logs: Option<std::sync::Arc<std::sync::Mutex<String>>>,
+    ) -> BinDaemon {
         let mut cmd = Command::new(meterd_bin());
         cmd.arg("serve")
             .arg("--config")
@@ -278,15 +289,33 @@ impl BinDaemon {
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(data_dir)
-            .env("METERD_ADMIN_KEY", ADMIN_KEY)
             .env("METERD_APP_KEY", APP_KEY)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(if logs.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            });
+        if admin_key {
+            cmd.env("METERD_ADMIN_KEY", ADMIN_KEY);
+        } else {
+            cmd.env_remove("METERD_ADMIN_KEY");
+        }
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn meterd");
+        if let (Some(logs), Some(stderr)) = (logs, child.stderr.take()) {
+            std::thread::spawn(move || {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Some(Ok(line)) = lines.next() {
+                    let mut l = logs.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
