@@ -14,5 +14,6 @@ pub mod account;
 pub mod janitor;
 pub mod ledger;
 pub mod model;
+pub mod pricing;
 pub mod store;
 pub mod verify;
