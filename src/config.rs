@@ -94,6 +94,7 @@ struct RawAccounts {
     max_live: usize,
     call_timeout_ms: u64,
     snapshot_every: u64,
+    past_due_grace_hours: u64,
 }
 
 impl Default for RawAccounts {
@@ -103,6 +104,7 @@ impl Default for RawAccounts {
             max_live: 100_000,
             call_timeout_ms: 5_000,
             snapshot_every: 1_000,
+            past_due_grace_hours: 72,
         }
     }
 }
@@ -361,6 +363,7 @@ impl Config {
                 snapshot_every: a.snapshot_every,
                 call_timeout: Duration::from_millis(a.call_timeout_ms),
                 max_live: a.max_live,
+                past_due_grace: Duration::from_secs(a.past_due_grace_hours * 3600),
             },
             idempotency_retention: Duration::from_secs(raw.idempotency.retention_hours * 3600),
             sweep_interval: Duration::from_secs(raw.idempotency.sweep_interval_s),

@@ -24,8 +24,12 @@ use crate::ledger::{
     LedgerEntry, apply_credit_delta, decide_consume, meter_limit,
 };
 use crate::model::{
-    AccountId, Catalog, Clock, IdempotencyKey, Metadata, Period, Plan, ValidationError,
+    AccountId, Catalog, Clock, IdempotencyKey, Metadata, Period, Plan, PlanKind, ValidationError,
     validate_metadata,
+};
+use crate::plan::{
+    Access, Entitlement, MeterOverride, SubscriptionStatus, access, effective_rule,
+    effective_rules, feature_entitlement, meter_entitlement,
 };
 use crate::store::{AccountSnapshot, CommitError, IdemOp, IdemRecord, Store, StoreError};
 
@@ -150,6 +154,9 @@ pub struct UpsertCmd {
     pub email: Option<String>,
     pub stripe_customer_id: Option<String>,
     pub metadata: Option<Metadata>,
+    pub status: Option<SubscriptionStatus>,
+    /// Replaces all overrides; only for a `custom` plan.
+    pub overrides: Option<BTreeMap<String, MeterOverride>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,6 +212,19 @@ pub struct AccountView {
     pub meters: Vec<MeterView>,
     pub credits: u64,
     pub last_seq: u64,
+    /// Access under the subscription status, as of the view.
+    pub access: Access,
+    /// Whether each meter can take at least one more unit, and why.
+    pub meter_entitlements: BTreeMap<String, Entitlement>,
+    /// The plan, for feature entitlements.
+    pub plan: Plan,
+}
+
+impl AccountView {
+    /// May the account use `feature`? (`hasFeatureAccess`.)
+    pub fn feature(&self, feature: &str) -> Entitlement {
+        feature_entitlement(&self.plan, self.profile.status, self.access, feature)
+    }
 }
 
 /// Tunables every account actor shares.
@@ -218,6 +238,8 @@ pub struct AccountSettings {
     pub call_timeout: Duration,
     /// At most this many live account actors; the least recently used is stopped beyond it.
     pub max_live: usize,
+    /// How long a `past_due` subscription keeps access.
+    pub past_due_grace: Duration,
 }
 
 /// Everything an account actor needs, shared by all of them.
@@ -375,6 +397,12 @@ impl AccountState {
         })
     }
 
+    fn access_at(&self, profile: &AccountProfile, now: i64) -> Access {
+        let grace =
+            i64::try_from(self.deps.settings.past_due_grace.as_millis()).unwrap_or(i64::MAX);
+        access(profile.status, profile.status_since_ms, now, grace)
+    }
+
     /// Sends `r` once everything this actor wrote so far is durable.
     fn reply_after_commit<T: Send + 'static>(
         &self,
@@ -515,16 +543,17 @@ impl AccountState {
         }
         let now = self.deps.clock.now_ms();
         self.roll_period(now)?;
+        let (Some(profile), Some(balances)) = (&self.fold.profile, &self.fold.balances) else {
+            return Ok(());
+        };
         let rule = self
             .deps
             .catalog
             .plans
             .get(&plan)
-            .and_then(|p| p.meters.get(&cmd.meter));
-        let Some(balances) = &self.fold.balances else {
-            return Ok(());
-        };
-        let d = decide_consume(balances, &cmd.meter, rule, cmd.quantity);
+            .and_then(|p| effective_rule(p, profile, &cmd.meter));
+        let active = self.access_at(profile, now) != Access::Denied;
+        let d = decide_consume(balances, &cmd.meter, rule.as_ref(), cmd.quantity, active);
         let record = ConsumeRecord {
             meter: cmd.meter,
             quantity: cmd.quantity,
@@ -573,12 +602,9 @@ impl AccountState {
             let balances = self
                 .balances_at(now)
                 .ok_or_else(|| AccountError::UnknownAccount(self.id.clone()))?;
-            let d = decide_consume(
-                &balances,
-                &cmd.meter,
-                plan.meters.get(&cmd.meter),
-                cmd.quantity,
-            );
+            let rule = effective_rule(plan, profile, &cmd.meter);
+            let active = self.access_at(profile, now) != Access::Denied;
+            let d = decide_consume(&balances, &cmd.meter, rule.as_ref(), cmd.quantity, active);
             Ok(ConsumeReply {
                 seq: None,
                 record: ConsumeRecord {
@@ -673,7 +699,40 @@ impl AccountState {
         };
         check_len("email", &cmd.email)?;
         check_len("stripe_customer_id", &cmd.stripe_customer_id)?;
+        let (status, status_since_ms) = match (cmd.status, current) {
+            (Some(s), Some(c)) if s == c.status => (s, c.status_since_ms),
+            (Some(s), _) => (s, now),
+            (None, Some(c)) => (c.status, c.status_since_ms),
+            (None, None) => (SubscriptionStatus::Active, now),
+        };
+        let overrides = match cmd.overrides {
+            Some(o) => {
+                if plan.kind != PlanKind::Custom && !o.is_empty() {
+                    return Err(ValidationError::new(format!(
+                        "plan `{plan_name}` is not a custom plan; only custom plans take overrides"
+                    ))
+                    .into());
+                }
+                if let Some(m) = o
+                    .keys()
+                    .find(|m| !self.deps.catalog.meters.contains_key(*m))
+                {
+                    return Err(
+                        ValidationError::new(format!("overrides: unknown meter `{m}`")).into(),
+                    );
+                }
+                o
+            }
+            None if plan.kind == PlanKind::Custom => {
+                current.map(|c| c.overrides.clone()).unwrap_or_default()
+            }
+            // Leaving a custom plan drops its overrides.
+            None => BTreeMap::new(),
+        };
         Ok(AccountProfile {
+            status,
+            status_since_ms,
+            overrides,
             plan: plan_name,
             seats,
             email: cmd.email.or_else(|| current.and_then(|c| c.email.clone())),
@@ -765,9 +824,15 @@ impl AccountState {
         let balances = self
             .balances_at(self.deps.clock.now_ms())
             .ok_or_else(|| AccountError::UnknownAccount(self.id.clone()))?;
+        let now = self.deps.clock.now_ms();
+        let access = self.access_at(&profile, now);
         let mut meters = Vec::new();
-        let rules: BTreeMap<_, _> = plan.meters.iter().collect();
-        for (name, rule) in rules {
+        let mut meter_entitlements = BTreeMap::new();
+        for (name, rule) in &effective_rules(plan, &profile) {
+            meter_entitlements.insert(
+                name.clone(),
+                meter_entitlement(Some(rule), &balances, profile.status, access, name),
+            );
             let usage = balances.usage(name);
             let limit = meter_limit(rule, usage, balances.credits);
             meters.push(MeterView {
@@ -787,6 +852,9 @@ impl AccountState {
         }
         Ok(AccountView {
             id: self.id.clone(),
+            access,
+            meter_entitlements,
+            plan: plan.clone(),
             plan_kind: plan.kind.as_str(),
             features: plan.features.clone(),
             period: balances.period,

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use bincode::{Decode, Encode};
 
 use crate::model::{MeterRule, Overage, Period, UnixMs};
+use crate::plan::{MeterOverride, SubscriptionStatus};
 
 /// Everything the account knows about itself besides its balances.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -24,6 +25,11 @@ pub struct AccountProfile {
     pub stripe_customer_id: Option<String>,
     pub metadata: Vec<(String, String)>,
     pub created_at_ms: UnixMs,
+    pub status: SubscriptionStatus,
+    /// When `status` was last set (the grace period of `past_due` counts from here).
+    pub status_since_ms: UnixMs,
+    /// Per-meter overrides; only a `custom` plan honours them.
+    pub overrides: BTreeMap<String, MeterOverride>,
 }
 
 /// Why a consume was refused. Each one is a recorded decision, replayed identically.
@@ -35,6 +41,8 @@ pub enum DenyCode {
     InsufficientCredits,
     /// The account's plan has no rule for this meter.
     MeterNotInPlan,
+    /// The subscription is canceled, unpaid, incomplete, or past due beyond the grace period.
+    SubscriptionInactive,
 }
 
 impl DenyCode {
@@ -43,6 +51,7 @@ impl DenyCode {
             DenyCode::CapReached => "cap_reached",
             DenyCode::InsufficientCredits => "insufficient_credits",
             DenyCode::MeterNotInPlan => "meter_not_in_plan",
+            DenyCode::SubscriptionInactive => "subscription_inactive",
         }
     }
 }
@@ -294,14 +303,15 @@ pub struct ConsumeDecision {
     pub credits_after: u64,
 }
 
-/// Decides whether `quantity` units of a meter may be consumed given the current balances and
-/// the plan's rule for the meter (`None`: the plan does not offer the meter). All or nothing:
-/// a request is never partly allowed.
+/// Decides whether `quantity` units of a meter may be consumed given the current balances,
+/// the plan's rule for the meter (`None`: the plan does not offer the meter) and whether the
+/// subscription grants access. All or nothing: a request is never partly allowed.
 pub fn decide_consume(
     balances: &Balances,
     meter: &str,
     rule: Option<&MeterRule>,
     quantity: u64,
+    subscription_active: bool,
 ) -> ConsumeDecision {
     let usage = balances.usage(meter);
     let credits = balances.credits;
@@ -319,6 +329,10 @@ pub fn decide_consume(
         return deny(DenyCode::MeterNotInPlan, 0, Some(0));
     };
     let included = rule.included;
+    if !subscription_active {
+        let limit = meter_limit(rule, usage, credits);
+        return deny(DenyCode::SubscriptionInactive, included, limit);
+    }
     let within = included.saturating_sub(usage.used).min(quantity);
     let over = quantity - within;
     let Some(used_after) = usage.used.checked_add(quantity) else {
@@ -404,13 +418,13 @@ mod tests {
     fn block_allows_exactly_the_included_units() {
         let r = rule(100, Overage::Block);
         let mut b = Balances::new(period());
-        let d = decide_consume(&b, "tokens", Some(&r), 60);
+        let d = decide_consume(&b, "tokens", Some(&r), 60, true);
         assert_eq!(d.outcome, Outcome::Allowed);
         b.apply(&consume_entry(1, 60, &d)).unwrap();
-        let d = decide_consume(&b, "tokens", Some(&r), 41);
+        let d = decide_consume(&b, "tokens", Some(&r), 41, true);
         assert_eq!(d.outcome, Outcome::Denied(DenyCode::CapReached));
         assert_eq!(d.used_after, 60);
-        let d = decide_consume(&b, "tokens", Some(&r), 40);
+        let d = decide_consume(&b, "tokens", Some(&r), 40, true);
         assert_eq!(d.outcome, Outcome::Allowed);
         assert_eq!(d.used_after, 100);
         assert_eq!(d.limit, Some(100));
@@ -427,7 +441,7 @@ mod tests {
         let mut b = Balances::new(period());
         b.credits = 30;
         // 15 units = 10 included + 5 over, at 3 credits each.
-        let d = decide_consume(&b, "tokens", Some(&r), 15);
+        let d = decide_consume(&b, "tokens", Some(&r), 15, true);
         assert_eq!(d.outcome, Outcome::Allowed);
         assert_eq!(d.credits_spent, 15);
         assert_eq!(d.credits_after, 15);
@@ -435,10 +449,10 @@ mod tests {
         b.apply(&consume_entry(1, 15, &d)).unwrap();
         // 5 more units cost 15 credits: exactly affordable; 6 are not.
         assert_eq!(
-            decide_consume(&b, "tokens", Some(&r), 6).outcome,
+            decide_consume(&b, "tokens", Some(&r), 6, true).outcome,
             Outcome::Denied(DenyCode::InsufficientCredits)
         );
-        let d = decide_consume(&b, "tokens", Some(&r), 5);
+        let d = decide_consume(&b, "tokens", Some(&r), 5, true);
         assert_eq!(d.outcome, Outcome::Allowed);
         assert_eq!(d.credits_after, 0);
     }
@@ -447,7 +461,7 @@ mod tests {
     fn bill_counts_only_overage_as_billable() {
         let r = rule(10, Overage::Bill);
         let b = Balances::new(period());
-        let d = decide_consume(&b, "tokens", Some(&r), 25);
+        let d = decide_consume(&b, "tokens", Some(&r), 25, true);
         assert_eq!(d.outcome, Outcome::Allowed);
         assert_eq!(d.billable, 15);
         assert_eq!(d.limit, None);
@@ -457,15 +471,24 @@ mod tests {
     fn unlimited_never_blocks_and_is_never_billable() {
         let r = rule(0, Overage::Unlimited);
         let b = Balances::new(period());
-        let d = decide_consume(&b, "tokens", Some(&r), crate::model::MAX_QUANTITY);
+        let d = decide_consume(&b, "tokens", Some(&r), crate::model::MAX_QUANTITY, true);
         assert_eq!(d.outcome, Outcome::Allowed);
         assert_eq!(d.billable, 0);
     }
 
     #[test]
+    fn an_inactive_subscription_is_a_recorded_denial() {
+        let r = rule(100, Overage::Block);
+        let b = Balances::new(period());
+        let d = decide_consume(&b, "tokens", Some(&r), 1, false);
+        assert_eq!(d.outcome, Outcome::Denied(DenyCode::SubscriptionInactive));
+        assert_eq!(d.used_after, 0);
+    }
+
+    #[test]
     fn a_meter_outside_the_plan_is_denied() {
         let b = Balances::new(period());
-        let d = decide_consume(&b, "images", None, 1);
+        let d = decide_consume(&b, "images", None, 1, true);
         assert_eq!(d.outcome, Outcome::Denied(DenyCode::MeterNotInPlan));
     }
 
@@ -480,7 +503,7 @@ mod tests {
                 billable: 0,
             },
         );
-        let d = decide_consume(&b, "tokens", Some(&r), 2);
+        let d = decide_consume(&b, "tokens", Some(&r), 2, true);
         assert_eq!(d.outcome, Outcome::Denied(DenyCode::CapReached));
     }
 
@@ -488,7 +511,7 @@ mod tests {
     fn fold_rejects_an_entry_whose_balances_do_not_follow() {
         let r = rule(100, Overage::Block);
         let mut b = Balances::new(period());
-        let mut d = decide_consume(&b, "tokens", Some(&r), 5);
+        let mut d = decide_consume(&b, "tokens", Some(&r), 5, true);
         d.used_after = 6;
         let err = b.apply(&consume_entry(1, 5, &d)).unwrap_err();
         assert!(matches!(err, FoldError::Mismatch { what: "used", .. }));
@@ -530,7 +553,7 @@ mod tests {
                         amount: n as i64, reason: String::new(), idempotency_key: format!("g{seq}"),
                         digest: [0; 32], credits_after: live.credits + n }) }
                 } else {
-                    let d = decide_consume(&live, "tokens", Some(&r), n);
+                    let d = decide_consume(&live, "tokens", Some(&r), n, true);
                     consume_entry(seq, n, &d)
                 };
                 live.apply(&entry).unwrap();

@@ -14,6 +14,7 @@ pub mod account;
 pub mod janitor;
 pub mod ledger;
 pub mod model;
+pub mod plan;
 pub mod pricing;
 pub mod store;
 pub mod verify;

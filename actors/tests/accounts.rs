@@ -59,6 +59,7 @@ fn settings() -> AccountSettings {
         snapshot_every: 1000,
         call_timeout: Duration::from_secs(10),
         max_live: 1000,
+        past_due_grace: Duration::from_secs(72 * 3600),
     }
 }
 

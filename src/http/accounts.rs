@@ -11,6 +11,7 @@ use poem_openapi::{ApiResponse, OpenApi, Tags};
 use meterd_actors::account::{Accounts, ConsumeCmd, ConsumeReply, CreditCmd, UpsertCmd};
 use meterd_actors::ledger::{DenyCode, Outcome};
 use meterd_actors::model::{AccountId, IdempotencyKey, Metadata};
+use meterd_actors::plan::{MeterOverride, OverageOverride, SubscriptionStatus};
 use meterd_actors::store::Store;
 
 use super::auth::ApiKeyAuth;
@@ -129,6 +130,10 @@ fn denial(reply: &ConsumeReply, code: DenyCode) -> ApiError {
             StatusCode::FORBIDDEN,
             format!("the account's plan does not include `{}`", r.meter),
         ),
+        DenyCode::SubscriptionInactive => (
+            StatusCode::PAYMENT_REQUIRED,
+            "the account's subscription is not active (canceled, unpaid, incomplete, or past due beyond the grace period)".to_owned(),
+        ),
     };
     let mut e = ApiError::new(status, code.as_str(), message);
     e.body.ledger_seq = reply.seq;
@@ -154,12 +159,47 @@ impl AccountsApi {
         auth.require_admin()?;
         let id = account_id(&id)?;
         let b = body.0;
+        let status = b
+            .status
+            .as_deref()
+            .map(SubscriptionStatus::parse)
+            .transpose()
+            .map_err(|e| ApiError::invalid(format!("`status`: {e}")))?;
+        let overrides = match b.overrides {
+            None => None,
+            Some(o) => Some(
+                o.into_iter()
+                    .map(|(meter, ov)| {
+                        let overage = ov
+                            .overage
+                            .as_deref()
+                            .map(|s| OverageOverride::parse(s, ov.credits_per_unit))
+                            .transpose()
+                            .map_err(|e| ApiError::invalid(format!("`overrides.{meter}`: {e}")))?;
+                        if ov.overage.is_none() && ov.credits_per_unit.is_some() {
+                            return Err(ApiError::invalid(format!(
+                                "`overrides.{meter}`: credits_per_unit needs overage `credits`"
+                            )));
+                        }
+                        Ok((
+                            meter,
+                            MeterOverride {
+                                included: ov.included,
+                                overage,
+                            },
+                        ))
+                    })
+                    .collect::<Result<_, ApiError>>()?,
+            ),
+        };
         let cmd = UpsertCmd {
             plan: b.plan,
             seats: b.seats,
             email: b.email,
             stripe_customer_id: b.stripe_customer_id,
             metadata: b.metadata.map(|m| m.into_iter().collect()),
+            status,
+            overrides,
         };
         let reply = self.accounts.upsert(&id, cmd).await?;
         let view = Json(account_result(&reply.view));
@@ -181,6 +221,37 @@ impl AccountsApi {
         let id = account_id(&id)?;
         let view = self.accounts.get(&id).await?;
         Ok(Json(account_result(&view)))
+    }
+
+    /// Entitlements: subscription status, and per feature and meter whether the account may
+    /// use it and why (`not_in_plan`, `subscription_inactive`, `grace_period`, ...).
+    #[oai(path = "/v1/accounts/:id/entitlements", method = "get")]
+    async fn entitlements(
+        &self,
+        _auth: ApiKeyAuth,
+        id: Path<String>,
+    ) -> Result<Json<EntitlementsView>, ApiError> {
+        let id = account_id(&id)?;
+        let view = self.accounts.get(&id).await?;
+        Ok(Json(entitlements_view(&view)))
+    }
+
+    /// One feature's entitlement: `{"allowed":…,"reason":…}`.
+    #[oai(path = "/v1/accounts/:id/entitlements/:feature", method = "get")]
+    async fn entitlement(
+        &self,
+        _auth: ApiKeyAuth,
+        id: Path<String>,
+        feature: Path<String>,
+    ) -> Result<Json<EntitlementView>, ApiError> {
+        let id = account_id(&id)?;
+        let view = self.accounts.get(&id).await?;
+        // A meter name answers "can it take one more unit?"; anything else is a feature.
+        let e = match view.meter_entitlements.get(feature.as_str()) {
+            Some(e) if !view.features.iter().any(|f| f == feature.as_str()) => e.clone(),
+            _ => view.feature(&feature),
+        };
+        Ok(Json(entitlement_view(&e)))
     }
 
     /// Consume units of a meter: atomic, durable before the answer, idempotent by key.

@@ -25,7 +25,8 @@ pub struct ErrorEnvelope {
 pub struct ErrorBody {
     /// Machine-readable: `invalid_request`, `unauthorized`, `forbidden`, `unknown_account`,
     /// `not_found`, `method_not_allowed`, `idempotency_conflict`, `cap_reached`,
-    /// `insufficient_credits`, `meter_not_in_plan`, `credit_balance_too_low`, `unavailable`,
+    /// `insufficient_credits`, `subscription_inactive`, `meter_not_in_plan`,
+    /// `credit_balance_too_low`, `unavailable`,
     /// `internal`.
     pub code: String,
     /// For humans; never contains secrets or request bodies.
@@ -145,7 +146,10 @@ impl IntoResponse for ApiError {
 const DOCUMENTED: &[(u16, &str)] = &[
     (400, "Invalid request: `invalid_request`"),
     (401, "Missing or wrong API key: `unauthorized`"),
-    (402, "Recorded denial: `insufficient_credits`"),
+    (
+        402,
+        "Recorded denial: `insufficient_credits` or `subscription_inactive`",
+    ),
     (
         403,
         "Key lacks the scope (`forbidden`), or recorded denial `meter_not_in_plan`",

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use meterd_actors::account::{AccountView, ConsumeReply, CreditReply, MeterView};
 use meterd_actors::ledger::{ConsumeRecord, EntryKind, LedgerEntry, Outcome};
 use meterd_actors::model::format_rfc3339;
+use meterd_actors::plan::{Access, Entitlement};
 
 /// `PUT /v1/accounts/{id}`. On update, omitted fields keep their value.
 #[derive(Debug, Object, Deserialize)]
@@ -24,6 +25,21 @@ pub struct PutAccountBody {
     pub stripe_customer_id: Option<String>,
     /// String values only; at most 20 entries.
     pub metadata: Option<BTreeMap<String, String>>,
+    /// Subscription status: active, trialing, past_due, canceled, unpaid or incomplete.
+    pub status: Option<String>,
+    /// Per-meter limits for a `custom` (enterprise) plan; replaces all earlier overrides.
+    pub overrides: Option<BTreeMap<String, MeterOverrideBody>>,
+}
+
+/// One meter's override on a `custom` plan.
+#[derive(Debug, Object, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeterOverrideBody {
+    pub included: Option<u64>,
+    /// block, credits, bill or unlimited.
+    pub overage: Option<String>,
+    /// With `overage = "credits"`.
+    pub credits_per_unit: Option<u64>,
 }
 
 /// `POST /v1/accounts/{id}/consume` and `/check`.
@@ -168,8 +184,13 @@ pub struct AccountResult {
     pub plan: String,
     /// free, metered, flat, seat, custom or prepaid.
     pub plan_kind: String,
-    /// Subscription status (always `active` until Stripe subscriptions arrive).
+    /// Subscription status: active, trialing, past_due, canceled, unpaid or incomplete.
     pub status: String,
+    /// `allowed`, `grace_period` (past_due, still allowed) or `denied`.
+    pub access: String,
+    /// End of the past_due grace period.
+    #[oai(skip_serializing_if_is_none)]
+    pub grace_until: Option<String>,
     pub seats: u32,
     #[oai(skip_serializing_if_is_none)]
     pub email: Option<String>,
@@ -201,7 +222,17 @@ pub fn account_result(v: &AccountView) -> AccountResult {
         id: v.id.to_string(),
         plan: v.profile.plan.clone(),
         plan_kind: v.plan_kind.to_owned(),
-        status: "active".into(),
+        status: v.profile.status.as_str().into(),
+        access: match v.access {
+            Access::Allowed => "allowed",
+            Access::Grace { .. } => "grace_period",
+            Access::Denied => "denied",
+        }
+        .into(),
+        grace_until: match v.access {
+            Access::Grace { until_ms } => Some(format_rfc3339(until_ms)),
+            _ => None,
+        },
         seats: v.profile.seats,
         email: v.profile.email.clone(),
         stripe_customer_id: v.profile.stripe_customer_id.clone(),
@@ -222,6 +253,55 @@ pub fn account_result(v: &AccountView) -> AccountResult {
         },
         features: v.features.clone(),
         ledger_seq: v.last_seq,
+    }
+}
+
+/// One entitlement: may the account use this, and why (or why not).
+#[derive(Debug, Object)]
+pub struct EntitlementView {
+    pub allowed: bool,
+    /// `active`, `trialing`, `grace_period`, `subscription_inactive`, `not_in_plan`,
+    /// `cap_reached` or `insufficient_credits`.
+    pub reason: String,
+}
+
+pub fn entitlement_view(e: &Entitlement) -> EntitlementView {
+    EntitlementView {
+        allowed: e.allowed,
+        reason: e.reason.to_owned(),
+    }
+}
+
+/// Everything the account is entitled to (`hasFeatureAccess`, `hasTokensRemaining`,
+/// `getSubscriptionStatus` in one answer).
+#[derive(Debug, Object)]
+pub struct EntitlementsView {
+    pub status: String,
+    #[oai(skip_serializing_if_is_none)]
+    pub grace_until: Option<String>,
+    /// Every feature of the plan.
+    pub features: BTreeMap<String, EntitlementView>,
+    /// Every meter of the plan: can it take one more unit?
+    pub meters: BTreeMap<String, EntitlementView>,
+}
+
+pub fn entitlements_view(v: &AccountView) -> EntitlementsView {
+    EntitlementsView {
+        status: v.profile.status.as_str().into(),
+        grace_until: match v.access {
+            Access::Grace { until_ms } => Some(format_rfc3339(until_ms)),
+            _ => None,
+        },
+        features: v
+            .features
+            .iter()
+            .map(|f| (f.clone(), entitlement_view(&v.feature(f))))
+            .collect(),
+        meters: v
+            .meter_entitlements
+            .iter()
+            .map(|(m, e)| (m.clone(), entitlement_view(e)))
+            .collect(),
     }
 }
 

@@ -7,5 +7,6 @@ mod api;
 mod consume;
 mod crash;
 mod logs;
+mod plans;
 mod shutdown;
 mod support;

@@ -1,0 +1,392 @@
+//! What an account's plan allows: effective meter rules (with per-account overrides for
+//! `custom` plans), access by subscription status, and entitlements.
+//!
+//! Pure: no I/O, no clock (callers pass `now`). This module never changes state; the account
+//! actor asks it and records the answer. It is the meterd equivalent of the seeds'
+//! `hasFeatureAccess`, `hasTokensRemaining` and `getSubscriptionStatus`.
+
+use std::collections::BTreeMap;
+
+use bincode::{Decode, Encode};
+
+use crate::ledger::{AccountProfile, Balances, meter_limit};
+use crate::model::{MeterRule, Overage, Plan, PlanKind, UnixMs, ValidationError};
+
+/// Subscription status, as Stripe names them. Set by admin now, by Stripe webhooks later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Encode, Decode)]
+pub enum SubscriptionStatus {
+    #[default]
+    Active,
+    Trialing,
+    PastDue,
+    Canceled,
+    Unpaid,
+    Incomplete,
+}
+
+impl SubscriptionStatus {
+    pub const ALL: [SubscriptionStatus; 6] = [
+        SubscriptionStatus::Active,
+        SubscriptionStatus::Trialing,
+        SubscriptionStatus::PastDue,
+        SubscriptionStatus::Canceled,
+        SubscriptionStatus::Unpaid,
+        SubscriptionStatus::Incomplete,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriptionStatus::Active => "active",
+            SubscriptionStatus::Trialing => "trialing",
+            SubscriptionStatus::PastDue => "past_due",
+            SubscriptionStatus::Canceled => "canceled",
+            SubscriptionStatus::Unpaid => "unpaid",
+            SubscriptionStatus::Incomplete => "incomplete",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        Self::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| {
+                ValidationError::new(format!(
+                    "unknown status `{s}`; one of: active, trialing, past_due, canceled, unpaid, incomplete"
+                ))
+            })
+    }
+}
+
+/// Whether the account may use what its plan offers right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `active` or `trialing`.
+    Allowed,
+    /// `past_due`, inside the grace period that ends at `until_ms`.
+    Grace { until_ms: UnixMs },
+    /// `past_due` after the grace period, `canceled`, `unpaid` or `incomplete`.
+    Denied,
+}
+
+/// The access rule of each status. `since_ms` is when the status was set.
+pub fn access(status: SubscriptionStatus, since_ms: UnixMs, now: UnixMs, grace_ms: i64) -> Access {
+    match status {
+        SubscriptionStatus::Active | SubscriptionStatus::Trialing => Access::Allowed,
+        SubscriptionStatus::PastDue => {
+            let until_ms = since_ms.saturating_add(grace_ms);
+            if now < until_ms {
+                Access::Grace { until_ms }
+            } else {
+                Access::Denied
+            }
+        }
+        SubscriptionStatus::Canceled
+        | SubscriptionStatus::Unpaid
+        | SubscriptionStatus::Incomplete => Access::Denied,
+    }
+}
+
+/// Per-account overrides of a `custom` plan's meter rules (enterprise contracts).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
+pub struct MeterOverride {
+    pub included: Option<u64>,
+    /// `Some(None)` is not representable on purpose: an override replaces the whole policy.
+    pub overage: Option<OverageOverride>,
+}
+
+/// A storable copy of [`Overage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum OverageOverride {
+    Block,
+    Credits { credits_per_unit: u64 },
+    Bill,
+    Unlimited,
+}
+
+impl From<OverageOverride> for Overage {
+    fn from(o: OverageOverride) -> Self {
+        match o {
+            OverageOverride::Block => Overage::Block,
+            OverageOverride::Credits { credits_per_unit } => Overage::Credits { credits_per_unit },
+            OverageOverride::Bill => Overage::Bill,
+            OverageOverride::Unlimited => Overage::Unlimited,
+        }
+    }
+}
+
+impl OverageOverride {
+    pub fn parse(s: &str, credits_per_unit: Option<u64>) -> Result<Self, ValidationError> {
+        match (s, credits_per_unit) {
+            ("block", None) => Ok(OverageOverride::Block),
+            ("bill", None) => Ok(OverageOverride::Bill),
+            ("unlimited", None) => Ok(OverageOverride::Unlimited),
+            ("credits", Some(n)) if n >= 1 => Ok(OverageOverride::Credits {
+                credits_per_unit: n,
+            }),
+            ("credits", _) => Err(ValidationError::new(
+                "overage `credits` needs credits_per_unit of at least 1",
+            )),
+            (_, Some(_)) => Err(ValidationError::new(
+                "credits_per_unit is only meaningful with overage `credits`",
+            )),
+            (other, None) => Err(ValidationError::new(format!(
+                "unknown overage `{other}`; one of: block, credits, bill, unlimited"
+            ))),
+        }
+    }
+}
+
+/// The rule that applies to `meter` for this account: the plan's, with the account's
+/// overrides on top for a `custom` plan. `None`: the plan does not offer the meter.
+pub fn effective_rule(plan: &Plan, profile: &AccountProfile, meter: &str) -> Option<MeterRule> {
+    let base = plan.meters.get(meter);
+    let ov = if plan.kind == PlanKind::Custom {
+        profile.overrides.get(meter)
+    } else {
+        None
+    };
+    match (base, ov) {
+        (None, None) => None,
+        (Some(b), None) => Some(b.clone()),
+        (b, Some(o)) => {
+            let mut rule = b.cloned().unwrap_or(MeterRule {
+                included: 0,
+                overage: Overage::Block,
+                unit_price: None,
+            });
+            if let Some(i) = o.included {
+                rule.included = i;
+            }
+            if let Some(p) = o.overage {
+                rule.overage = p.into();
+            }
+            Some(rule)
+        }
+    }
+}
+
+/// The effective rules of every meter the account can use.
+pub fn effective_rules(plan: &Plan, profile: &AccountProfile) -> BTreeMap<String, MeterRule> {
+    let mut names: Vec<&String> = plan.meters.keys().collect();
+    if plan.kind == PlanKind::Custom {
+        names.extend(profile.overrides.keys());
+    }
+    names
+        .into_iter()
+        .filter_map(|m| effective_rule(plan, profile, m).map(|r| (m.clone(), r)))
+        .collect()
+}
+
+/// One entitlement answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entitlement {
+    pub allowed: bool,
+    /// `active`, `trialing`, `grace_period`, `subscription_inactive`, `not_in_plan`,
+    /// `cap_reached` or `insufficient_credits`.
+    pub reason: &'static str,
+}
+
+fn access_reason(status: SubscriptionStatus, access: Access) -> Entitlement {
+    match access {
+        Access::Allowed => Entitlement {
+            allowed: true,
+            reason: status.as_str(),
+        },
+        Access::Grace { .. } => Entitlement {
+            allowed: true,
+            reason: "grace_period",
+        },
+        Access::Denied => Entitlement {
+            allowed: false,
+            reason: "subscription_inactive",
+        },
+    }
+}
+
+/// May the account use `feature`?
+pub fn feature_entitlement(
+    plan: &Plan,
+    status: SubscriptionStatus,
+    access: Access,
+    feature: &str,
+) -> Entitlement {
+    if !plan.features.iter().any(|f| f == feature) {
+        return Entitlement {
+            allowed: false,
+            reason: "not_in_plan",
+        };
+    }
+    access_reason(status, access)
+}
+
+/// May the account consume at least one more unit of `meter`?
+pub fn meter_entitlement(
+    rule: Option<&MeterRule>,
+    balances: &Balances,
+    status: SubscriptionStatus,
+    access: Access,
+    meter: &str,
+) -> Entitlement {
+    let Some(rule) = rule else {
+        return Entitlement {
+            allowed: false,
+            reason: "not_in_plan",
+        };
+    };
+    let by_status = access_reason(status, access);
+    if !by_status.allowed {
+        return by_status;
+    }
+    let usage = balances.usage(meter);
+    match meter_limit(rule, usage, balances.credits) {
+        Some(limit) if usage.used >= limit => Entitlement {
+            allowed: false,
+            reason: match rule.overage {
+                Overage::Credits { .. } => "insufficient_credits",
+                _ => "cap_reached",
+            },
+        },
+        _ => by_status,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::MeterUsage;
+    use crate::model::Period;
+
+    const HOUR: i64 = 3_600_000;
+
+    fn plan(kind: PlanKind) -> Plan {
+        Plan {
+            name: "p".into(),
+            kind,
+            currency: "usd".into(),
+            base_price: 0,
+            seat_price: 0,
+            min_seats: 0,
+            features: vec!["basic".into(), "premium".into()],
+            meters: BTreeMap::from([(
+                "tokens".into(),
+                MeterRule {
+                    included: 100,
+                    overage: Overage::Block,
+                    unit_price: None,
+                },
+            )]),
+        }
+    }
+
+    fn profile() -> AccountProfile {
+        AccountProfile {
+            plan: "p".into(),
+            seats: 1,
+            email: None,
+            stripe_customer_id: None,
+            metadata: vec![],
+            created_at_ms: 0,
+            status: SubscriptionStatus::Active,
+            status_since_ms: 0,
+            overrides: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn each_status_has_its_access_rule() {
+        let grace = 72 * HOUR;
+        for s in [SubscriptionStatus::Active, SubscriptionStatus::Trialing] {
+            assert_eq!(access(s, 0, 10 * grace, grace), Access::Allowed);
+        }
+        assert_eq!(
+            access(SubscriptionStatus::PastDue, 1000, 1000 + grace - 1, grace),
+            Access::Grace {
+                until_ms: 1000 + grace
+            }
+        );
+        assert_eq!(
+            access(SubscriptionStatus::PastDue, 1000, 1000 + grace, grace),
+            Access::Denied
+        );
+        for s in [
+            SubscriptionStatus::Canceled,
+            SubscriptionStatus::Unpaid,
+            SubscriptionStatus::Incomplete,
+        ] {
+            assert_eq!(access(s, 0, 0, grace), Access::Denied);
+        }
+    }
+
+    #[test]
+    fn statuses_round_trip_through_their_names() {
+        for s in SubscriptionStatus::ALL {
+            assert_eq!(SubscriptionStatus::parse(s.as_str()).unwrap(), s);
+        }
+        assert!(SubscriptionStatus::parse("trial").is_err());
+    }
+
+    #[test]
+    fn feature_entitlements_give_the_reason() {
+        let p = plan(PlanKind::Flat);
+        let active = SubscriptionStatus::Active;
+        let e = feature_entitlement(&p, active, Access::Allowed, "premium");
+        assert_eq!((e.allowed, e.reason), (true, "active"));
+        let e = feature_entitlement(&p, active, Access::Allowed, "sso");
+        assert_eq!((e.allowed, e.reason), (false, "not_in_plan"));
+        let due = SubscriptionStatus::PastDue;
+        let e = feature_entitlement(&p, due, Access::Grace { until_ms: 5 }, "basic");
+        assert_eq!((e.allowed, e.reason), (true, "grace_period"));
+        let e = feature_entitlement(&p, due, Access::Denied, "basic");
+        assert_eq!((e.allowed, e.reason), (false, "subscription_inactive"));
+    }
+
+    #[test]
+    fn meter_entitlement_reports_an_exhausted_cap() {
+        let p = plan(PlanKind::Free);
+        let rule = p.meters.get("tokens");
+        let mut b = Balances::new(Period {
+            start_ms: 0,
+            end_ms: 10,
+        });
+        let active = SubscriptionStatus::Active;
+        assert!(meter_entitlement(rule, &b, active, Access::Allowed, "tokens").allowed);
+        b.meters.insert(
+            "tokens".into(),
+            MeterUsage {
+                used: 100,
+                billable: 0,
+            },
+        );
+        let e = meter_entitlement(rule, &b, active, Access::Allowed, "tokens");
+        assert_eq!((e.allowed, e.reason), (false, "cap_reached"));
+        let e = meter_entitlement(None, &b, active, Access::Allowed, "images");
+        assert_eq!((e.allowed, e.reason), (false, "not_in_plan"));
+    }
+
+    #[test]
+    fn overrides_apply_only_to_custom_plans() {
+        let mut prof = profile();
+        prof.overrides.insert(
+            "tokens".into(),
+            MeterOverride {
+                included: Some(5000),
+                overage: Some(OverageOverride::Bill),
+            },
+        );
+        prof.overrides.insert(
+            "images".into(),
+            MeterOverride {
+                included: Some(10),
+                overage: None,
+            },
+        );
+        let custom = effective_rules(&plan(PlanKind::Custom), &prof);
+        assert_eq!(custom["tokens"].included, 5000);
+        assert_eq!(custom["tokens"].overage, Overage::Bill);
+        assert_eq!(custom["images"].included, 10);
+        assert_eq!(custom["images"].overage, Overage::Block);
+        let flat = effective_rules(&plan(PlanKind::Flat), &prof);
+        assert_eq!(flat["tokens"].included, 100);
+        assert!(!flat.contains_key("images"));
+    }
+}
