@@ -5,8 +5,10 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod batch;
 pub mod body;
 pub mod error;
+pub mod ratelimit;
 pub mod views;
 
 use std::sync::Arc;
@@ -95,6 +97,9 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
                 accounts: deps.accounts.clone(),
                 store: deps.store.clone(),
             },
+            batch::BatchApi {
+                accounts: deps.accounts.clone(),
+            },
             HealthApi {
                 accounts: deps.accounts,
                 store: deps.store,
@@ -109,10 +114,11 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
     );
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
-    Route::new()
+    let routes = Route::new()
         .at("/openapi.json", spec)
         .nest("/docs", docs)
-        .nest("/", api)
+        .nest("/", api);
+    ratelimit::wrap(routes)
         .data(deps.keys)
         .data(BodyLimit(deps.max_body_bytes))
         .catch_all_error(|err| async move { error::render_poem_error(err) })

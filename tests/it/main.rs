@@ -4,9 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod api;
+mod batch;
 mod consume;
 mod crash;
 mod logs;
 mod plans;
+mod ratelimit;
 mod shutdown;
 mod support;
