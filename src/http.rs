@@ -86,6 +86,7 @@ pub struct AppDeps {
     pub store: Store,
     pub keys: ApiKeys,
     pub max_body_bytes: usize,
+    pub rate_limits: crate::config::RateLimits,
     pub ready: Arc<AtomicBool>,
 }
 
@@ -110,7 +111,9 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
         env!("CARGO_PKG_VERSION"),
     )
     .description(
-        "Usage metering and billing daemon. Authenticate with `Authorization: Bearer <key>`.",
+        "Usage metering and billing daemon. Authenticate with `Authorization: Bearer <key>`. \
+         A key over its configured rate limit gets 429 `rate_limited` with a `Retry-After` \
+         header (seconds).",
     );
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
@@ -118,7 +121,7 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .nest("/", api);
-    ratelimit::wrap(routes)
+    ratelimit::wrap(routes, deps.rate_limits)
         .data(deps.keys)
         .data(BodyLimit(deps.max_body_bytes))
         .catch_all_error(|err| async move { error::render_poem_error(err) })

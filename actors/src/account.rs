@@ -20,8 +20,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sha2::{Digest, Sha256};
 
 use crate::ledger::{
-    AccountFold, AccountProfile, Balances, ConsumeRecord, CreditRecord, EntryKind, FoldError,
-    LedgerEntry, apply_credit_delta, decide_consume, meter_limit,
+    AccountFold, AccountProfile, Balances, ConsumeRecord, CreditCategory, CreditRecord, EntryKind,
+    FoldError, GrantTerms, LedgerEntry, decide_consume, meter_limit,
 };
 use crate::model::{
     AccountId, Catalog, Clock, IdempotencyKey, Metadata, Period, Plan, PlanKind, ValidationError,
@@ -45,6 +45,8 @@ pub enum AccountMsg {
     Upsert(UpsertCmd, RpcReplyPort<Result<UpsertReply, AccountError>>),
     /// Grant or adjust credits (durable, idempotent).
     Credit(CreditCmd, RpcReplyPort<Result<CreditReply, AccountError>>),
+    /// Credit a top-up package (durable, idempotent on its external id).
+    TopUp(TopUpCmd, RpcReplyPort<Result<CreditReply, AccountError>>),
     /// The account's current state.
     Get(RpcReplyPort<Result<AccountView, AccountError>>),
     /// Periodic: report to the directory when idle for longer than the idle timeout.
@@ -65,7 +67,7 @@ impl AccountMsg {
             AccountMsg::Upsert(_, r) => {
                 let _ = r.send(Err(err));
             }
-            AccountMsg::Credit(_, r) => {
+            AccountMsg::Credit(_, r) | AccountMsg::TopUp(_, r) => {
                 let _ = r.send(Err(err));
             }
             AccountMsg::Get(r) => {
@@ -170,15 +172,62 @@ pub struct CreditCmd {
     pub amount: i64,
     pub reason: String,
     pub idempotency_key: IdempotencyKey,
+    /// Terms of a grant (positive amounts only).
+    pub grant: GrantInput,
+}
+
+/// Optional terms of a grant; defaults: priority 50, effective now, no expiry, promotional.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GrantInput {
+    pub priority: Option<u32>,
+    pub effective_at_ms: Option<i64>,
+    pub expires_at_ms: Option<i64>,
+    pub category: Option<CreditCategory>,
+    pub external_id: Option<String>,
 }
 
 impl CreditCmd {
     pub fn digest(&self) -> [u8; 32] {
         let mut h = Sha256::new();
-        h.update(b"credit/v1");
+        h.update(b"credit/v2");
         h.update(self.amount.to_be_bytes());
         put_str(&mut h, &self.reason);
+        let g = &self.grant;
+        h.update(format!(
+            "{:?}",
+            (g.priority, g.effective_at_ms, g.expires_at_ms, g.category)
+        ));
+        put_str(&mut h, g.external_id.as_deref().unwrap_or(""));
         h.finalize().into()
+    }
+}
+
+/// Credit a configured top-up package once per `external_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopUpCmd {
+    pub package: String,
+    /// The payment behind it (for example the Checkout Session id): the idempotency key.
+    pub external_id: IdempotencyKey,
+}
+
+impl TopUpCmd {
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"topup/v1");
+        put_str(&mut h, &self.package);
+        h.finalize().into()
+    }
+}
+
+/// Which idempotency index an entry belongs to, and under which key.
+pub(crate) fn idem_of(kind: &EntryKind) -> Option<(IdemOp, &str)> {
+    match kind {
+        EntryKind::Consume(c) => Some((IdemOp::Consume, &c.idempotency_key)),
+        EntryKind::Credit(c) if c.grant.as_ref().is_some_and(|g| g.package.is_some()) => {
+            Some((IdemOp::Topup, &c.idempotency_key))
+        }
+        EntryKind::Credit(c) => Some((IdemOp::Credit, &c.idempotency_key)),
+        _ => None,
     }
 }
 
@@ -218,6 +267,9 @@ pub struct AccountView {
     pub meter_entitlements: BTreeMap<String, Entitlement>,
     /// The plan, for feature entitlements.
     pub plan: Plan,
+    /// Credit grants by id, and the time the view was taken (for `live_at`).
+    pub grants: BTreeMap<u64, crate::ledger::Grant>,
+    pub as_of_ms: i64,
 }
 
 impl AccountView {
@@ -321,6 +373,7 @@ impl Actor for AccountActor {
             AccountMsg::Check(cmd, reply) => state.check(cmd, reply),
             AccountMsg::Upsert(cmd, reply) => state.upsert(cmd, reply)?,
             AccountMsg::Credit(cmd, reply) => state.credit(cmd, reply)?,
+            AccountMsg::TopUp(cmd, reply) => state.top_up(cmd, reply)?,
             AccountMsg::Get(reply) => {
                 let r = state.view();
                 state.reply_after_commit(reply, r);
@@ -358,22 +411,12 @@ fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64), StoreErr
         }
         for e in &batch {
             fold.apply(e).map_err(|err| corrupt(id, err))?;
-            match &e.kind {
-                EntryKind::Consume(c) => {
-                    let rec = IdemRecord {
-                        seq: e.seq,
-                        at_ms: e.at_ms,
-                    };
-                    store.put_idem(id, IdemOp::Consume, &c.idempotency_key, rec)?;
-                }
-                EntryKind::Credit(c) => {
-                    let rec = IdemRecord {
-                        seq: e.seq,
-                        at_ms: e.at_ms,
-                    };
-                    store.put_idem(id, IdemOp::Credit, &c.idempotency_key, rec)?;
-                }
-                EntryKind::AccountUpserted(_) | EntryKind::PeriodRolled { .. } => {}
+            if let Some((op, key)) = idem_of(&e.kind) {
+                let rec = IdemRecord {
+                    seq: e.seq,
+                    at_ms: e.at_ms,
+                };
+                store.put_idem(id, op, key, rec)?;
             }
         }
     }
@@ -468,12 +511,44 @@ impl AccountState {
         Ok(())
     }
 
+    /// Writes a `CreditExpired` entry for every grant whose expiry is due at `now`. Lazy, like
+    /// period rollover: only an account that is used again writes them.
+    fn expire_grants(&mut self, now: i64) -> Result<(), StoreError> {
+        let due = match &self.fold.balances {
+            Some(b) => b.due_expiries(now),
+            None => return Ok(()),
+        };
+        for (grant_id, amount) in due {
+            let credits_after = self
+                .fold
+                .balances
+                .as_ref()
+                .map(|b| {
+                    let mut after = b.clone();
+                    if let Some(g) = after.grants.get_mut(&grant_id) {
+                        g.remaining = 0;
+                    }
+                    after.live_credits(now)
+                })
+                .unwrap_or(0);
+            self.append(
+                EntryKind::CreditExpired {
+                    grant_id,
+                    amount,
+                    credits_after,
+                },
+                now,
+            )?;
+        }
+        Ok(())
+    }
+
     /// The balances as of `now` without writing anything: a due rollover is applied in memory.
     fn balances_at(&self, now: i64) -> Option<Balances> {
         let b = self.fold.balances.as_ref()?;
         if now >= b.period.end_ms {
             let mut rolled = Balances::new(Period::calendar_month(now));
-            rolled.credits = b.credits;
+            rolled.grants = b.grants.clone();
             Some(rolled)
         } else {
             Some(b.clone())
@@ -543,6 +618,7 @@ impl AccountState {
         }
         let now = self.deps.clock.now_ms();
         self.roll_period(now)?;
+        self.expire_grants(now)?;
         let (Some(profile), Some(balances)) = (&self.fold.profile, &self.fold.balances) else {
             return Ok(());
         };
@@ -553,7 +629,14 @@ impl AccountState {
             .get(&plan)
             .and_then(|p| effective_rule(p, profile, &cmd.meter));
         let active = self.access_at(profile, now) != Access::Denied;
-        let d = decide_consume(balances, &cmd.meter, rule.as_ref(), cmd.quantity, active);
+        let d = decide_consume(
+            balances,
+            &cmd.meter,
+            rule.as_ref(),
+            cmd.quantity,
+            active,
+            now,
+        );
         let record = ConsumeRecord {
             meter: cmd.meter,
             quantity: cmd.quantity,
@@ -563,6 +646,7 @@ impl AccountState {
             outcome: d.outcome,
             billable: d.billable,
             credits_spent: d.credits_spent,
+            burns: d.burns,
             included: d.included,
             limit: d.limit,
             used_after: d.used_after,
@@ -604,7 +688,14 @@ impl AccountState {
                 .ok_or_else(|| AccountError::UnknownAccount(self.id.clone()))?;
             let rule = effective_rule(plan, profile, &cmd.meter);
             let active = self.access_at(profile, now) != Access::Denied;
-            let d = decide_consume(&balances, &cmd.meter, rule.as_ref(), cmd.quantity, active);
+            let d = decide_consume(
+                &balances,
+                &cmd.meter,
+                rule.as_ref(),
+                cmd.quantity,
+                active,
+                now,
+            );
             Ok(ConsumeReply {
                 seq: None,
                 record: ConsumeRecord {
@@ -616,6 +707,7 @@ impl AccountState {
                     outcome: d.outcome,
                     billable: d.billable,
                     credits_spent: d.credits_spent,
+                    burns: d.burns,
                     included: d.included,
                     limit: d.limit,
                     used_after: d.used_after,
@@ -749,19 +841,145 @@ impl AccountState {
         cmd: CreditCmd,
         reply: RpcReplyPort<Result<CreditReply, AccountError>>,
     ) -> Result<(), StoreError> {
+        let now = self.deps.clock.now_ms();
+        let checked = (|| {
+            if cmd.amount == 0 || cmd.amount == i64::MIN {
+                return Err(ValidationError::new("amount must be a non-zero integer"));
+            }
+            if cmd.reason.len() > 500 {
+                return Err(ValidationError::new("reason is longer than 500 bytes"));
+            }
+            let g = &cmd.grant;
+            let has_terms = g.priority.is_some()
+                || g.effective_at_ms.is_some()
+                || g.expires_at_ms.is_some()
+                || g.category.is_some()
+                || g.external_id.is_some();
+            if cmd.amount < 0 {
+                if has_terms {
+                    return Err(ValidationError::new(
+                        "grant terms (priority, effective_at, expires_at, category, external_id) apply to positive amounts only",
+                    ));
+                }
+                return Ok(None);
+            }
+            let priority = g.priority.unwrap_or(50);
+            if priority > 100 {
+                return Err(ValidationError::new("priority must be from 0 to 100"));
+            }
+            let effective_at_ms = g.effective_at_ms.unwrap_or(now);
+            if let Some(e) = g.expires_at_ms
+                && (e <= effective_at_ms || e <= now)
+            {
+                return Err(ValidationError::new(
+                    "expires_at must be after effective_at and in the future",
+                ));
+            }
+            if g.external_id
+                .as_ref()
+                .is_some_and(|x| x.is_empty() || x.len() > 255)
+            {
+                return Err(ValidationError::new("external_id must be 1 to 255 bytes"));
+            }
+            Ok(Some(GrantTerms {
+                priority,
+                effective_at_ms,
+                expires_at_ms: g.expires_at_ms,
+                category: g.category.unwrap_or(CreditCategory::Promotional),
+                external_id: g.external_id.clone(),
+                package: None,
+            }))
+        })();
+        let terms = match checked {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return Ok(());
+            }
+        };
+        let digest = cmd.digest();
+        self.apply_credit(
+            IdemOp::Credit,
+            cmd.idempotency_key.as_str(),
+            digest,
+            cmd.amount,
+            cmd.reason,
+            terms,
+            reply,
+        )
+    }
+
+    fn top_up(
+        &mut self,
+        cmd: TopUpCmd,
+        reply: RpcReplyPort<Result<CreditReply, AccountError>>,
+    ) -> Result<(), StoreError> {
+        let Some(package) = self
+            .deps
+            .catalog
+            .credit_packages
+            .iter()
+            .find(|p| p.name == cmd.package)
+            .cloned()
+        else {
+            let known: Vec<&str> = self
+                .deps
+                .catalog
+                .credit_packages
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect();
+            let _ = reply.send(Err(ValidationError::new(format!(
+                "unknown package `{}`; configured packages: {}",
+                cmd.package,
+                known.join(", ")
+            ))
+            .into()));
+            return Ok(());
+        };
+        let Ok(amount) = i64::try_from(package.credits) else {
+            let _ = reply.send(Err(ValidationError::new("package too large").into()));
+            return Ok(());
+        };
+        let now = self.deps.clock.now_ms();
+        let terms = GrantTerms {
+            priority: 50,
+            effective_at_ms: now,
+            expires_at_ms: None,
+            category: CreditCategory::Paid,
+            external_id: Some(cmd.external_id.as_str().to_owned()),
+            package: Some(package.name.clone()),
+        };
+        let digest = cmd.digest();
+        self.apply_credit(
+            IdemOp::Topup,
+            cmd.external_id.as_str(),
+            digest,
+            amount,
+            format!("top-up {}", package.name),
+            Some(terms),
+            reply,
+        )
+    }
+
+    /// The shared write path of grants, adjustments and top-ups: replay or conflict by key,
+    /// lazy rollover and expiry, then one `Credit` entry.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_credit(
+        &mut self,
+        op: IdemOp,
+        key: &str,
+        digest: [u8; 32],
+        amount: i64,
+        reason: String,
+        terms: Option<GrantTerms>,
+        reply: RpcReplyPort<Result<CreditReply, AccountError>>,
+    ) -> Result<(), StoreError> {
         if self.fold.profile.is_none() {
             let _ = reply.send(Err(AccountError::UnknownAccount(self.id.clone())));
             return Ok(());
         }
-        if cmd.amount == 0 || cmd.reason.len() > 500 {
-            let _ = reply.send(Err(ValidationError::new(
-                "amount must be a non-zero integer and reason at most 500 bytes",
-            )
-            .into()));
-            return Ok(());
-        }
-        let digest = cmd.digest();
-        if let Some(prev) = self.find_replay(IdemOp::Credit, cmd.idempotency_key.as_str())? {
+        if let Some(prev) = self.find_replay(op, key)? {
             let r = match prev.kind {
                 EntryKind::Credit(rec) if rec.digest == digest => Ok(CreditReply {
                     seq: prev.seq,
@@ -775,26 +993,49 @@ impl AccountState {
         }
         let now = self.deps.clock.now_ms();
         self.roll_period(now)?;
-        let balance = self.fold.balances.as_ref().map(|b| b.credits).unwrap_or(0);
-        let Some(after) = apply_credit_delta(balance, cmd.amount) else {
-            let _ = reply.send(Err(AccountError::CreditBalanceTooLow {
-                balance,
-                amount: cmd.amount,
-            }));
+        self.expire_grants(now)?;
+        let Some(balances) = &self.fold.balances else {
             return Ok(());
         };
+        let balance = balances.live_credits(now);
+        let (burns, credits_after) = if amount > 0 {
+            // A grant that is effective already counts at once.
+            let live_now = terms.as_ref().is_some_and(|t| t.effective_at_ms <= now);
+            let after = if live_now {
+                balance.checked_add(amount.unsigned_abs())
+            } else {
+                Some(balance)
+            };
+            let Some(after) = after else {
+                let _ = reply.send(Err(
+                    ValidationError::new("credit balance would overflow").into()
+                ));
+                return Ok(());
+            };
+            (Vec::new(), after)
+        } else {
+            match balances.burn_plan(now, amount.unsigned_abs()) {
+                Some(b) => (b, balance - amount.unsigned_abs()),
+                None => {
+                    let _ = reply.send(Err(AccountError::CreditBalanceTooLow { balance, amount }));
+                    return Ok(());
+                }
+            }
+        };
         let record = CreditRecord {
-            amount: cmd.amount,
-            reason: cmd.reason,
-            idempotency_key: cmd.idempotency_key.as_str().to_owned(),
+            amount,
+            reason,
+            idempotency_key: key.to_owned(),
             digest,
-            credits_after: after,
+            grant: terms,
+            burns,
+            credits_after,
         };
         let entry = self.append(EntryKind::Credit(record), now)?;
         self.deps.store.put_idem(
             &self.id,
-            IdemOp::Credit,
-            cmd.idempotency_key.as_str(),
+            op,
+            key,
             IdemRecord {
                 seq: entry.seq,
                 at_ms: now,
@@ -826,15 +1067,16 @@ impl AccountState {
             .ok_or_else(|| AccountError::UnknownAccount(self.id.clone()))?;
         let now = self.deps.clock.now_ms();
         let access = self.access_at(&profile, now);
+        let credits = balances.live_credits(now);
         let mut meters = Vec::new();
         let mut meter_entitlements = BTreeMap::new();
         for (name, rule) in &effective_rules(plan, &profile) {
             meter_entitlements.insert(
                 name.clone(),
-                meter_entitlement(Some(rule), &balances, profile.status, access, name),
+                meter_entitlement(Some(rule), &balances, credits, profile.status, access, name),
             );
             let usage = balances.usage(name);
-            let limit = meter_limit(rule, usage, balances.credits);
+            let limit = meter_limit(rule, usage, credits);
             meters.push(MeterView {
                 meter: name.clone(),
                 used: usage.used,
@@ -855,11 +1097,13 @@ impl AccountState {
             access,
             meter_entitlements,
             plan: plan.clone(),
+            grants: balances.grants.clone(),
+            as_of_ms: now,
             plan_kind: plan.kind.as_str(),
             features: plan.features.clone(),
             period: balances.period,
             meters,
-            credits: balances.credits,
+            credits,
             last_seq: self.fold.last_seq,
             profile,
         })

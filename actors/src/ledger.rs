@@ -76,6 +76,8 @@ pub struct ConsumeRecord {
     pub billable: u64,
     /// Credits this consume burned (0 unless the rule is `credits`).
     pub credits_spent: u64,
+    /// Which grants paid: `(grant id, credits)`, in burn order.
+    pub burns: Vec<(u64, u64)>,
     /// The rule's included units and the effective limit at decision time.
     pub included: u64,
     pub limit: Option<u64>,
@@ -85,13 +87,64 @@ pub struct ConsumeRecord {
     pub credits_after: u64,
 }
 
-/// A credit grant (positive) or adjustment (negative).
+/// Whether credits were bought or given away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum CreditCategory {
+    Paid,
+    Promotional,
+}
+
+impl CreditCategory {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CreditCategory::Paid => "paid",
+            CreditCategory::Promotional => "promotional",
+        }
+    }
+}
+
+/// The terms of a credit grant.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct GrantTerms {
+    /// Lower burns first (0 is the highest priority; the default is 50, as in Stripe).
+    pub priority: u32,
+    pub effective_at_ms: UnixMs,
+    pub expires_at_ms: Option<UnixMs>,
+    pub category: CreditCategory,
+    /// The payment or checkout session behind it, for example.
+    pub external_id: Option<String>,
+    /// The top-up package, for a top-up.
+    pub package: Option<String>,
+}
+
+/// One grant of credits and what is left of it. Its id is the seq of the granting entry.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Grant {
+    pub amount: u64,
+    pub remaining: u64,
+    pub terms: GrantTerms,
+}
+
+impl Grant {
+    /// Spendable at `at`: effective, not expired, not used up.
+    pub fn live_at(&self, at: UnixMs) -> bool {
+        self.remaining > 0
+            && self.terms.effective_at_ms <= at
+            && self.terms.expires_at_ms.is_none_or(|e| at < e)
+    }
+}
+
+/// A credit grant (positive `amount`, with `grant` terms) or adjustment (negative `amount`,
+/// burned from live grants in burn order, listed in `burns`).
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct CreditRecord {
     pub amount: i64,
     pub reason: String,
     pub idempotency_key: String,
     pub digest: [u8; 32],
+    pub grant: Option<GrantTerms>,
+    pub burns: Vec<(u64, u64)>,
+    /// The live balance after this entry, at its time.
     pub credits_after: u64,
 }
 
@@ -106,6 +159,12 @@ pub enum EntryKind {
     },
     Consume(ConsumeRecord),
     Credit(CreditRecord),
+    /// What was left of a grant expired.
+    CreditExpired {
+        grant_id: u64,
+        amount: u64,
+        credits_after: u64,
+    },
 }
 
 impl EntryKind {
@@ -115,6 +174,7 @@ impl EntryKind {
             EntryKind::PeriodRolled { .. } => "period_rolled",
             EntryKind::Consume(_) => "consume",
             EntryKind::Credit(_) => "credit",
+            EntryKind::CreditExpired { .. } => "credit_expired",
         }
     }
 }
@@ -139,7 +199,8 @@ pub struct MeterUsage {
 pub struct Balances {
     pub period: Period,
     pub meters: BTreeMap<String, MeterUsage>,
-    pub credits: u64,
+    /// Credit grants by id; a grant stays here, at `remaining = 0`, once used up or expired.
+    pub grants: BTreeMap<u64, Grant>,
 }
 
 /// A ledger entry that does not follow from the entries before it.
@@ -165,8 +226,82 @@ impl Balances {
         Self {
             period,
             meters: BTreeMap::new(),
-            credits: 0,
+            grants: BTreeMap::new(),
         }
+    }
+
+    /// The spendable credit balance at `at`: the sum of live grants.
+    pub fn live_credits(&self, at: UnixMs) -> u64 {
+        self.grants
+            .values()
+            .filter(|g| g.live_at(at))
+            .fold(0u64, |acc, g| acc.saturating_add(g.remaining))
+    }
+
+    /// Live grants in burn order: priority, then earliest expiry, then oldest.
+    fn burn_order(&self, at: UnixMs) -> Vec<(u64, &Grant)> {
+        let mut live: Vec<(u64, &Grant)> = self
+            .grants
+            .iter()
+            .filter(|(_, g)| g.live_at(at))
+            .map(|(id, g)| (*id, g))
+            .collect();
+        live.sort_by_key(|(id, g)| {
+            (
+                g.terms.priority,
+                g.terms.expires_at_ms.unwrap_or(i64::MAX),
+                *id,
+            )
+        });
+        live
+    }
+
+    /// Which grants pay `amount` credits at `at`, or `None` if the live balance is short.
+    pub fn burn_plan(&self, at: UnixMs, amount: u64) -> Option<Vec<(u64, u64)>> {
+        let mut left = amount;
+        let mut burns = Vec::new();
+        for (id, g) in self.burn_order(at) {
+            if left == 0 {
+                break;
+            }
+            let take = g.remaining.min(left);
+            burns.push((id, take));
+            left -= take;
+        }
+        (left == 0).then_some(burns)
+    }
+
+    /// Grants whose expiry is due at `at` with something left: `(grant id, remaining)`.
+    pub fn due_expiries(&self, at: UnixMs) -> Vec<(u64, u64)> {
+        self.grants
+            .iter()
+            .filter(|(_, g)| g.remaining > 0 && g.terms.expires_at_ms.is_some_and(|e| e <= at))
+            .map(|(id, g)| (*id, g.remaining))
+            .collect()
+    }
+
+    fn apply_burns(
+        &mut self,
+        seq: u64,
+        at: UnixMs,
+        burns: &[(u64, u64)],
+    ) -> Result<u64, FoldError> {
+        let mut total = 0u64;
+        for (id, amount) in burns {
+            let g = self
+                .grants
+                .get_mut(id)
+                .filter(|g| g.live_at(at))
+                .ok_or(FoldError::Arithmetic { seq })?;
+            g.remaining = g
+                .remaining
+                .checked_sub(*amount)
+                .ok_or(FoldError::Arithmetic { seq })?;
+            total = total
+                .checked_add(*amount)
+                .ok_or(FoldError::Arithmetic { seq })?;
+        }
+        Ok(total)
     }
 
     pub fn usage(&self, meter: &str) -> MeterUsage {
@@ -177,6 +312,20 @@ impl Balances {
     /// change, for live decisions, recovery and verification alike.
     pub fn apply(&mut self, entry: &LedgerEntry) -> Result<(), FoldError> {
         let seq = entry.seq;
+        let at = entry.at_ms;
+        let check_credits = |b: &Balances, recorded: u64| {
+            let folded = b.live_credits(at);
+            if folded == recorded {
+                Ok(())
+            } else {
+                Err(FoldError::Mismatch {
+                    seq,
+                    what: "credits",
+                    recorded,
+                    folded,
+                })
+            }
+        };
         let mismatch = |what, recorded, folded| FoldError::Mismatch {
             seq,
             what,
@@ -200,10 +349,10 @@ impl Balances {
                         .billable
                         .checked_add(c.billable)
                         .ok_or(FoldError::Arithmetic { seq })?;
-                    self.credits = self
-                        .credits
-                        .checked_sub(c.credits_spent)
-                        .ok_or(FoldError::Arithmetic { seq })?;
+                    let spent = self.apply_burns(seq, entry.at_ms, &c.burns)?;
+                    if spent != c.credits_spent {
+                        return Err(mismatch("credits_spent", c.credits_spent, spent));
+                    }
                 }
                 let u = self.usage(&c.meter);
                 if u.used != c.used_after {
@@ -212,16 +361,45 @@ impl Balances {
                 if u.billable != c.billable_after {
                     return Err(mismatch("billable", c.billable_after, u.billable));
                 }
-                if self.credits != c.credits_after {
-                    return Err(mismatch("credits", c.credits_after, self.credits));
-                }
+                check_credits(self, c.credits_after)?;
             }
             EntryKind::Credit(c) => {
-                self.credits = apply_credit_delta(self.credits, c.amount)
-                    .ok_or(FoldError::Arithmetic { seq })?;
-                if self.credits != c.credits_after {
-                    return Err(mismatch("credits", c.credits_after, self.credits));
+                match (&c.grant, c.amount) {
+                    (Some(terms), amount) if amount > 0 => {
+                        self.grants.insert(
+                            seq,
+                            Grant {
+                                amount: amount.unsigned_abs(),
+                                remaining: amount.unsigned_abs(),
+                                terms: terms.clone(),
+                            },
+                        );
+                    }
+                    (None, amount) if amount < 0 => {
+                        let burned = self.apply_burns(seq, entry.at_ms, &c.burns)?;
+                        if burned != amount.unsigned_abs() {
+                            return Err(mismatch("burned", amount.unsigned_abs(), burned));
+                        }
+                    }
+                    _ => return Err(FoldError::Arithmetic { seq }),
                 }
+                check_credits(self, c.credits_after)?;
+            }
+            EntryKind::CreditExpired {
+                grant_id,
+                amount,
+                credits_after,
+            } => {
+                let g = self
+                    .grants
+                    .get_mut(grant_id)
+                    .ok_or(FoldError::Arithmetic { seq })?;
+                let due = g.terms.expires_at_ms.is_some_and(|e| e <= entry.at_ms);
+                if !due || g.remaining != *amount {
+                    return Err(mismatch("expired", *amount, g.remaining));
+                }
+                g.remaining = 0;
+                check_credits(self, *credits_after)?;
             }
         }
         Ok(())
@@ -281,21 +459,13 @@ pub fn meter_limit(rule: &MeterRule, usage: MeterUsage, credits: u64) -> Option<
     }
 }
 
-/// `credits + amount`, or `None` if that overflows or goes below zero.
-pub fn apply_credit_delta(credits: u64, amount: i64) -> Option<u64> {
-    if amount >= 0 {
-        credits.checked_add(amount.unsigned_abs())
-    } else {
-        credits.checked_sub(amount.unsigned_abs())
-    }
-}
-
 /// The pure decision for one consume: what the record will say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumeDecision {
     pub outcome: Outcome,
     pub billable: u64,
     pub credits_spent: u64,
+    pub burns: Vec<(u64, u64)>,
     pub included: u64,
     pub limit: Option<u64>,
     pub used_after: u64,
@@ -312,13 +482,15 @@ pub fn decide_consume(
     rule: Option<&MeterRule>,
     quantity: u64,
     subscription_active: bool,
+    at: UnixMs,
 ) -> ConsumeDecision {
     let usage = balances.usage(meter);
-    let credits = balances.credits;
+    let credits = balances.live_credits(at);
     let deny = |code, included, limit| ConsumeDecision {
         outcome: Outcome::Denied(code),
         billable: 0,
         credits_spent: 0,
+        burns: Vec::new(),
         included,
         limit,
         used_after: usage.used,
@@ -338,12 +510,14 @@ pub fn decide_consume(
     let Some(used_after) = usage.used.checked_add(quantity) else {
         return deny(DenyCode::CapReached, included, Some(usage.used));
     };
-    let allow = |billable: u64, credits_spent: u64, limit| {
+    let allow = |billable: u64, burns: Vec<(u64, u64)>, limit| {
         let billable_after = usage.billable.checked_add(billable)?;
+        let credits_spent = burns.iter().map(|(_, n)| n).sum::<u64>();
         Some(ConsumeDecision {
             outcome: Outcome::Allowed,
             billable,
             credits_spent,
+            burns,
             included,
             limit,
             used_after,
@@ -356,18 +530,21 @@ pub fn decide_consume(
             if over > 0 {
                 None
             } else {
-                allow(0, 0, Some(included))
+                allow(0, Vec::new(), Some(included))
             }
         }
         Overage::Credits { credits_per_unit } => {
             let limit = meter_limit(rule, usage, credits).unwrap_or(u64::MAX);
-            match over.checked_mul(credits_per_unit) {
-                Some(cost) if cost <= credits => allow(0, cost, Some(limit)),
-                _ => return deny(DenyCode::InsufficientCredits, included, Some(limit)),
+            match over
+                .checked_mul(credits_per_unit)
+                .and_then(|cost| balances.burn_plan(at, cost))
+            {
+                Some(burns) => allow(0, burns, Some(limit)),
+                None => return deny(DenyCode::InsufficientCredits, included, Some(limit)),
             }
         }
-        Overage::Bill => allow(over, 0, None),
-        Overage::Unlimited => allow(0, 0, None),
+        Overage::Bill => allow(over, Vec::new(), None),
+        Overage::Unlimited => allow(0, Vec::new(), None),
     };
     decided.unwrap_or_else(|| deny(DenyCode::CapReached, included, Some(included)))
 }
@@ -392,6 +569,84 @@ mod tests {
         }
     }
 
+    fn grant(amount: u64, priority: u32, expires_at_ms: Option<i64>) -> Grant {
+        Grant {
+            amount,
+            remaining: amount,
+            terms: GrantTerms {
+                priority,
+                effective_at_ms: 0,
+                expires_at_ms,
+                category: CreditCategory::Promotional,
+                external_id: None,
+                package: None,
+            },
+        }
+    }
+
+    #[test]
+    fn grants_burn_by_priority_then_earliest_expiry_then_age() {
+        let mut b = Balances::new(period());
+        b.grants.insert(1, grant(10, 50, None));
+        b.grants.insert(2, grant(10, 50, Some(500)));
+        b.grants.insert(3, grant(10, 10, None));
+        b.grants.insert(4, grant(10, 50, Some(400)));
+        b.grants.insert(5, grant(10, 50, None));
+        assert_eq!(b.live_credits(1), 50);
+        assert_eq!(
+            b.burn_plan(1, 45),
+            Some(vec![(3, 10), (4, 10), (2, 10), (1, 10), (5, 5)])
+        );
+        assert_eq!(b.burn_plan(1, 51), None);
+        // At 450 grant 4 has expired: it neither counts nor burns.
+        assert_eq!(b.live_credits(450), 40);
+        assert_eq!(b.burn_plan(450, 15), Some(vec![(3, 10), (2, 5)]));
+        assert_eq!(b.due_expiries(450), vec![(4, 10)]);
+    }
+
+    #[test]
+    fn a_future_grant_is_not_spendable_until_effective() {
+        let mut b = Balances::new(period());
+        let mut g = grant(10, 50, None);
+        g.terms.effective_at_ms = 100;
+        b.grants.insert(1, g);
+        assert_eq!(b.live_credits(99), 0);
+        assert_eq!(b.live_credits(100), 10);
+        let r = rule(
+            0,
+            Overage::Credits {
+                credits_per_unit: 1,
+            },
+        );
+        let d = decide_consume(&b, "tokens", Some(&r), 1, true, 99);
+        assert_eq!(d.outcome, Outcome::Denied(DenyCode::InsufficientCredits));
+        let d = decide_consume(&b, "tokens", Some(&r), 1, true, 100);
+        assert_eq!(d.outcome, Outcome::Allowed);
+        assert_eq!(d.burns, vec![(1, 1)]);
+    }
+
+    #[test]
+    fn an_expiry_entry_must_be_due_and_exact() {
+        let mut b = Balances::new(period());
+        b.grants.insert(1, grant(10, 50, Some(100)));
+        let early = LedgerEntry {
+            seq: 2,
+            at_ms: 99,
+            kind: EntryKind::CreditExpired {
+                grant_id: 1,
+                amount: 10,
+                credits_after: 0,
+            },
+        };
+        assert!(b.clone().apply(&early).is_err());
+        let due = LedgerEntry {
+            at_ms: 100,
+            ..early
+        };
+        b.apply(&due).unwrap();
+        assert_eq!(b.grants[&1].remaining, 0);
+    }
+
     fn consume_entry(seq: u64, q: u64, d: &ConsumeDecision) -> LedgerEntry {
         LedgerEntry {
             seq,
@@ -405,6 +660,7 @@ mod tests {
                 outcome: d.outcome,
                 billable: d.billable,
                 credits_spent: d.credits_spent,
+                burns: d.burns.clone(),
                 included: d.included,
                 limit: d.limit,
                 used_after: d.used_after,
@@ -418,13 +674,13 @@ mod tests {
     fn block_allows_exactly_the_included_units() {
         let r = rule(100, Overage::Block);
         let mut b = Balances::new(period());
-        let d = decide_consume(&b, "tokens", Some(&r), 60, true);
+        let d = decide_consume(&b, "tokens", Some(&r), 60, true, 1);
         assert_eq!(d.outcome, Outcome::Allowed);
         b.apply(&consume_entry(1, 60, &d)).unwrap();
-        let d = decide_consume(&b, "tokens", Some(&r), 41, true);
+        let d = decide_consume(&b, "tokens", Some(&r), 41, true, 1);
         assert_eq!(d.outcome, Outcome::Denied(DenyCode::CapReached));
         assert_eq!(d.used_after, 60);
-        let d = decide_consume(&b, "tokens", Some(&r), 40, true);
+        let d = decide_consume(&b, "tokens", Some(&r), 40, true, 1);
         assert_eq!(d.outcome, Outcome::Allowed);
         assert_eq!(d.used_after, 100);
         assert_eq!(d.limit, Some(100));
@@ -439,9 +695,9 @@ mod tests {
             },
         );
         let mut b = Balances::new(period());
-        b.credits = 30;
+        b.grants.insert(100, grant(30, 50, None));
         // 15 units = 10 included + 5 over, at 3 credits each.
-        let d = decide_consume(&b, "tokens", Some(&r), 15, true);
+        let d = decide_consume(&b, "tokens", Some(&r), 15, true, 1);
         assert_eq!(d.outcome, Outcome::Allowed);
         assert_eq!(d.credits_spent, 15);
         assert_eq!(d.credits_after, 15);
@@ -449,10 +705,10 @@ mod tests {
         b.apply(&consume_entry(1, 15, &d)).unwrap();
         // 5 more units cost 15 credits: exactly affordable; 6 are not.
         assert_eq!(
-            decide_consume(&b, "tokens", Some(&r), 6, true).outcome,
+            decide_consume(&b, "tokens", Some(&r), 6, true, 1).outcome,
             Outcome::Denied(DenyCode::InsufficientCredits)
         );
-        let d = decide_consume(&b, "tokens", Some(&r), 5, true);
+        let d = decide_consume(&b, "tokens", Some(&r), 5, true, 1);
         assert_eq!(d.outcome, Outcome::Allowed);
         assert_eq!(d.credits_after, 0);
     }
@@ -461,7 +717,7 @@ mod tests {
     fn bill_counts_only_overage_as_billable() {
         let r = rule(10, Overage::Bill);
         let b = Balances::new(period());
-        let d = decide_consume(&b, "tokens", Some(&r), 25, true);
+        let d = decide_consume(&b, "tokens", Some(&r), 25, true, 1);
         assert_eq!(d.outcome, Outcome::Allowed);
         assert_eq!(d.billable, 15);
         assert_eq!(d.limit, None);
@@ -471,7 +727,7 @@ mod tests {
     fn unlimited_never_blocks_and_is_never_billable() {
         let r = rule(0, Overage::Unlimited);
         let b = Balances::new(period());
-        let d = decide_consume(&b, "tokens", Some(&r), crate::model::MAX_QUANTITY, true);
+        let d = decide_consume(&b, "tokens", Some(&r), crate::model::MAX_QUANTITY, true, 1);
         assert_eq!(d.outcome, Outcome::Allowed);
         assert_eq!(d.billable, 0);
     }
@@ -480,7 +736,7 @@ mod tests {
     fn an_inactive_subscription_is_a_recorded_denial() {
         let r = rule(100, Overage::Block);
         let b = Balances::new(period());
-        let d = decide_consume(&b, "tokens", Some(&r), 1, false);
+        let d = decide_consume(&b, "tokens", Some(&r), 1, false, 1);
         assert_eq!(d.outcome, Outcome::Denied(DenyCode::SubscriptionInactive));
         assert_eq!(d.used_after, 0);
     }
@@ -488,7 +744,7 @@ mod tests {
     #[test]
     fn a_meter_outside_the_plan_is_denied() {
         let b = Balances::new(period());
-        let d = decide_consume(&b, "images", None, 1, true);
+        let d = decide_consume(&b, "images", None, 1, true, 1);
         assert_eq!(d.outcome, Outcome::Denied(DenyCode::MeterNotInPlan));
     }
 
@@ -503,7 +759,7 @@ mod tests {
                 billable: 0,
             },
         );
-        let d = decide_consume(&b, "tokens", Some(&r), 2, true);
+        let d = decide_consume(&b, "tokens", Some(&r), 2, true, 1);
         assert_eq!(d.outcome, Outcome::Denied(DenyCode::CapReached));
     }
 
@@ -511,18 +767,10 @@ mod tests {
     fn fold_rejects_an_entry_whose_balances_do_not_follow() {
         let r = rule(100, Overage::Block);
         let mut b = Balances::new(period());
-        let mut d = decide_consume(&b, "tokens", Some(&r), 5, true);
+        let mut d = decide_consume(&b, "tokens", Some(&r), 5, true, 1);
         d.used_after = 6;
         let err = b.apply(&consume_entry(1, 5, &d)).unwrap_err();
         assert!(matches!(err, FoldError::Mismatch { what: "used", .. }));
-    }
-
-    #[test]
-    fn credit_delta_never_goes_below_zero() {
-        assert_eq!(apply_credit_delta(5, -5), Some(0));
-        assert_eq!(apply_credit_delta(5, -6), None);
-        assert_eq!(apply_credit_delta(u64::MAX, 1), None);
-        assert_eq!(apply_credit_delta(1, i64::MIN), None);
     }
 
     proptest! {
@@ -551,9 +799,10 @@ mod tests {
                     granted += n;
                     LedgerEntry { seq, at_ms: 1, kind: EntryKind::Credit(CreditRecord {
                         amount: n as i64, reason: String::new(), idempotency_key: format!("g{seq}"),
-                        digest: [0; 32], credits_after: live.credits + n }) }
+                        digest: [0; 32], grant: Some(grant(n, (seq % 3) as u32, None).terms),
+                        burns: vec![], credits_after: live.live_credits(1) + n }) }
                 } else {
-                    let d = decide_consume(&live, "tokens", Some(&r), n, true);
+                    let d = decide_consume(&live, "tokens", Some(&r), n, true, 1);
                     consume_entry(seq, n, &d)
                 };
                 live.apply(&entry).unwrap();
@@ -564,7 +813,7 @@ mod tests {
                 EntryKind::Consume(c) if c.outcome == Outcome::Allowed => Some(c.credits_spent),
                 _ => None,
             }).sum();
-            prop_assert_eq!(live.credits + spent, granted);
+            prop_assert_eq!(live.live_credits(1) + spent, granted);
             match overage {
                 Overage::Block => prop_assert!(used <= included),
                 Overage::Credits { credits_per_unit } => {

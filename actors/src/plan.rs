@@ -223,6 +223,7 @@ pub fn feature_entitlement(
 pub fn meter_entitlement(
     rule: Option<&MeterRule>,
     balances: &Balances,
+    credits: u64,
     status: SubscriptionStatus,
     access: Access,
     meter: &str,
@@ -238,7 +239,7 @@ pub fn meter_entitlement(
         return by_status;
     }
     let usage = balances.usage(meter);
-    match meter_limit(rule, usage, balances.credits) {
+    match meter_limit(rule, usage, credits) {
         Some(limit) if usage.used >= limit => Entitlement {
             allowed: false,
             reason: match rule.overage {
@@ -349,7 +350,7 @@ mod tests {
             end_ms: 10,
         });
         let active = SubscriptionStatus::Active;
-        assert!(meter_entitlement(rule, &b, active, Access::Allowed, "tokens").allowed);
+        assert!(meter_entitlement(rule, &b, 0, active, Access::Allowed, "tokens").allowed);
         b.meters.insert(
             "tokens".into(),
             MeterUsage {
@@ -357,9 +358,9 @@ mod tests {
                 billable: 0,
             },
         );
-        let e = meter_entitlement(rule, &b, active, Access::Allowed, "tokens");
+        let e = meter_entitlement(rule, &b, 0, active, Access::Allowed, "tokens");
         assert_eq!((e.allowed, e.reason), (false, "cap_reached"));
-        let e = meter_entitlement(None, &b, active, Access::Allowed, "images");
+        let e = meter_entitlement(None, &b, 0, active, Access::Allowed, "images");
         assert_eq!((e.allowed, e.reason), (false, "not_in_plan"));
     }
 

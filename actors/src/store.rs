@@ -80,6 +80,8 @@ pub struct StoreConfig {
 pub enum IdemOp {
     Consume = 1,
     Credit = 2,
+    /// A top-up, keyed by its external id (e.g. the checkout session).
+    Topup = 3,
 }
 
 /// Where an idempotency key points: the ledger entry that answered it first.

@@ -5,9 +5,9 @@
 //! equals the fold at its sequence number, and that every idempotency key in the ledger that is
 //! still indexed points at its entry. Read-only.
 
-use crate::ledger::{AccountFold, EntryKind};
+use crate::ledger::AccountFold;
 use crate::model::AccountId;
-use crate::store::{IdemOp, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, Default)]
 pub struct VerifyReport {
@@ -47,11 +47,7 @@ fn verify_account(store: &Store, id: &AccountId, report: &mut VerifyReport) -> R
         for e in &batch {
             fold.apply(e).map_err(|err| err.to_string())?;
             report.entries += 1;
-            let key = match &e.kind {
-                EntryKind::Consume(c) => Some((IdemOp::Consume, &c.idempotency_key)),
-                EntryKind::Credit(c) => Some((IdemOp::Credit, &c.idempotency_key)),
-                _ => None,
-            };
+            let key = crate::account::idem_of(&e.kind);
             if let Some((op, key)) = key
                 && let Some(rec) = store.get_idem(id, op, key).map_err(|e| e.to_string())?
                 && rec.seq != e.seq

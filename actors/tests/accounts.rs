@@ -345,6 +345,7 @@ async fn derived_state_is_rebuilt_from_the_ledger() {
                     amount: 100,
                     reason: "grant".into(),
                     idempotency_key: IdempotencyKey::parse("g1").unwrap(),
+                    grant: Default::default(),
                 },
             )
             .await

@@ -8,8 +8,12 @@ use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 
-use meterd_actors::account::{Accounts, ConsumeCmd, ConsumeReply, CreditCmd, UpsertCmd};
+use meterd_actors::account::{
+    Accounts, ConsumeCmd, ConsumeReply, CreditCmd, GrantInput, TopUpCmd, UpsertCmd,
+};
+use meterd_actors::ledger::CreditCategory;
 use meterd_actors::ledger::{DenyCode, Outcome};
+use meterd_actors::model::format_rfc3339;
 use meterd_actors::model::{AccountId, IdempotencyKey, Metadata};
 use meterd_actors::plan::{MeterOverride, OverageOverride, SubscriptionStatus};
 use meterd_actors::store::Store;
@@ -311,10 +315,37 @@ impl AccountsApi {
         auth.require_admin()?;
         let id = account_id(&id)?;
         let b = body.0;
+        let time = |name: &str, v: Option<String>| -> Result<Option<i64>, ApiError> {
+            v.map(|s| {
+                parse_rfc3339(&s).ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "`{name}`: `{s}` is not an RFC 3339 UTC time such as 2026-12-01T00:00:00Z"
+                    ))
+                })
+            })
+            .transpose()
+        };
+        let category = match b.category.as_deref() {
+            None => None,
+            Some("paid") => Some(CreditCategory::Paid),
+            Some("promotional") => Some(CreditCategory::Promotional),
+            Some(other) => {
+                return Err(ApiError::invalid(format!(
+                    "`category`: `{other}` is not one of: paid, promotional"
+                )));
+            }
+        };
         let cmd = CreditCmd {
             idempotency_key: idempotency_key(b.idempotency_key, idem.0)?,
             amount: b.amount,
             reason: b.reason,
+            grant: GrantInput {
+                priority: b.priority,
+                effective_at_ms: time("effective_at", b.effective_at)?,
+                expires_at_ms: time("expires_at", b.expires_at)?,
+                category,
+                external_id: b.external_id,
+            },
         };
         let reply = self.accounts.credit(&id, cmd).await?;
         if !reply.replayed {
@@ -324,6 +355,78 @@ impl AccountsApi {
             Json(credit_result(&reply)),
             replayed_header(reply.replayed),
         ))
+    }
+
+    /// Credit a top-up package (admin), once per `external_id` however often it arrives.
+    #[oai(path = "/v1/accounts/:id/topups", method = "post")]
+    async fn top_up(
+        &self,
+        auth: ApiKeyAuth,
+        id: Path<String>,
+        body: JsonBody<TopUpBody>,
+    ) -> Result<CreditResponse, ApiError> {
+        auth.require_admin()?;
+        let id = account_id(&id)?;
+        let b = body.0;
+        let external_id = IdempotencyKey::parse(&b.external_id)
+            .map_err(|e| ApiError::invalid(format!("`external_id`: {e}")))?;
+        let reply = self
+            .accounts
+            .top_up(
+                &id,
+                TopUpCmd {
+                    package: b.package,
+                    external_id,
+                },
+            )
+            .await?;
+        if !reply.replayed {
+            tracing::info!(account = %id, amount = reply.record.amount, seq = reply.seq, "top-up credited");
+        }
+        Ok(CreditResponse::Ok(
+            Json(credit_result(&reply)),
+            replayed_header(reply.replayed),
+        ))
+    }
+
+    /// The account's credit grants and live balance.
+    #[oai(path = "/v1/accounts/:id/credits", method = "get")]
+    async fn list_credits(
+        &self,
+        _auth: ApiKeyAuth,
+        id: Path<String>,
+    ) -> Result<Json<CreditsPage>, ApiError> {
+        let id = account_id(&id)?;
+        let view = self.accounts.get(&id).await?;
+        let at = view.as_of_ms;
+        let mut grants: Vec<(u64, &meterd_actors::ledger::Grant)> =
+            view.grants.iter().map(|(k, g)| (*k, g)).collect();
+        grants.sort_by_key(|(id, g)| {
+            (
+                !g.live_at(at),
+                g.terms.priority,
+                g.terms.expires_at_ms.unwrap_or(i64::MAX),
+                *id,
+            )
+        });
+        Ok(Json(CreditsPage {
+            balance: view.credits,
+            grants: grants
+                .into_iter()
+                .map(|(gid, g)| GrantView {
+                    id: gid,
+                    amount: g.amount,
+                    remaining: g.remaining,
+                    priority: g.terms.priority,
+                    effective_at: format_rfc3339(g.terms.effective_at_ms),
+                    expires_at: g.terms.expires_at_ms.map(format_rfc3339),
+                    category: g.terms.category.as_str().into(),
+                    external_id: g.terms.external_id.clone(),
+                    package: g.terms.package.clone(),
+                    live: g.live_at(at),
+                })
+                .collect(),
+        }))
     }
 
     /// The account's ledger, oldest first. `format=csv` returns CSV.

@@ -26,7 +26,7 @@ pub struct ErrorBody {
     /// Machine-readable: `invalid_request`, `unauthorized`, `forbidden`, `unknown_account`,
     /// `not_found`, `method_not_allowed`, `idempotency_conflict`, `cap_reached`,
     /// `insufficient_credits`, `subscription_inactive`, `meter_not_in_plan`,
-    /// `credit_balance_too_low`, `unavailable`,
+    /// `credit_balance_too_low`, `rate_limited`, `unavailable`,
     /// `internal`.
     pub code: String,
     /// For humans; never contains secrets or request bodies.
@@ -156,7 +156,10 @@ const DOCUMENTED: &[(u16, &str)] = &[
     ),
     (404, "`unknown_account`"),
     (409, "`idempotency_conflict` or `credit_balance_too_low`"),
-    (429, "Recorded denial: `cap_reached`"),
+    (
+        429,
+        "Recorded denial `cap_reached`, or `rate_limited` (see `Retry-After`)",
+    ),
     (
         503,
         "`unavailable`: storage failure or timeout; retry with the same idempotency key",

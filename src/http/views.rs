@@ -61,12 +61,111 @@ pub struct ConsumeBody {
 #[derive(Debug, Object, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreditBody {
-    /// Positive to grant, negative to adjust (never below zero).
+    /// Positive to grant, negative to adjust (burned from live grants in burn order; never
+    /// below zero).
     pub amount: i64,
     #[serde(default)]
     #[oai(default)]
     pub reason: String,
     pub idempotency_key: Option<String>,
+    /// Grants only. Lower burns first; 0-100, default 50.
+    pub priority: Option<u32>,
+    /// Grants only. RFC 3339; default now. Before it, the grant is not spendable.
+    pub effective_at: Option<String>,
+    /// Grants only. RFC 3339; what is left then expires (a ledger entry).
+    pub expires_at: Option<String>,
+    /// Grants only. `paid` or `promotional` (default).
+    pub category: Option<String>,
+    /// Grants only. The payment or reference behind the grant.
+    pub external_id: Option<String>,
+}
+
+/// `POST /v1/accounts/{id}/topups`.
+#[derive(Debug, Object, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopUpBody {
+    /// A configured credit package, such as `credits_500`.
+    pub package: String,
+    /// The payment behind it (for example a Checkout Session id). A top-up is credited once
+    /// per external id, however often it arrives.
+    pub external_id: String,
+}
+
+/// One credit grant.
+#[derive(Debug, Object)]
+pub struct GrantView {
+    /// The ledger entry that granted it.
+    pub id: u64,
+    pub amount: u64,
+    pub remaining: u64,
+    pub priority: u32,
+    pub effective_at: String,
+    #[oai(skip_serializing_if_is_none)]
+    pub expires_at: Option<String>,
+    pub category: String,
+    #[oai(skip_serializing_if_is_none)]
+    pub external_id: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    pub package: Option<String>,
+    /// Spendable now.
+    pub live: bool,
+}
+
+/// `GET /v1/accounts/{id}/credits`.
+#[derive(Debug, Object)]
+pub struct CreditsPage {
+    /// The live balance: the sum of live grants.
+    pub balance: u64,
+    /// Grants in burn order first (live ones), then the rest.
+    pub grants: Vec<GrantView>,
+}
+
+/// Parses an RFC 3339 UTC timestamp such as `2026-12-01T00:00:00Z` (fractional seconds
+/// allowed; only `Z` or `+00:00` offsets).
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<u32>().ok();
+    let (y, mo, d, h, mi, se) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
+    if !(1..=12).contains(&mo) || d == 0 || d > 31 || h > 23 || mi > 59 || se > 59 {
+        return None;
+    }
+    let mut rest = &s[19..];
+    let mut ms = 0i64;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let f = &frac[..digits];
+        let padded = format!("{:0<3}", &f[..digits.min(3)]);
+        ms = padded.parse().ok()?;
+        rest = &frac[digits..];
+    }
+    if rest != "Z" && rest != "z" && rest != "+00:00" {
+        return None;
+    }
+    let days = meterd_actors::model::days_from_civil(i64::from(y), mo, d);
+    // Reject dates such as February 30 that do not round-trip.
+    if meterd_actors::model::civil_from_days(days) != (i64::from(y), mo, d) {
+        return None;
+    }
+    Some(days * 86_400_000 + i64::from(h * 3600 + mi * 60 + se) * 1000 + ms)
 }
 
 /// One meter's state.
@@ -396,6 +495,15 @@ pub fn ledger_entry_view(e: &LedgerEntry) -> LedgerEntryView {
             v.credits_after = Some(c.credits_after);
             v.idempotency_key = Some(c.idempotency_key.clone());
             v.reason = Some(c.reason.clone());
+        }
+        EntryKind::CreditExpired {
+            grant_id,
+            amount,
+            credits_after,
+        } => {
+            v.credits_delta = Some(-i64::try_from(*amount).unwrap_or(i64::MAX));
+            v.credits_after = Some(*credits_after);
+            v.reason = Some(format!("grant {grant_id} expired"));
         }
     }
     v

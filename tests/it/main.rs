@@ -7,6 +7,7 @@ mod api;
 mod batch;
 mod consume;
 mod crash;
+mod credits;
 mod logs;
 mod plans;
 mod ratelimit;

@@ -349,6 +349,14 @@ impl Accounts {
         self.call(id, |p| AccountMsg::Credit(cmd, p)).await
     }
 
+    pub async fn top_up(
+        &self,
+        id: &AccountId,
+        cmd: super::TopUpCmd,
+    ) -> Result<CreditReply, AccountError> {
+        self.call(id, |p| AccountMsg::TopUp(cmd, p)).await
+    }
+
     pub async fn get(&self, id: &AccountId) -> Result<AccountView, AccountError> {
         self.call(id, AccountMsg::Get).await
     }
