@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use meterd_actors::account::AccountSettings;
 use meterd_actors::model::{Catalog, CreditPackage, MeterRule, Overage, Plan, PlanKind};
+use meterd_actors::pricing::{Decimal, PriceModel, Tier};
 use meterd_actors::store::SyncMode;
 use serde::Deserialize;
 
@@ -61,10 +62,15 @@ struct RawServer {
     listen: String,
     #[serde(default = "default_max_body")]
     max_body_bytes: usize,
+    #[serde(default = "default_max_batch_body")]
+    max_batch_body_bytes: usize,
     #[serde(default = "default_shutdown_timeout")]
     shutdown_timeout_s: u64,
 }
 
+fn default_max_batch_body() -> usize {
+    256 * 1024
+}
 fn default_max_body() -> usize {
     16 * 1024
 }
@@ -204,7 +210,61 @@ struct RawMeterRule {
     included: u64,
     overage: String,
     credits_per_unit: Option<u64>,
+    /// Shorthand for `price = { model = "per_unit", unit_price = … }`.
     unit_price: Option<String>,
+    price: Option<RawPrice>,
+}
+
+/// A price model for billable overage.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "model", rename_all = "snake_case")]
+enum RawPrice {
+    PerUnit {
+        unit_price: String,
+    },
+    Package {
+        package_size: u64,
+        package_price: u64,
+    },
+    Graduated {
+        tiers: Vec<RawTier>,
+    },
+    Volume {
+        tiers: Vec<RawTier>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    /// Omit on the last tier (infinity).
+    up_to: Option<u64>,
+    unit_price: String,
+    #[serde(default)]
+    flat_fee: u64,
+}
+
+fn build_price(raw: &RawPrice) -> Result<PriceModel, String> {
+    let tiers = |ts: &[RawTier]| -> Result<Vec<Tier>, String> {
+        ts.iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let p = Decimal::parse(&t.unit_price)
+                    .map_err(|e| format!("tiers[{i}].unit_price: {e}"))?;
+                Ok(Tier::new(t.up_to, p, t.flat_fee))
+            })
+            .collect()
+    };
+    let m = match raw {
+        RawPrice::PerUnit { unit_price } => PriceModel::per_unit(unit_price),
+        RawPrice::Package {
+            package_size,
+            package_price,
+        } => PriceModel::package(*package_size, *package_price),
+        RawPrice::Graduated { tiers: ts } => PriceModel::graduated(tiers(ts)?),
+        RawPrice::Volume { tiers: ts } => PriceModel::volume(tiers(ts)?),
+    };
+    m.map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,6 +305,7 @@ pub struct Config {
     pub origin: String,
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
+    pub max_batch_body_bytes: usize,
     pub shutdown_timeout: Duration,
     pub data_dir: PathBuf,
     pub sync: SyncMode,
@@ -298,6 +359,12 @@ impl Config {
                 ),
             )
         })?;
+        if raw.server.max_batch_body_bytes < raw.server.max_body_bytes {
+            return Err(invalid(
+                "server.max_batch_body_bytes",
+                "must be at least server.max_body_bytes".into(),
+            ));
+        }
         if raw.server.max_body_bytes < 256 {
             return Err(invalid(
                 "server.max_body_bytes",
@@ -396,6 +463,7 @@ impl Config {
             origin: origin.to_owned(),
             listen,
             max_body_bytes: raw.server.max_body_bytes,
+            max_batch_body_bytes: raw.server.max_batch_body_bytes,
             shutdown_timeout: Duration::from_secs(raw.server.shutdown_timeout_s.max(1)),
             data_dir,
             sync,
@@ -541,15 +609,40 @@ fn build_catalog(
                     ));
                 }
             };
-            if let Some(price) = &r.unit_price {
-                validate_decimal(price).map_err(|m| invalid(&format!("{rkey}.unit_price"), m))?;
+            let price = match (&r.unit_price, &r.price) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        &format!("{rkey}.unit_price"),
+                        "give either unit_price or price, not both".into(),
+                    ));
+                }
+                (Some(u), None) => Some(
+                    PriceModel::per_unit(u)
+                        .map_err(|e| invalid(&format!("{rkey}.unit_price"), e.to_string()))?,
+                ),
+                (None, Some(p)) => {
+                    Some(build_price(p).map_err(|m| invalid(&format!("{rkey}.price"), m))?)
+                }
+                (None, None) => None,
+            };
+            if price.is_some() && overage != Overage::Bill {
+                return Err(invalid(
+                    &format!("{rkey}.price"),
+                    "a price applies to billed overage: set overage = \"bill\"".into(),
+                ));
+            }
+            if overage == Overage::Bill && price.is_none() {
+                return Err(invalid(
+                    &format!("{rkey}.unit_price"),
+                    "overage = \"bill\" needs a price (unit_price or a price table)".into(),
+                ));
             }
             meters.insert(
                 meter.clone(),
                 MeterRule {
                     included: r.included,
                     overage,
-                    unit_price: r.unit_price.clone(),
+                    price,
                 },
             );
         }
@@ -601,24 +694,6 @@ fn validate_currency(c: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "`{c}` is not a lowercase ISO 4217 code such as usd"
-        ))
-    }
-}
-
-/// A non-negative decimal of minor units: digits, optionally a point and up to 12 digits.
-fn validate_decimal(s: &str) -> Result<(), String> {
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    let ok = !int.is_empty()
-        && int.len() <= 15
-        && int.bytes().all(|b| b.is_ascii_digit())
-        && frac.len() <= 12
-        && frac.bytes().all(|b| b.is_ascii_digit())
-        && !(s.contains('.') && frac.is_empty());
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{s}` is not a decimal amount of minor units such as \"50\" or \"0.2\""
         ))
     }
 }
@@ -806,11 +881,47 @@ mod tests {
     }
 
     #[test]
-    fn decimals_are_checked() {
-        assert!(validate_decimal("50").is_ok());
-        assert!(validate_decimal("0.2").is_ok());
-        assert!(validate_decimal("-1").is_err());
-        assert!(validate_decimal("1.").is_err());
-        assert!(validate_decimal("1e3").is_err());
+    fn price_tables_parse_and_bad_ones_name_their_key() {
+        let tiers = r#"
+[plans.tiered]
+kind = "metered"
+[plans.tiered.meters.tokens]
+overage = "bill"
+price = { model = "graduated", tiers = [
+  { up_to = 10000, unit_price = "10" },
+  { up_to = 50000, unit_price = "5" },
+  { unit_price = "2" },
+] }
+[plans.pack]
+kind = "metered"
+[plans.pack.meters.tokens]
+overage = "bill"
+price = { model = "package", package_size = 100, package_price = 500 }
+"#;
+        let c = parse(&format!("{EMBEDDED_DEFAULT}{tiers}")).unwrap();
+        let model = c.catalog.plans["tiered"].meters["tokens"]
+            .price
+            .clone()
+            .unwrap();
+        assert_eq!(
+            meterd_actors::pricing::cost(&model, 60_000).unwrap(),
+            320_000
+        );
+        let model = c.catalog.plans["pack"].meters["tokens"]
+            .price
+            .clone()
+            .unwrap();
+        assert_eq!(meterd_actors::pricing::cost(&model, 101).unwrap(), 1000);
+        let bad = tiers.replace("{ unit_price = \"2\" },", "");
+        let err = parse(&format!("{EMBEDDED_DEFAULT}{bad}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plans.tiered.meters.tokens.price"), "{err}");
+        let bad = EMBEDDED_DEFAULT.replacen("unit_price = \"50\"", "unit_price = \"0.5.0\"", 1);
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("plans.payg.meters.tokens.unit_price"), "{err}");
+        let bad = EMBEDDED_DEFAULT.replacen("unit_price = \"50\"", "", 1);
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("needs a price"), "{err}");
     }
 }

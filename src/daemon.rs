@@ -191,6 +191,7 @@ pub async fn run_with_clock(
         store: store.clone(),
         keys,
         max_body_bytes: config.max_body_bytes,
+        max_batch_body_bytes: config.max_batch_body_bytes,
         rate_limits: config.rate_limits,
         ready: ready.clone(),
     });

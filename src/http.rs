@@ -86,6 +86,7 @@ pub struct AppDeps {
     pub store: Store,
     pub keys: ApiKeys,
     pub max_body_bytes: usize,
+    pub max_batch_body_bytes: usize,
     pub rate_limits: crate::config::RateLimits,
     pub ready: Arc<AtomicBool>,
 }
@@ -124,5 +125,6 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
     ratelimit::wrap(routes, deps.rate_limits)
         .data(deps.keys)
         .data(BodyLimit(deps.max_body_bytes))
+        .data(body::BatchBodyLimit(deps.max_batch_body_bytes))
         .catch_all_error(|err| async move { error::render_poem_error(err) })
 }

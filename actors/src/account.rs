@@ -28,9 +28,10 @@ use crate::model::{
     validate_metadata,
 };
 use crate::plan::{
-    Access, Entitlement, MeterOverride, SubscriptionStatus, access, effective_rule,
-    effective_rules, feature_entitlement, meter_entitlement,
+    Access, Entitlement, MeterOverride, SubscriptionStatus, access, current_cost, effective_rule,
+    effective_rules, feature_entitlement, meter_entitlement, suggested_plan,
 };
+use crate::pricing::{PeriodCost, projected};
 use crate::store::{AccountSnapshot, CommitError, IdemOp, IdemRecord, Store, StoreError};
 
 pub use directory::{Accounts, DirectoryActor, DirectoryMsg, DirectoryStats};
@@ -267,6 +268,12 @@ pub struct AccountView {
     pub meter_entitlements: BTreeMap<String, Entitlement>,
     /// The plan, for feature entitlements.
     pub plan: Plan,
+    /// The period's cost so far (`Err`: the plan's prices cannot price the usage).
+    pub cost: Result<PeriodCost, String>,
+    /// The usage part of the cost projected linearly to the end of the period.
+    pub projected_usage: u64,
+    /// A flat plan that would have been cheaper this period (pay-as-you-go only).
+    pub suggested_plan: Option<String>,
     /// Credit grants by id, and the time the view was taken (for `live_at`).
     pub grants: BTreeMap<u64, crate::ledger::Grant>,
     pub as_of_ms: i64,
@@ -1092,8 +1099,24 @@ impl AccountState {
                 },
             });
         }
+        let cost = current_cost(plan, &profile, &balances).map_err(|e| e.to_string());
+        let (projected_usage, suggested_plan) = match &cost {
+            Ok(c) => {
+                let usage: u64 = c.meters.values().map(|m| m.amount).sum();
+                let elapsed = now - balances.period.start_ms;
+                let length = balances.period.end_ms - balances.period.start_ms;
+                (
+                    projected(usage, elapsed, length),
+                    suggested_plan(&self.deps.catalog, plan, c),
+                )
+            }
+            Err(_) => (0, None),
+        };
         Ok(AccountView {
             id: self.id.clone(),
+            cost,
+            projected_usage,
+            suggested_plan,
             access,
             meter_entitlements,
             plan: plan.clone(),

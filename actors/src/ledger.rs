@@ -565,7 +565,7 @@ mod tests {
         MeterRule {
             included,
             overage,
-            unit_price: None,
+            price: None,
         }
     }
 

@@ -142,9 +142,8 @@ pub enum Overage {
 pub struct MeterRule {
     pub included: u64,
     pub overage: Overage,
-    /// Price per overage unit as a decimal string of minor units (e.g. `"50"` or `"0.2"`);
-    /// stored now, used by pricing later.
-    pub unit_price: Option<String>,
+    /// How billable overage (the `bill` policy) is priced; `None`: not billed per unit.
+    pub price: Option<crate::pricing::PriceModel>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

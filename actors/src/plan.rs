@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use bincode::{Decode, Encode};
 
 use crate::ledger::{AccountProfile, Balances, meter_limit};
-use crate::model::{MeterRule, Overage, Plan, PlanKind, UnixMs, ValidationError};
+use crate::model::{Catalog, MeterRule, Overage, Plan, PlanKind, UnixMs, ValidationError};
+use crate::pricing::{MeterPricing, PeriodCost, PlanPricing, PricingError, period_cost};
 
 /// Subscription status, as Stripe names them. Set by admin now, by Stripe webhooks later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Encode, Decode)]
@@ -152,7 +153,7 @@ pub fn effective_rule(plan: &Plan, profile: &AccountProfile, meter: &str) -> Opt
             let mut rule = b.cloned().unwrap_or(MeterRule {
                 included: 0,
                 overage: Overage::Block,
-                unit_price: None,
+                price: None,
             });
             if let Some(i) = o.included {
                 rule.included = i;
@@ -175,6 +176,61 @@ pub fn effective_rules(plan: &Plan, profile: &AccountProfile) -> BTreeMap<String
         .into_iter()
         .filter_map(|m| effective_rule(plan, profile, m).map(|r| (m.clone(), r)))
         .collect()
+}
+
+/// The plan's prices for this account: base fee, seats, and every billed meter's model.
+pub fn plan_pricing(plan: &Plan, profile: &AccountProfile) -> PlanPricing {
+    let meters = effective_rules(plan, profile)
+        .into_iter()
+        .filter_map(|(name, rule)| {
+            rule.price.map(|model| {
+                (
+                    name,
+                    MeterPricing {
+                        included: rule.included,
+                        model,
+                    },
+                )
+            })
+        })
+        .collect();
+    PlanPricing {
+        base_price: plan.base_price,
+        seat_price: plan.seat_price,
+        min_seats: plan.min_seats,
+        meters,
+    }
+}
+
+/// The cost of the period so far: base fee + seats + priced overage of billed meters.
+/// Meters without a price (capped, credit-paid, unlimited) cost nothing per unit.
+pub fn current_cost(
+    plan: &Plan,
+    profile: &AccountProfile,
+    balances: &Balances,
+) -> Result<PeriodCost, PricingError> {
+    let pricing = plan_pricing(plan, profile);
+    let usage: BTreeMap<String, u64> = pricing
+        .meters
+        .keys()
+        .map(|m| (m.clone(), balances.usage(m).used))
+        .collect();
+    period_cost(&pricing, profile.seats, &usage)
+}
+
+/// Seed 000's upgrade path: when a pay-as-you-go (`metered`) account's usage spend this
+/// period passes the price of a flat plan, suggest the cheapest such flat plan.
+pub fn suggested_plan(catalog: &Catalog, plan: &Plan, cost: &PeriodCost) -> Option<String> {
+    if plan.kind != PlanKind::Metered {
+        return None;
+    }
+    catalog
+        .plans
+        .values()
+        .filter(|p| p.kind == PlanKind::Flat && p.currency == plan.currency)
+        .filter(|p| p.base_price > 0 && cost.total > p.base_price)
+        .min_by_key(|p| p.base_price)
+        .map(|p| p.name.clone())
 }
 
 /// One entitlement answer.
@@ -273,7 +329,7 @@ mod tests {
                 MeterRule {
                     included: 100,
                     overage: Overage::Block,
-                    unit_price: None,
+                    price: None,
                 },
             )]),
         }

@@ -32,7 +32,7 @@ fn catalog() -> Catalog {
             MeterRule {
                 included,
                 overage,
-                unit_price: None,
+                price: None,
             },
         )]),
     };

@@ -26,6 +26,70 @@ fn is_json(content_type: &str) -> bool {
         && (m.subtype() == "json" || m.suffix().is_some_and(|s| s == "json")))
 }
 
+/// The body size limit of the batch route, installed as request data by the daemon.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchBodyLimit(pub usize);
+
+/// Like [`JsonBody`], with the batch route's larger size limit ([`BatchBodyLimit`]).
+pub struct LargeJsonBody<T>(pub T);
+
+fn json_request_meta<T: Type>() -> Option<MetaRequest> {
+    Some(MetaRequest {
+        description: None,
+        content: vec![MetaMediaType {
+            content_type: CONTENT_TYPE,
+            schema: T::schema_ref(),
+        }],
+        required: true,
+    })
+}
+
+/// Content type check, size-limited read, object check, field-named serde errors.
+async fn read_json<T: DeserializeOwned>(
+    request: &Request,
+    body: &mut RequestBody,
+    limit: usize,
+) -> poem::Result<T> {
+    match request.content_type() {
+        Some(ct) if is_json(ct) => {}
+        Some(ct) => {
+            return Err(ApiError::invalid(format!(
+                "content type `{ct}` is not supported: send application/json"
+            ))
+            .into());
+        }
+        None => {
+            return Err(ApiError::invalid("missing Content-Type: send application/json").into());
+        }
+    }
+    let bytes = body
+        .take()?
+        .into_bytes_limit(limit)
+        .await
+        .map_err(|e| match e {
+            poem::error::ReadBodyError::PayloadTooLarge => {
+                ApiError::invalid(format!("request body is larger than {limit} bytes"))
+            }
+            other => ApiError::invalid(format!("cannot read request body: {other}")),
+        })?;
+    // serde would read a JSON array positionally into a struct; only objects are bodies.
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        None => return Err(ApiError::invalid("empty request body: send a JSON object").into()),
+        Some(_) => return Err(ApiError::invalid("the request body must be a JSON object").into()),
+    }
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path == "?" {
+            ApiError::invalid(format!("invalid JSON body: {inner}")).into()
+        } else {
+            ApiError::invalid(format!("`{path}`: {inner}")).into()
+        }
+    })
+}
+
 impl<'a, T: Type + DeserializeOwned + Send> ApiExtractor<'a> for JsonBody<T> {
     const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
     type ParamType = ();
@@ -36,14 +100,7 @@ impl<'a, T: Type + DeserializeOwned + Send> ApiExtractor<'a> for JsonBody<T> {
     }
 
     fn request_meta() -> Option<MetaRequest> {
-        Some(MetaRequest {
-            description: None,
-            content: vec![MetaMediaType {
-                content_type: CONTENT_TYPE,
-                schema: T::schema_ref(),
-            }],
-            required: true,
-        })
+        json_request_meta::<T>()
     }
 
     async fn from_request(
@@ -51,53 +108,37 @@ impl<'a, T: Type + DeserializeOwned + Send> ApiExtractor<'a> for JsonBody<T> {
         body: &mut RequestBody,
         _opts: ExtractParamOptions<()>,
     ) -> poem::Result<Self> {
-        match request.content_type() {
-            Some(ct) if is_json(ct) => {}
-            Some(ct) => {
-                return Err(ApiError::invalid(format!(
-                    "content type `{ct}` is not supported: send application/json"
-                ))
-                .into());
-            }
-            None => {
-                return Err(
-                    ApiError::invalid("missing Content-Type: send application/json").into(),
-                );
-            }
-        }
         let limit = request
             .data::<BodyLimit>()
             .map(|l| l.0)
             .unwrap_or(16 * 1024);
-        let bytes = body
-            .take()?
-            .into_bytes_limit(limit)
-            .await
-            .map_err(|e| match e {
-                poem::error::ReadBodyError::PayloadTooLarge => {
-                    ApiError::invalid(format!("request body is larger than {limit} bytes"))
-                }
-                other => ApiError::invalid(format!("cannot read request body: {other}")),
-            })?;
-        // serde would read a JSON array positionally into a struct; only objects are bodies.
-        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-            Some(b'{') => {}
-            None => return Err(ApiError::invalid("empty request body: send a JSON object").into()),
-            Some(_) => {
-                return Err(ApiError::invalid("the request body must be a JSON object").into());
-            }
-        }
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path == "." || path == "?" {
-                ApiError::invalid(format!("invalid JSON body: {inner}"))
-            } else {
-                ApiError::invalid(format!("`{path}`: {inner}"))
-            }
-        })?;
-        Ok(JsonBody(value))
+        read_json(request, body, limit).await.map(JsonBody)
+    }
+}
+
+impl<'a, T: Type + DeserializeOwned + Send> ApiExtractor<'a> for LargeJsonBody<T> {
+    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
+    type ParamType = ();
+    type ParamRawType = ();
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+
+    fn request_meta() -> Option<MetaRequest> {
+        json_request_meta::<T>()
+    }
+
+    async fn from_request(
+        request: &'a Request,
+        body: &mut RequestBody,
+        _opts: ExtractParamOptions<()>,
+    ) -> poem::Result<Self> {
+        let limit = request
+            .data::<BatchBodyLimit>()
+            .map(|l| l.0)
+            .unwrap_or(256 * 1024);
+        read_json(request, body, limit).await.map(LargeJsonBody)
     }
 }
 

@@ -277,6 +277,30 @@ pub struct AccountMeterView {
     pub overage: String,
 }
 
+/// What the period costs so far, in minor units of `currency`. Exact: each priced line is
+/// computed exactly and rounded once, half up; the total is the sum of the lines.
+#[derive(Debug, Object)]
+pub struct CostView {
+    pub currency: String,
+    /// The plan's base fee.
+    pub base: u64,
+    /// Seat price × max(seats, min_seats).
+    pub seats: u64,
+    /// Priced overage of billed meters.
+    pub usage: u64,
+    pub total: u64,
+    /// `total` with the usage part projected linearly to the end of the period.
+    pub projected_total: u64,
+    /// Per billed meter: billable units and their amount.
+    pub meters: BTreeMap<String, MeterCostView>,
+}
+
+#[derive(Debug, Object)]
+pub struct MeterCostView {
+    pub billable_units: u64,
+    pub amount: u64,
+}
+
 #[derive(Debug, Object)]
 pub struct AccountResult {
     pub id: String,
@@ -303,6 +327,12 @@ pub struct AccountResult {
     pub features: Vec<String>,
     /// The latest ledger entry.
     pub ledger_seq: u64,
+    /// Absent only if the plan's prices cannot price the usage (see the log).
+    #[oai(skip_serializing_if_is_none)]
+    pub cost: Option<CostView>,
+    /// A flat plan that would cost less than this period's pay-as-you-go spend.
+    #[oai(skip_serializing_if_is_none)]
+    pub suggested_plan: Option<String>,
 }
 
 fn meter_view(m: &MeterView) -> AccountMeterView {
@@ -352,6 +382,31 @@ pub fn account_result(v: &AccountView) -> AccountResult {
         },
         features: v.features.clone(),
         ledger_seq: v.last_seq,
+        cost: v.cost.as_ref().ok().map(|c| {
+            let usage: u64 = c.meters.values().map(|m| m.amount).sum();
+            CostView {
+                currency: v.plan.currency.clone(),
+                base: c.base,
+                seats: c.seats,
+                usage,
+                total: c.total,
+                projected_total: c.base + c.seats + v.projected_usage.max(usage),
+                meters: c
+                    .meters
+                    .iter()
+                    .map(|(m, mc)| {
+                        (
+                            m.clone(),
+                            MeterCostView {
+                                billable_units: mc.billable_units,
+                                amount: mc.amount,
+                            },
+                        )
+                    })
+                    .collect(),
+            }
+        }),
+        suggested_plan: v.suggested_plan.clone(),
     }
 }
 

@@ -223,3 +223,41 @@ async fn custom_plans_take_per_account_overrides_and_others_refuse_them() {
     assert_eq!(d.client.ledger("ent").await.len(), before);
     d.stop().await;
 }
+
+/// Seed 000's plans priced exactly, and the upgrade hint once pay-as-you-go spend passes the
+/// flat plan's price.
+#[tokio::test]
+async fn period_cost_projection_and_upgrade_hint() {
+    // Mid-period: 2026-03-16T12:00:00Z is exactly halfway through March (31 days).
+    let clock = Clock::manual(T0 + 6 * 24 * HOUR_MS + 12 * HOUR_MS);
+    let d = TestDaemon::start_in(tempfile::tempdir().unwrap(), |_| {}, clock.clone()).await;
+    d.client.put_account("pg", json!({"plan": "payg"})).await;
+    assert_eq!(d.client.consume("pg", 37, "k1").await.status, 200);
+    let a = d.client.get_account("pg").await;
+    // 37 tokens at $0.50 = $18.50.
+    assert_eq!(a.body["cost"]["total"], 1850, "{}", a.body);
+    assert_eq!(a.body["cost"]["usage"], 1850);
+    assert_eq!(a.body["cost"]["currency"], "usd");
+    assert_eq!(a.body["cost"]["meters"]["tokens"]["billable_units"], 37);
+    // Half the period elapsed: the usage projects to twice as much.
+    assert_eq!(a.body["cost"]["projected_total"], 3700);
+    assert!(a.body.get("suggested_plan").is_none(), "$18.50 < $29");
+    // 59 tokens = $29.50 > Pro's $29: suggest Pro.
+    assert_eq!(d.client.consume("pg", 22, "k2").await.status, 200);
+    let a = d.client.get_account("pg").await;
+    assert_eq!(a.body["cost"]["total"], 2950);
+    assert_eq!(a.body["suggested_plan"], "pro");
+    // Flat and seat plans: base fee and seats, no per-unit cost.
+    d.client.put_account("pro", json!({"plan": "pro"})).await;
+    d.client.consume("pro", 10_000, "k").await;
+    let a = d.client.get_account("pro").await;
+    assert_eq!(a.body["cost"]["total"], 2900);
+    assert!(a.body.get("suggested_plan").is_none());
+    d.client
+        .put_account("team", json!({"plan": "team", "seats": 3}))
+        .await;
+    let a = d.client.get_account("team").await;
+    assert_eq!(a.body["cost"]["seats"], 5700);
+    assert_eq!(a.body["cost"]["total"], 5700);
+    d.stop().await;
+}
