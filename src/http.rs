@@ -9,6 +9,7 @@ pub mod batch;
 pub mod body;
 pub mod error;
 pub mod ratelimit;
+pub mod usage;
 pub mod views;
 
 use std::sync::Arc;
@@ -101,6 +102,10 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
             },
             batch::BatchApi {
                 accounts: deps.accounts.clone(),
+            },
+            usage::UsageApi {
+                accounts: deps.accounts.clone(),
+                store: deps.store.clone(),
             },
             HealthApi {
                 accounts: deps.accounts,

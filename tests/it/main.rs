@@ -13,3 +13,4 @@ mod plans;
 mod ratelimit;
 mod shutdown;
 mod support;
+mod usage;
