@@ -20,8 +20,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sha2::{Digest, Sha256};
 
 use crate::ledger::{
-    AccountFold, AccountProfile, Balances, ConsumeRecord, CreditCategory, CreditRecord, EntryKind,
-    FoldError, GrantTerms, LedgerEntry, decide_consume, meter_limit,
+    AccountFold, AccountProfile, Balances, ConsumeRecord, CreditCategory, CreditRecord, DenyCode,
+    EntryKind, FoldError, GrantTerms, HoldRecord, LedgerEntry, Outcome, SettleRecord,
+    decide_commit, decide_consume, decide_release, meter_limit,
 };
 use crate::model::{
     AccountId, Catalog, Clock, IdempotencyKey, Metadata, Period, Plan, PlanKind, ValidationError,
@@ -48,6 +49,14 @@ pub enum AccountMsg {
     Credit(CreditCmd, RpcReplyPort<Result<CreditReply, AccountError>>),
     /// Credit a top-up package (durable, idempotent on its external id).
     TopUp(TopUpCmd, RpcReplyPort<Result<CreditReply, AccountError>>),
+    /// Hold capacity for work whose size is known only at the end (durable, idempotent).
+    Reserve(ReserveCmd, RpcReplyPort<Result<ReserveReply, AccountError>>),
+    /// Commit (`Some(quantity)`) or release (`None`) reservation `rid` (idempotent).
+    Settle(
+        u64,
+        Option<u64>,
+        RpcReplyPort<Result<SettleReply, AccountError>>,
+    ),
     /// The account's current state.
     Get(RpcReplyPort<Result<AccountView, AccountError>>),
     /// Periodic: report to the directory when idle for longer than the idle timeout.
@@ -71,6 +80,12 @@ impl AccountMsg {
             AccountMsg::Credit(_, r) | AccountMsg::TopUp(_, r) => {
                 let _ = r.send(Err(err));
             }
+            AccountMsg::Reserve(_, r) => {
+                let _ = r.send(Err(err));
+            }
+            AccountMsg::Settle(_, _, r) => {
+                let _ = r.send(Err(err));
+            }
             AccountMsg::Get(r) => {
                 let _ = r.send(Err(err));
             }
@@ -90,6 +105,12 @@ pub enum AccountError {
     IdempotencyConflict { seq: u64 },
     #[error("credit balance is {balance}; an adjustment of {amount} would make it negative")]
     CreditBalanceTooLow { balance: u64, amount: i64 },
+    #[error("reservation {rid} does not exist")]
+    UnknownReservation { rid: u64 },
+    #[error("reservation {rid} was already {how}")]
+    ReservationSettled { rid: u64, how: &'static str },
+    #[error("the commit exceeds the reservation and the account cannot cover the excess ({code})")]
+    CommitDenied { code: &'static str },
     #[error("storage failure: {0}")]
     Storage(String),
     #[error("the account service is unavailable: {0}")]
@@ -221,15 +242,51 @@ impl TopUpCmd {
 }
 
 /// Which idempotency index an entry belongs to, and under which key.
-pub(crate) fn idem_of(kind: &EntryKind) -> Option<(IdemOp, &str)> {
+pub(crate) fn idem_of(kind: &EntryKind) -> Option<(IdemOp, String)> {
     match kind {
-        EntryKind::Consume(c) => Some((IdemOp::Consume, &c.idempotency_key)),
+        EntryKind::Consume(c) => Some((IdemOp::Consume, c.idempotency_key.clone())),
         EntryKind::Credit(c) if c.grant.as_ref().is_some_and(|g| g.package.is_some()) => {
-            Some((IdemOp::Topup, &c.idempotency_key))
+            Some((IdemOp::Topup, c.idempotency_key.clone()))
         }
-        EntryKind::Credit(c) => Some((IdemOp::Credit, &c.idempotency_key)),
+        EntryKind::Credit(c) => Some((IdemOp::Credit, c.idempotency_key.clone())),
+        EntryKind::Reserved(h) => Some((IdemOp::Reserve, h.idempotency_key.clone())),
+        EntryKind::Settled(r) => Some((IdemOp::Settle, r.rid.to_string())),
         _ => None,
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveCmd {
+    pub meter: String,
+    pub quantity: u64,
+    pub ttl_ms: i64,
+    pub idempotency_key: IdempotencyKey,
+}
+
+impl ReserveCmd {
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"reserve/v1");
+        put_str(&mut h, &self.meter);
+        h.update(self.quantity.to_be_bytes());
+        h.update(self.ttl_ms.to_be_bytes());
+        h.finalize().into()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveReply {
+    /// The reservation id: the seq of its entry.
+    pub seq: u64,
+    pub record: HoldRecord,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettleReply {
+    pub seq: u64,
+    pub record: SettleRecord,
+    pub replayed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,6 +301,8 @@ pub struct CreditReply {
 pub struct MeterView {
     pub meter: String,
     pub used: u64,
+    /// Held by open reservations.
+    pub reserved: u64,
     pub included: u64,
     pub billable: u64,
     pub limit: Option<u64>,
@@ -381,6 +440,8 @@ impl Actor for AccountActor {
             AccountMsg::Upsert(cmd, reply) => state.upsert(cmd, reply)?,
             AccountMsg::Credit(cmd, reply) => state.credit(cmd, reply)?,
             AccountMsg::TopUp(cmd, reply) => state.top_up(cmd, reply)?,
+            AccountMsg::Reserve(cmd, reply) => state.reserve(cmd, reply)?,
+            AccountMsg::Settle(rid, qty, reply) => state.settle(rid, qty, reply)?,
             AccountMsg::Get(reply) => {
                 let r = state.view();
                 state.reply_after_commit(reply, r);
@@ -423,7 +484,7 @@ fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64), StoreErr
                     seq: e.seq,
                     at_ms: e.at_ms,
                 };
-                store.put_idem(id, op, key, rec)?;
+                store.put_idem(id, op, &key, rec)?;
             }
         }
     }
@@ -553,13 +614,69 @@ impl AccountState {
     /// The balances as of `now` without writing anything: a due rollover is applied in memory.
     fn balances_at(&self, now: i64) -> Option<Balances> {
         let b = self.fold.balances.as_ref()?;
-        if now >= b.period.end_ms {
+        let mut out = b.clone();
+        // Expired holds give their capacity back, as the next write will record.
+        for rid in b.due_holds(now) {
+            if let Some(r) = decide_release(&out, rid, true, now) {
+                let entry = LedgerEntry {
+                    seq: 0,
+                    at_ms: now,
+                    kind: EntryKind::Settled(r),
+                };
+                if out.apply(&entry).is_err() {
+                    return Some(b.clone());
+                }
+            }
+        }
+        if now >= out.period.end_ms {
             let mut rolled = Balances::new(Period::calendar_month(now));
-            rolled.grants = b.grants.clone();
+            rolled.grants = out.grants;
+            rolled.holds = out.holds;
+            for (meter, u) in out.meters {
+                if u.reserved > 0 {
+                    rolled.meters.entry(meter).or_default().reserved = u.reserved;
+                }
+            }
             Some(rolled)
         } else {
-            Some(b.clone())
+            Some(out)
         }
+    }
+
+    /// Writes a `Settled { expired }` entry for every reservation whose expiry is due.
+    fn expire_holds(&mut self, now: i64) -> Result<(), StoreError> {
+        let due = match &self.fold.balances {
+            Some(b) => b.due_holds(now),
+            None => return Ok(()),
+        };
+        for rid in due {
+            let Some(r) = self
+                .fold
+                .balances
+                .as_ref()
+                .and_then(|b| decide_release(b, rid, true, now))
+            else {
+                continue;
+            };
+            let entry = self.append(EntryKind::Settled(r), now)?;
+            self.deps.store.put_idem(
+                &self.id,
+                IdemOp::Settle,
+                &rid.to_string(),
+                IdemRecord {
+                    seq: entry.seq,
+                    at_ms: now,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Everything lazy that is due at `now`: rollover, grant expiry, hold expiry.
+    fn catch_up(&mut self, now: i64) -> Result<(), StoreError> {
+        self.roll_period(now)?;
+        self.expire_grants(now)?;
+        self.expire_holds(now)
     }
 
     fn validate_consume(&self, cmd: &ConsumeCmd) -> Result<&AccountProfile, AccountError> {
@@ -624,8 +741,7 @@ impl AccountState {
             return Ok(());
         }
         let now = self.deps.clock.now_ms();
-        self.roll_period(now)?;
-        self.expire_grants(now)?;
+        self.catch_up(now)?;
         let (Some(profile), Some(balances)) = (&self.fold.profile, &self.fold.balances) else {
             return Ok(());
         };
@@ -999,8 +1115,7 @@ impl AccountState {
             return Ok(());
         }
         let now = self.deps.clock.now_ms();
-        self.roll_period(now)?;
-        self.expire_grants(now)?;
+        self.catch_up(now)?;
         let Some(balances) = &self.fold.balances else {
             return Ok(());
         };
@@ -1062,6 +1177,222 @@ impl AccountState {
         Ok(())
     }
 
+    fn reserve(
+        &mut self,
+        cmd: ReserveCmd,
+        reply: RpcReplyPort<Result<ReserveReply, AccountError>>,
+    ) -> Result<(), StoreError> {
+        let as_consume = ConsumeCmd {
+            meter: cmd.meter.clone(),
+            quantity: cmd.quantity,
+            idempotency_key: cmd.idempotency_key.clone(),
+            metadata: Metadata::new(),
+        };
+        let plan = match self.validate_consume(&as_consume) {
+            Ok(p) => p.plan.clone(),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return Ok(());
+            }
+        };
+        if !(1_000..=86_400_000).contains(&cmd.ttl_ms) {
+            let _ = reply.send(Err(ValidationError::new(
+                "ttl_s must be from 1 to 86400 seconds",
+            )
+            .into()));
+            return Ok(());
+        }
+        let digest = cmd.digest();
+        if let Some(prev) = self.find_replay(IdemOp::Reserve, cmd.idempotency_key.as_str())? {
+            let r = match prev.kind {
+                EntryKind::Reserved(rec) if rec.digest == digest => Ok(ReserveReply {
+                    seq: prev.seq,
+                    record: rec,
+                    replayed: true,
+                }),
+                _ => Err(AccountError::IdempotencyConflict { seq: prev.seq }),
+            };
+            self.reply_after_commit(reply, r);
+            return Ok(());
+        }
+        let now = self.deps.clock.now_ms();
+        self.catch_up(now)?;
+        let (Some(profile), Some(balances)) = (&self.fold.profile, &self.fold.balances) else {
+            return Ok(());
+        };
+        let rule = self
+            .deps
+            .catalog
+            .plans
+            .get(&plan)
+            .and_then(|p| effective_rule(p, profile, &cmd.meter));
+        let active = self.access_at(profile, now) != Access::Denied;
+        let d = decide_consume(
+            balances,
+            &cmd.meter,
+            rule.as_ref(),
+            cmd.quantity,
+            active,
+            now,
+        );
+        let usage = balances.usage(&cmd.meter);
+        let allowed = d.outcome == Outcome::Allowed;
+        let record = HoldRecord {
+            meter: cmd.meter,
+            quantity: cmd.quantity,
+            expires_at_ms: now.saturating_add(cmd.ttl_ms),
+            idempotency_key: cmd.idempotency_key.as_str().to_owned(),
+            digest,
+            outcome: d.outcome,
+            burns: d.burns,
+            included: d.included,
+            limit: d.limit,
+            reserved_after: if allowed {
+                usage.reserved + cmd.quantity
+            } else {
+                usage.reserved
+            },
+            used_after: usage.used,
+            credits_after: d.credits_after,
+        };
+        let entry = self.append(EntryKind::Reserved(record), now)?;
+        self.deps.store.put_idem(
+            &self.id,
+            IdemOp::Reserve,
+            cmd.idempotency_key.as_str(),
+            IdemRecord {
+                seq: entry.seq,
+                at_ms: now,
+            },
+        )?;
+        self.after_write()?;
+        if let EntryKind::Reserved(record) = entry.kind {
+            self.reply_after_commit(
+                reply,
+                Ok(ReserveReply {
+                    seq: entry.seq,
+                    record,
+                    replayed: false,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    fn settle(
+        &mut self,
+        rid: u64,
+        quantity: Option<u64>,
+        reply: RpcReplyPort<Result<SettleReply, AccountError>>,
+    ) -> Result<(), StoreError> {
+        if self.fold.profile.is_none() {
+            let _ = reply.send(Err(AccountError::UnknownAccount(self.id.clone())));
+            return Ok(());
+        }
+        if quantity.is_some_and(|q| q > crate::model::MAX_QUANTITY) {
+            let _ = reply.send(Err(ValidationError::new(format!(
+                "quantity must be an integer from 0 to {}",
+                crate::model::MAX_QUANTITY
+            ))
+            .into()));
+            return Ok(());
+        }
+        // Settling twice answers with the first settlement, if it was the same request.
+        if let Some(prev) = self.find_replay(IdemOp::Settle, &rid.to_string())? {
+            let r = match prev.kind {
+                EntryKind::Settled(rec) if rec.committed == quantity && !rec.expired => {
+                    Ok(SettleReply {
+                        seq: prev.seq,
+                        record: rec,
+                        replayed: true,
+                    })
+                }
+                EntryKind::Settled(rec) => Err(AccountError::ReservationSettled {
+                    rid,
+                    how: if rec.expired {
+                        "expired"
+                    } else if rec.committed.is_some() {
+                        "committed"
+                    } else {
+                        "released"
+                    },
+                }),
+                _ => Err(AccountError::UnknownReservation { rid }),
+            };
+            self.reply_after_commit(reply, r);
+            return Ok(());
+        }
+        let now = self.deps.clock.now_ms();
+        self.catch_up(now)?;
+        // The hold may just have expired in catch_up: answer as for a replay.
+        if let Some(prev) = self.find_replay(IdemOp::Settle, &rid.to_string())? {
+            let _ = prev;
+            self.reply_after_commit(
+                reply,
+                Err(AccountError::ReservationSettled {
+                    rid,
+                    how: "expired",
+                }),
+            );
+            return Ok(());
+        }
+        let (Some(profile), Some(balances)) = (&self.fold.profile, &self.fold.balances) else {
+            return Ok(());
+        };
+        let Some(hold) = balances.holds.get(&rid) else {
+            let _ = reply.send(Err(AccountError::UnknownReservation { rid }));
+            return Ok(());
+        };
+        let record = match quantity {
+            None => decide_release(balances, rid, false, now),
+            Some(q) => {
+                let rule = self
+                    .deps
+                    .catalog
+                    .plans
+                    .get(&profile.plan)
+                    .and_then(|p| effective_rule(p, profile, &hold.meter));
+                match decide_commit(balances, rid, rule.as_ref(), q, now) {
+                    Ok(r) => Some(r),
+                    Err(code) => {
+                        let code = match code {
+                            DenyCode::InsufficientCredits => "insufficient_credits",
+                            _ => "cap_reached",
+                        };
+                        let _ = reply.send(Err(AccountError::CommitDenied { code }));
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let Some(record) = record else {
+            let _ = reply.send(Err(AccountError::UnknownReservation { rid }));
+            return Ok(());
+        };
+        let entry = self.append(EntryKind::Settled(record), now)?;
+        self.deps.store.put_idem(
+            &self.id,
+            IdemOp::Settle,
+            &rid.to_string(),
+            IdemRecord {
+                seq: entry.seq,
+                at_ms: now,
+            },
+        )?;
+        self.after_write()?;
+        if let EntryKind::Settled(record) = entry.kind {
+            self.reply_after_commit(
+                reply,
+                Ok(SettleReply {
+                    seq: entry.seq,
+                    record,
+                    replayed: false,
+                }),
+            );
+        }
+        Ok(())
+    }
+
     fn view(&self) -> Result<AccountView, AccountError> {
         let profile = self
             .fold
@@ -1087,10 +1418,11 @@ impl AccountState {
             meters.push(MeterView {
                 meter: name.clone(),
                 used: usage.used,
+                reserved: usage.reserved,
                 included: rule.included,
                 billable: usage.billable,
                 limit,
-                remaining: limit.map(|l| l.saturating_sub(usage.used)),
+                remaining: limit.map(|l| l.saturating_sub(usage.occupied())),
                 overage: match rule.overage {
                     crate::model::Overage::Block => "block",
                     crate::model::Overage::Credits { .. } => "credits",

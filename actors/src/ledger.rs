@@ -159,6 +159,10 @@ pub enum EntryKind {
     },
     Consume(ConsumeRecord),
     Credit(CreditRecord),
+    /// A reservation decision.
+    Reserved(HoldRecord),
+    /// A reservation committed, released or expired.
+    Settled(SettleRecord),
     /// What was left of a grant expired.
     CreditExpired {
         grant_id: u64,
@@ -175,6 +179,8 @@ impl EntryKind {
             EntryKind::Consume(_) => "consume",
             EntryKind::Credit(_) => "credit",
             EntryKind::CreditExpired { .. } => "credit_expired",
+            EntryKind::Reserved(_) => "reserved",
+            EntryKind::Settled(_) => "settled",
         }
     }
 }
@@ -192,6 +198,64 @@ pub struct LedgerEntry {
 pub struct MeterUsage {
     pub used: u64,
     pub billable: u64,
+    /// Units held by open reservations; they count against caps and the allowance.
+    pub reserved: u64,
+}
+
+impl MeterUsage {
+    /// Used plus reserved: what limits are checked against.
+    pub fn occupied(&self) -> u64 {
+        self.used.saturating_add(self.reserved)
+    }
+}
+
+/// An open reservation: capacity held for work whose size is known only at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Hold {
+    pub meter: String,
+    pub quantity: u64,
+    pub expires_at_ms: UnixMs,
+    /// Credits taken from grants for the hold, `(grant id, credits)`.
+    pub burns: Vec<(u64, u64)>,
+}
+
+/// A reservation decision (allowed: a hold exists; denied: recorded like a consume denial).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct HoldRecord {
+    pub meter: String,
+    pub quantity: u64,
+    pub expires_at_ms: UnixMs,
+    pub idempotency_key: String,
+    pub digest: [u8; 32],
+    pub outcome: Outcome,
+    pub burns: Vec<(u64, u64)>,
+    pub included: u64,
+    pub limit: Option<u64>,
+    pub reserved_after: u64,
+    pub used_after: u64,
+    pub credits_after: u64,
+}
+
+/// The end of a reservation: committed (with the actual quantity), released, or expired.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct SettleRecord {
+    /// The seq of the `Reserved` entry.
+    pub rid: u64,
+    pub meter: String,
+    /// `Some(actual quantity)` for a commit.
+    pub committed: Option<u64>,
+    pub expired: bool,
+    pub billable: u64,
+    /// Credits of the hold that pay for the committed quantity.
+    pub kept: u64,
+    /// Credits of the hold returned to their grants.
+    pub refunds: Vec<(u64, u64)>,
+    /// Further credits burned when the commit exceeds the hold.
+    pub burns: Vec<(u64, u64)>,
+    pub used_after: u64,
+    pub reserved_after: u64,
+    pub billable_after: u64,
+    pub credits_after: u64,
 }
 
 /// An account's balances: the fold of its ledger.
@@ -201,6 +265,8 @@ pub struct Balances {
     pub meters: BTreeMap<String, MeterUsage>,
     /// Credit grants by id; a grant stays here, at `remaining = 0`, once used up or expired.
     pub grants: BTreeMap<u64, Grant>,
+    /// Open reservations by id (the seq of their `Reserved` entry).
+    pub holds: BTreeMap<u64, Hold>,
 }
 
 /// A ledger entry that does not follow from the entries before it.
@@ -227,7 +293,36 @@ impl Balances {
             period,
             meters: BTreeMap::new(),
             grants: BTreeMap::new(),
+            holds: BTreeMap::new(),
         }
+    }
+
+    /// Reservations whose expiry is due at `at`.
+    pub fn due_holds(&self, at: UnixMs) -> Vec<u64> {
+        self.holds
+            .iter()
+            .filter(|(_, h)| h.expires_at_ms <= at)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn refund(&mut self, seq: u64, refunds: &[(u64, u64)]) -> Result<u64, FoldError> {
+        let mut total = 0u64;
+        for (id, amount) in refunds {
+            let g = self
+                .grants
+                .get_mut(id)
+                .ok_or(FoldError::Arithmetic { seq })?;
+            g.remaining = g
+                .remaining
+                .checked_add(*amount)
+                .filter(|r| *r <= g.amount)
+                .ok_or(FoldError::Arithmetic { seq })?;
+            total = total
+                .checked_add(*amount)
+                .ok_or(FoldError::Arithmetic { seq })?;
+        }
+        Ok(total)
     }
 
     /// The spendable credit balance at `at`: the sum of live grants.
@@ -385,6 +480,78 @@ impl Balances {
                 }
                 check_credits(self, c.credits_after)?;
             }
+            EntryKind::Reserved(h) => {
+                if h.outcome == Outcome::Allowed {
+                    self.apply_burns(seq, at, &h.burns)?;
+                    let u = self.meters.entry(h.meter.clone()).or_default();
+                    u.reserved = u
+                        .reserved
+                        .checked_add(h.quantity)
+                        .ok_or(FoldError::Arithmetic { seq })?;
+                    self.holds.insert(
+                        seq,
+                        Hold {
+                            meter: h.meter.clone(),
+                            quantity: h.quantity,
+                            expires_at_ms: h.expires_at_ms,
+                            burns: h.burns.clone(),
+                        },
+                    );
+                }
+                let u = self.usage(&h.meter);
+                if u.reserved != h.reserved_after {
+                    return Err(mismatch("reserved", h.reserved_after, u.reserved));
+                }
+                if u.used != h.used_after {
+                    return Err(mismatch("used", h.used_after, u.used));
+                }
+                check_credits(self, h.credits_after)?;
+            }
+            EntryKind::Settled(r) => {
+                let hold = self
+                    .holds
+                    .remove(&r.rid)
+                    .filter(|h| h.meter == r.meter)
+                    .ok_or(FoldError::Arithmetic { seq })?;
+                if r.expired && hold.expires_at_ms > at {
+                    return Err(mismatch("expires_at", 0, 0));
+                }
+                let held: u64 = hold.burns.iter().map(|(_, n)| n).sum();
+                let refunded = self.refund(seq, &r.refunds)?;
+                if refunded.checked_add(r.kept) != Some(held) {
+                    return Err(mismatch(
+                        "hold credits",
+                        held,
+                        refunded.saturating_add(r.kept),
+                    ));
+                }
+                let u = self.meters.entry(r.meter.clone()).or_default();
+                u.reserved = u
+                    .reserved
+                    .checked_sub(hold.quantity)
+                    .ok_or(FoldError::Arithmetic { seq })?;
+                if let Some(q) = r.committed {
+                    u.used = u.used.checked_add(q).ok_or(FoldError::Arithmetic { seq })?;
+                    u.billable = u
+                        .billable
+                        .checked_add(r.billable)
+                        .ok_or(FoldError::Arithmetic { seq })?;
+                    self.apply_burns(seq, at, &r.burns)?;
+                } else if r.kept > 0 || !r.burns.is_empty() || r.billable > 0 {
+                    return Err(FoldError::Arithmetic { seq });
+                }
+                let u = self.usage(&r.meter);
+                for (what, recorded, folded) in [
+                    ("used", r.used_after, u.used),
+                    ("reserved", r.reserved_after, u.reserved),
+                    ("billable", r.billable_after, u.billable),
+                ] {
+                    if recorded != folded {
+                        return Err(mismatch(what, recorded, folded));
+                    }
+                }
+                check_credits(self, r.credits_after)?;
+            }
             EntryKind::CreditExpired {
                 grant_id,
                 amount,
@@ -451,7 +618,7 @@ pub fn meter_limit(rule: &MeterRule, usage: MeterUsage, credits: u64) -> Option<
         // What is used, plus what is still included, plus what the balance can buy.
         Overage::Credits { credits_per_unit } => Some(
             usage
-                .used
+                .occupied()
                 .max(rule.included)
                 .saturating_add(credits / credits_per_unit.max(1)),
         ),
@@ -505,9 +672,12 @@ pub fn decide_consume(
         let limit = meter_limit(rule, usage, credits);
         return deny(DenyCode::SubscriptionInactive, included, limit);
     }
-    let within = included.saturating_sub(usage.used).min(quantity);
+    let within = included.saturating_sub(usage.occupied()).min(quantity);
     let over = quantity - within;
-    let Some(used_after) = usage.used.checked_add(quantity) else {
+    let (Some(used_after), Some(_)) = (
+        usage.used.checked_add(quantity),
+        usage.occupied().checked_add(quantity),
+    ) else {
         return deny(DenyCode::CapReached, included, Some(usage.used));
     };
     let allow = |billable: u64, burns: Vec<(u64, u64)>, limit| {
@@ -547,6 +717,117 @@ pub fn decide_consume(
         Overage::Unlimited => allow(0, Vec::new(), None),
     };
     decided.unwrap_or_else(|| deny(DenyCode::CapReached, included, Some(included)))
+}
+
+/// How a commit of `actual` units settles reservation `rid`: the hold's capacity is released
+/// and `actual` is decided against it in the same step, so a commit up to the held quantity
+/// always fits, and more only if capacity allows. Credits the hold took pay first (`kept`);
+/// what they do not cover burns from live grants; what is not needed goes back.
+pub fn decide_commit(
+    balances: &Balances,
+    rid: u64,
+    rule: Option<&MeterRule>,
+    actual: u64,
+    at: UnixMs,
+) -> Result<SettleRecord, DenyCode> {
+    let Some(hold) = balances.holds.get(&rid) else {
+        return Err(DenyCode::MeterNotInPlan);
+    };
+    let Some(rule) = rule else {
+        return Err(DenyCode::MeterNotInPlan);
+    };
+    let usage = balances.usage(&hold.meter);
+    let mut free = usage;
+    free.reserved -= hold.quantity.min(free.reserved);
+    let within = rule.included.saturating_sub(free.occupied()).min(actual);
+    let over = actual - within;
+    let used_after = usage.used.checked_add(actual).ok_or(DenyCode::CapReached)?;
+    let held: u64 = hold.burns.iter().map(|(_, n)| n).sum();
+    let (billable, kept, burns) = match rule.overage {
+        Overage::Block if over > 0 => return Err(DenyCode::CapReached),
+        Overage::Block | Overage::Unlimited => (0, 0, Vec::new()),
+        Overage::Bill => (over, 0, Vec::new()),
+        Overage::Credits { credits_per_unit } => {
+            let cost = over
+                .checked_mul(credits_per_unit)
+                .ok_or(DenyCode::InsufficientCredits)?;
+            let kept = cost.min(held);
+            let burns = balances
+                .burn_plan(at, cost - kept)
+                .ok_or(DenyCode::InsufficientCredits)?;
+            (0, kept, burns)
+        }
+    };
+    let refunds = split_refunds(&hold.burns, kept);
+    // The credit balance after: refunds back into their grants, new burns out of theirs.
+    let mut sim = balances.clone();
+    sim.holds.remove(&rid);
+    sim.refund(0, &refunds)
+        .map_err(|_| DenyCode::InsufficientCredits)?;
+    for (id, n) in &burns {
+        if let Some(g) = sim.grants.get_mut(id) {
+            g.remaining = g.remaining.saturating_sub(*n);
+        }
+    }
+    Ok(SettleRecord {
+        rid,
+        meter: hold.meter.clone(),
+        committed: Some(actual),
+        expired: false,
+        billable,
+        kept,
+        refunds,
+        burns,
+        used_after,
+        reserved_after: free.reserved,
+        billable_after: usage
+            .billable
+            .checked_add(billable)
+            .ok_or(DenyCode::CapReached)?,
+        credits_after: sim.live_credits(at),
+    })
+}
+
+/// How a release (or expiry) of reservation `rid` settles: everything goes back.
+pub fn decide_release(
+    balances: &Balances,
+    rid: u64,
+    expired: bool,
+    at: UnixMs,
+) -> Option<SettleRecord> {
+    let hold = balances.holds.get(&rid)?;
+    let usage = balances.usage(&hold.meter);
+    let mut sim = balances.clone();
+    sim.holds.remove(&rid);
+    sim.refund(0, &hold.burns).ok()?;
+    Some(SettleRecord {
+        rid,
+        meter: hold.meter.clone(),
+        committed: None,
+        expired,
+        billable: 0,
+        kept: 0,
+        refunds: hold.burns.clone(),
+        burns: Vec::new(),
+        used_after: usage.used,
+        reserved_after: usage.reserved.saturating_sub(hold.quantity),
+        billable_after: usage.billable,
+        credits_after: sim.live_credits(at),
+    })
+}
+
+/// The hold's burns minus the first `kept` credits (kept pays for the commit).
+fn split_refunds(burns: &[(u64, u64)], kept: u64) -> Vec<(u64, u64)> {
+    let mut keep = kept;
+    let mut out = Vec::new();
+    for (id, n) in burns {
+        let k = keep.min(*n);
+        keep -= k;
+        if n - k > 0 {
+            out.push((*id, n - k));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -757,6 +1038,7 @@ mod tests {
             MeterUsage {
                 used: u64::MAX - 1,
                 billable: 0,
+                reserved: 0,
             },
         );
         let d = decide_consume(&b, "tokens", Some(&r), 2, true, 1);

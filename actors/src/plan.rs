@@ -412,6 +412,7 @@ mod tests {
             MeterUsage {
                 used: 100,
                 billable: 0,
+                reserved: 0,
             },
         );
         let e = meter_entitlement(rule, &b, 0, active, Access::Allowed, "tokens");

@@ -82,6 +82,10 @@ pub enum IdemOp {
     Credit = 2,
     /// A top-up, keyed by its external id (e.g. the checkout session).
     Topup = 3,
+    /// A reservation, keyed by the client's idempotency key.
+    Reserve = 4,
+    /// The settlement (commit or release) of a reservation, keyed by the reservation's seq.
+    Settle = 5,
 }
 
 /// Where an idempotency key points: the ledger entry that answered it first.

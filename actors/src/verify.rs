@@ -49,7 +49,7 @@ fn verify_account(store: &Store, id: &AccountId, report: &mut VerifyReport) -> R
             report.entries += 1;
             let key = crate::account::idem_of(&e.kind);
             if let Some((op, key)) = key
-                && let Some(rec) = store.get_idem(id, op, key).map_err(|e| e.to_string())?
+                && let Some(rec) = store.get_idem(id, op, &key).map_err(|e| e.to_string())?
                 && rec.seq != e.seq
             {
                 return Err(format!(

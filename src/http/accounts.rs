@@ -9,7 +9,7 @@ use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 
 use meterd_actors::account::{
-    Accounts, ConsumeCmd, ConsumeReply, CreditCmd, GrantInput, TopUpCmd, UpsertCmd,
+    Accounts, ConsumeCmd, ConsumeReply, CreditCmd, GrantInput, ReserveCmd, TopUpCmd, UpsertCmd,
 };
 use meterd_actors::ledger::CreditCategory;
 use meterd_actors::ledger::{DenyCode, Outcome};
@@ -72,6 +72,67 @@ pub enum LedgerResponse {
     /// `format=csv`.
     #[oai(status = 200, content_type = "text/csv; charset=utf-8")]
     Csv(PlainText<String>),
+}
+
+#[derive(ApiResponse)]
+pub enum ReserveResponse {
+    /// The capacity is held.
+    #[oai(status = 201)]
+    Created(
+        Json<ReservationResult>,
+        #[oai(header = "Idempotent-Replayed")] Option<String>,
+    ),
+}
+
+#[derive(ApiResponse)]
+pub enum SettleResponse {
+    #[oai(status = 200)]
+    Ok(
+        Json<SettleResult>,
+        #[oai(header = "Idempotent-Replayed")] Option<String>,
+    ),
+}
+
+impl AccountsApi {
+    async fn settle(&self, rid: &str, quantity: Option<u64>) -> Result<SettleResponse, ApiError> {
+        let (account, seq) = parse_reservation_id(rid).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_reservation",
+                format!("no reservation `{rid}`"),
+            )
+        })?;
+        let id = account_id(&account)?;
+        let reply = self.accounts.settle(&id, seq, quantity).await?;
+        let r = &reply.record;
+        Ok(SettleResponse::Ok(
+            Json(SettleResult {
+                reservation_id: reservation_id(id.as_str(), r.rid),
+                status: if r.committed.is_some() {
+                    "committed"
+                } else {
+                    "released"
+                }
+                .into(),
+                quantity: r.committed,
+                ledger_seq: reply.seq,
+                meter: MeterState {
+                    name: r.meter.clone(),
+                    used: r.used_after,
+                    reserved: Some(r.reserved_after),
+                    included: 0,
+                    limit: None,
+                    remaining: None,
+                    billable: r.billable_after,
+                },
+                credits: CreditsView {
+                    balance: r.credits_after,
+                    spent: None,
+                },
+            }),
+            replayed_header(reply.replayed),
+        ))
+    }
 }
 
 fn account_id(raw: &str) -> Result<AccountId, ApiError> {
@@ -355,6 +416,109 @@ impl AccountsApi {
             Json(credit_result(&reply)),
             replayed_header(reply.replayed),
         ))
+    }
+
+    /// Hold capacity (allowance, credits, cap) for work whose size is known only at the end,
+    /// such as streamed LLM output. Idempotent by key; a denial is recorded like a consume's.
+    #[oai(path = "/v1/accounts/:id/reservations", method = "post")]
+    async fn reserve(
+        &self,
+        _auth: ApiKeyAuth,
+        id: Path<String>,
+        #[oai(name = "Idempotency-Key")] idem: Header<Option<String>>,
+        body: JsonBody<ReserveBody>,
+    ) -> Result<ReserveResponse, ApiError> {
+        let id = account_id(&id)?;
+        let b = body.0;
+        let ttl_s = b.ttl_s.unwrap_or(300);
+        if !(1..=86_400).contains(&ttl_s) {
+            return Err(ApiError::invalid("`ttl_s` must be from 1 to 86400"));
+        }
+        let cmd = ReserveCmd {
+            idempotency_key: idempotency_key(b.idempotency_key, idem.0)?,
+            meter: b.meter,
+            quantity: b.quantity,
+            ttl_ms: i64::try_from(ttl_s).unwrap_or(86_400) * 1000,
+        };
+        let reply = self.accounts.reserve(&id, cmd).await?;
+        let r = &reply.record;
+        let state = MeterState {
+            name: r.meter.clone(),
+            used: r.used_after,
+            reserved: Some(r.reserved_after),
+            included: r.included,
+            limit: r.limit,
+            remaining: r
+                .limit
+                .map(|l| l.saturating_sub(r.used_after + r.reserved_after)),
+            billable: 0,
+        };
+        let credits = CreditsView {
+            balance: r.credits_after,
+            spent: None,
+        };
+        match r.outcome {
+            Outcome::Allowed => Ok(ReserveResponse::Created(
+                Json(ReservationResult {
+                    reservation_id: reservation_id(id.as_str(), reply.seq),
+                    account_id: id.to_string(),
+                    quantity: r.quantity,
+                    expires_at: format_rfc3339(r.expires_at_ms),
+                    ledger_seq: reply.seq,
+                    meter: state,
+                    credits,
+                }),
+                replayed_header(reply.replayed),
+            )),
+            Outcome::Denied(code) => {
+                let fake = ConsumeReply {
+                    seq: Some(reply.seq),
+                    record: meterd_actors::ledger::ConsumeRecord {
+                        meter: r.meter.clone(),
+                        quantity: r.quantity,
+                        idempotency_key: r.idempotency_key.clone(),
+                        digest: r.digest,
+                        metadata: Vec::new(),
+                        outcome: r.outcome,
+                        billable: 0,
+                        credits_spent: 0,
+                        burns: Vec::new(),
+                        included: r.included,
+                        limit: r.limit,
+                        used_after: r.used_after,
+                        billable_after: 0,
+                        credits_after: r.credits_after,
+                    },
+                    replayed: reply.replayed,
+                };
+                let mut e = denial(&fake, code);
+                e.body.meter = Some(state);
+                Err(e)
+            }
+        }
+    }
+
+    /// Commit a reservation with the actual quantity: the hold is released and the actual
+    /// quantity consumed in one durable step (above the hold only if capacity allows).
+    /// Repeating the same commit answers with the first one.
+    #[oai(path = "/v1/reservations/:rid/commit", method = "post")]
+    async fn commit_reservation(
+        &self,
+        _auth: ApiKeyAuth,
+        rid: Path<String>,
+        body: JsonBody<CommitBody>,
+    ) -> Result<SettleResponse, ApiError> {
+        self.settle(&rid, Some(body.0.quantity)).await
+    }
+
+    /// Release a reservation: everything it held goes back.
+    #[oai(path = "/v1/reservations/:rid/release", method = "post")]
+    async fn release_reservation(
+        &self,
+        _auth: ApiKeyAuth,
+        rid: Path<String>,
+    ) -> Result<SettleResponse, ApiError> {
+        self.settle(&rid, None).await
     }
 
     /// Credit a top-up package (admin), once per `external_id` however often it arrives.

@@ -100,6 +100,24 @@ impl From<AccountError> for ApiError {
             AccountError::CreditBalanceTooLow { .. } => {
                 (StatusCode::CONFLICT, "credit_balance_too_low")
             }
+            AccountError::UnknownReservation { .. } => {
+                (StatusCode::NOT_FOUND, "unknown_reservation")
+            }
+            AccountError::ReservationSettled { how, .. } => (
+                StatusCode::CONFLICT,
+                if how == "expired" {
+                    "reservation_expired"
+                } else {
+                    "reservation_settled"
+                },
+            ),
+            AccountError::CommitDenied { code } => {
+                if code == "insufficient_credits" {
+                    (StatusCode::PAYMENT_REQUIRED, "insufficient_credits")
+                } else {
+                    (StatusCode::TOO_MANY_REQUESTS, "cap_reached")
+                }
+            }
             AccountError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AccountError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AccountError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -155,7 +173,10 @@ const DOCUMENTED: &[(u16, &str)] = &[
         "Key lacks the scope (`forbidden`), or recorded denial `meter_not_in_plan`",
     ),
     (404, "`unknown_account`"),
-    (409, "`idempotency_conflict` or `credit_balance_too_low`"),
+    (
+        409,
+        "`idempotency_conflict`, `credit_balance_too_low`, `reservation_settled` or `reservation_expired`",
+    ),
     (
         429,
         "Recorded denial `cap_reached`, or `rate_limited` (see `Retry-After`)",

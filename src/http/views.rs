@@ -168,12 +168,77 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
     Some(days * 86_400_000 + i64::from(h * 3600 + mi * 60 + se) * 1000 + ms)
 }
 
+/// `POST /v1/accounts/{id}/reservations`.
+#[derive(Debug, Object, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveBody {
+    pub meter: String,
+    /// Units to hold: a positive integer, at most 2^53.
+    pub quantity: u64,
+    /// How long the hold lives, 1 to 86400 seconds (default 300); then it is released.
+    pub ttl_s: Option<u64>,
+    pub idempotency_key: Option<String>,
+}
+
+/// `POST /v1/reservations/{rid}/commit`.
+#[derive(Debug, Object, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitBody {
+    /// The actual quantity (0 to 2^53). Above the held quantity only if capacity allows.
+    pub quantity: u64,
+}
+
+/// A reservation that holds capacity.
+#[derive(Debug, Object)]
+pub struct ReservationResult {
+    /// Pass to `/v1/reservations/{id}/commit` or `/release`.
+    pub reservation_id: String,
+    pub account_id: String,
+    pub quantity: u64,
+    pub expires_at: String,
+    pub ledger_seq: u64,
+    pub meter: MeterState,
+    pub credits: CreditsView,
+}
+
+/// A committed or released reservation.
+#[derive(Debug, Object)]
+pub struct SettleResult {
+    pub reservation_id: String,
+    /// `committed` or `released`.
+    pub status: String,
+    /// The committed quantity.
+    #[oai(skip_serializing_if_is_none)]
+    pub quantity: Option<u64>,
+    pub ledger_seq: u64,
+    pub meter: MeterState,
+    pub credits: CreditsView,
+}
+
+/// `rsv_{seq}_{account_id}`: the account is part of the id, so the route finds its actor.
+pub fn reservation_id(account: &str, seq: u64) -> String {
+    format!("rsv_{seq}_{account}")
+}
+
+pub fn parse_reservation_id(rid: &str) -> Option<(String, u64)> {
+    let rest = rid.strip_prefix("rsv_")?;
+    let (seq, account) = rest.split_once('_')?;
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((account.to_owned(), seq.parse().ok()?))
+}
+
 /// One meter's state.
 #[derive(Debug, Clone, Object, serde::Serialize)]
 pub struct MeterState {
     pub name: String,
     /// Units used in the current period.
     pub used: u64,
+    /// Units held by open reservations (reservation answers only).
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved: Option<u64>,
     /// Units the plan includes per period.
     pub included: u64,
     /// The most `used` may reach now; absent when nothing limits it.
@@ -215,6 +280,7 @@ pub fn meter_state(r: &ConsumeRecord) -> MeterState {
     MeterState {
         name: r.meter.clone(),
         used: r.used_after,
+        reserved: None,
         included: r.included,
         limit: r.limit,
         remaining: r.limit.map(|l| l.saturating_sub(r.used_after)),
@@ -267,6 +333,8 @@ pub struct PeriodView {
 #[derive(Debug, Object)]
 pub struct AccountMeterView {
     pub used: u64,
+    /// Held by open reservations; counts against limits.
+    pub reserved: u64,
     pub included: u64,
     #[oai(skip_serializing_if_is_none)]
     pub limit: Option<u64>,
@@ -338,6 +406,7 @@ pub struct AccountResult {
 fn meter_view(m: &MeterView) -> AccountMeterView {
     AccountMeterView {
         used: m.used,
+        reserved: m.reserved,
         included: m.included,
         limit: m.limit,
         remaining: m.remaining,
@@ -550,6 +619,46 @@ pub fn ledger_entry_view(e: &LedgerEntry) -> LedgerEntryView {
             v.credits_after = Some(c.credits_after);
             v.idempotency_key = Some(c.idempotency_key.clone());
             v.reason = Some(c.reason.clone());
+        }
+        EntryKind::Reserved(h) => {
+            v.meter = Some(h.meter.clone());
+            v.quantity = Some(h.quantity);
+            let (decision, code) = match h.outcome {
+                Outcome::Allowed => ("held", None),
+                Outcome::Denied(d) => ("denied", Some(d.as_str().to_owned())),
+            };
+            v.decision = Some(decision.into());
+            v.code = code;
+            v.credits_delta = Some(
+                -i64::try_from(h.burns.iter().map(|(_, n)| n).sum::<u64>()).unwrap_or(i64::MAX),
+            );
+            v.used_after = Some(h.used_after);
+            v.credits_after = Some(h.credits_after);
+            v.idempotency_key = Some(h.idempotency_key.clone());
+        }
+        EntryKind::Settled(r) => {
+            v.meter = Some(r.meter.clone());
+            v.quantity = r.committed;
+            v.decision = Some(
+                if r.committed.is_some() {
+                    "committed"
+                } else if r.expired {
+                    "expired"
+                } else {
+                    "released"
+                }
+                .into(),
+            );
+            v.billable = Some(r.billable);
+            let refunded: u64 = r.refunds.iter().map(|(_, n)| n).sum();
+            let burned: u64 = r.burns.iter().map(|(_, n)| n).sum();
+            v.credits_delta = Some(
+                i64::try_from(refunded).unwrap_or(i64::MAX)
+                    - i64::try_from(burned).unwrap_or(i64::MAX),
+            );
+            v.used_after = Some(r.used_after);
+            v.credits_after = Some(r.credits_after);
+            v.reason = Some(format!("reservation {}", r.rid));
         }
         EntryKind::CreditExpired {
             grant_id,

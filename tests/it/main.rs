@@ -11,6 +11,7 @@ mod credits;
 mod logs;
 mod plans;
 mod ratelimit;
+mod reservations;
 mod shutdown;
 mod support;
 mod usage;

@@ -357,6 +357,25 @@ impl Accounts {
         self.call(id, |p| AccountMsg::TopUp(cmd, p)).await
     }
 
+    pub async fn reserve(
+        &self,
+        id: &AccountId,
+        cmd: super::ReserveCmd,
+    ) -> Result<super::ReserveReply, AccountError> {
+        self.call(id, |p| AccountMsg::Reserve(cmd, p)).await
+    }
+
+    /// Commits (`Some(quantity)`) or releases (`None`) reservation `rid` of account `id`.
+    pub async fn settle(
+        &self,
+        id: &AccountId,
+        rid: u64,
+        quantity: Option<u64>,
+    ) -> Result<super::SettleReply, AccountError> {
+        self.call(id, |p| AccountMsg::Settle(rid, quantity, p))
+            .await
+    }
+
     pub async fn get(&self, id: &AccountId) -> Result<AccountView, AccountError> {
         self.call(id, AccountMsg::Get).await
     }
