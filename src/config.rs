@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meterd_actors::account::AccountSettings;
-use meterd_actors::model::{Catalog, CreditPackage, MeterRule, Overage, Plan, PlanKind};
+use meterd_actors::model::{
+    Catalog, CreditPackage, DEFAULT_ALERT_THRESHOLDS, MeterRule, Overage, Plan, PlanKind, SpendCap,
+    SpendCapAction,
+};
 use meterd_actors::pricing::{Decimal, PriceModel, Tier};
 use meterd_actors::store::SyncMode;
 use serde::Deserialize;
@@ -197,6 +200,17 @@ struct RawPlan {
     features: Vec<String>,
     #[serde(default)]
     meters: BTreeMap<String, RawMeterRule>,
+    /// Percent thresholds of the included allowance and the spend cap.
+    alert_thresholds: Option<Vec<u32>>,
+    low_credit_threshold: Option<u64>,
+    spend_cap: Option<RawSpendCap>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpendCap {
+    amount: u64,
+    action: String,
 }
 
 fn default_currency() -> String {
@@ -649,6 +663,29 @@ fn build_catalog(
         catalog.plans.insert(
             name.clone(),
             Plan {
+                alert_thresholds: {
+                    let t = p
+                        .alert_thresholds
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_ALERT_THRESHOLDS.to_vec());
+                    if t.iter().any(|x| *x == 0 || *x > 100) || t.windows(2).any(|w| w[0] >= w[1]) {
+                        return Err(invalid(
+                            &format!("{key}.alert_thresholds"),
+                            "percentages from 1 to 100 in increasing order".into(),
+                        ));
+                    }
+                    t
+                },
+                low_credit_threshold: p.low_credit_threshold,
+                spend_cap: match &p.spend_cap {
+                    None => None,
+                    Some(c) => Some(SpendCap {
+                        amount: c.amount,
+                        action: SpendCapAction::parse(&c.action).map_err(|e| {
+                            invalid(&format!("{key}.spend_cap.action"), e.to_string())
+                        })?,
+                    }),
+                },
                 name: name.clone(),
                 kind,
                 currency: p.currency.clone(),

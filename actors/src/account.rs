@@ -20,17 +20,19 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sha2::{Digest, Sha256};
 
 use crate::ledger::{
-    AccountFold, AccountProfile, Balances, ConsumeRecord, CreditCategory, CreditRecord, DenyCode,
-    EntryKind, FoldError, GrantTerms, HoldRecord, LedgerEntry, Outcome, SettleRecord,
-    decide_commit, decide_consume, decide_release, meter_limit,
+    AccountFold, AccountProfile, Balances, ConsumeDecision, ConsumeRecord, CreditCategory,
+    CreditRecord, DenyCode, EntryKind, FoldError, GrantTerms, HoldRecord, LedgerEntry, Outcome,
+    SettleRecord, decide_commit, decide_consume, decide_release, meter_limit,
 };
 use crate::model::{
     AccountId, Catalog, Clock, IdempotencyKey, Metadata, Period, Plan, PlanKind, ValidationError,
     validate_metadata,
 };
+use crate::model::{SpendCap, SpendCapAction};
 use crate::plan::{
-    Access, Entitlement, MeterOverride, SubscriptionStatus, access, current_cost, effective_rule,
-    effective_rules, feature_entitlement, meter_entitlement, suggested_plan,
+    Access, Entitlement, MeterOverride, SubscriptionStatus, access, alerts_for, current_cost,
+    effective_rule, effective_rules, effective_spend_cap, feature_entitlement, meter_entitlement,
+    suggested_plan, usage_cost_with,
 };
 use crate::pricing::{PeriodCost, projected};
 use crate::store::{AccountSnapshot, CommitError, IdemOp, IdemRecord, Store, StoreError};
@@ -181,6 +183,8 @@ pub struct UpsertCmd {
     pub status: Option<SubscriptionStatus>,
     /// Replaces all overrides; only for a `custom` plan.
     pub overrides: Option<BTreeMap<String, MeterOverride>>,
+    /// The account's spend cap; an amount of 0 means no cap (not even the plan's).
+    pub spend_cap: Option<SpendCap>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -333,6 +337,8 @@ pub struct AccountView {
     pub projected_usage: u64,
     /// A flat plan that would have been cheaper this period (pay-as-you-go only).
     pub suggested_plan: Option<String>,
+    /// Alerts fired in the current period.
+    pub alerts: Vec<crate::ledger::FiredAlert>,
     /// Credit grants by id, and the time the view was taken (for `live_at`).
     pub grants: BTreeMap<u64, crate::ledger::Grant>,
     pub as_of_ms: i64,
@@ -479,6 +485,12 @@ fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64), StoreErr
         }
         for e in &batch {
             fold.apply(e).map_err(|err| corrupt(id, err))?;
+            if let EntryKind::Consume(c) = &e.kind {
+                for (i, a) in c.alerts.iter().enumerate() {
+                    let idx = u32::try_from(i).unwrap_or(u32::MAX);
+                    store.queue_alert(id, e.seq, idx, e.at_ms, a)?;
+                }
+            }
             if let Some((op, key)) = idem_of(&e.kind) {
                 let rec = IdemRecord {
                     seq: e.seq,
@@ -752,7 +764,7 @@ impl AccountState {
             .get(&plan)
             .and_then(|p| effective_rule(p, profile, &cmd.meter));
         let active = self.access_at(profile, now) != Access::Denied;
-        let d = decide_consume(
+        let mut d = decide_consume(
             balances,
             &cmd.meter,
             rule.as_ref(),
@@ -760,7 +772,52 @@ impl AccountState {
             active,
             now,
         );
+        let mut alerts = Vec::new();
+        if let (Some(rule), Some(plan_def), Outcome::Allowed) =
+            (rule.as_ref(), self.deps.catalog.plans.get(&plan), d.outcome)
+        {
+            let cap = effective_spend_cap(plan_def, profile);
+            let spend = match (cap, rule.price.is_some()) {
+                (Some(cap), true) => {
+                    match usage_cost_with(plan_def, profile, balances, &cmd.meter, d.used_after) {
+                        Ok(spent) => Some((spent, cap)),
+                        Err(e) => {
+                            tracing::warn!(account = %self.id, error = %e, "cannot price usage for the spend cap");
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            };
+            if let Some((spent, cap)) = spend
+                && cap.action == SpendCapAction::Block
+                && spent > cap.amount
+            {
+                let usage = balances.usage(&cmd.meter);
+                d = ConsumeDecision {
+                    outcome: Outcome::Denied(DenyCode::SpendCapReached),
+                    billable: 0,
+                    credits_spent: 0,
+                    burns: Vec::new(),
+                    used_after: usage.used,
+                    billable_after: usage.billable,
+                    credits_after: balances.live_credits(now),
+                    ..d
+                };
+            } else {
+                alerts = alerts_for(
+                    plan_def,
+                    rule,
+                    balances,
+                    &cmd.meter,
+                    d.used_after,
+                    d.credits_after,
+                    spend,
+                );
+            }
+        }
         let record = ConsumeRecord {
+            alerts,
             meter: cmd.meter,
             quantity: cmd.quantity,
             idempotency_key: cmd.idempotency_key.as_str().to_owned(),
@@ -777,6 +834,15 @@ impl AccountState {
             credits_after: d.credits_after,
         };
         let entry = self.append(EntryKind::Consume(record), now)?;
+        if let EntryKind::Consume(rec) = &entry.kind {
+            for (i, a) in rec.alerts.iter().enumerate() {
+                let idx = u32::try_from(i).unwrap_or(u32::MAX);
+                self.deps
+                    .store
+                    .queue_alert(&self.id, entry.seq, idx, now, a)?;
+                tracing::info!(account = %self.id, kind = a.kind.as_str(), meter = %a.meter, threshold = a.threshold, "alert");
+            }
+        }
         self.deps.store.put_idem(
             &self.id,
             IdemOp::Consume,
@@ -836,6 +902,7 @@ impl AccountState {
                     used_after: d.used_after,
                     billable_after: d.billable_after,
                     credits_after: d.credits_after,
+                    alerts: Vec::new(),
                 },
                 replayed: false,
             })
@@ -945,6 +1012,7 @@ impl AccountState {
             None => BTreeMap::new(),
         };
         Ok(AccountProfile {
+            spend_cap: cmd.spend_cap.or(current.and_then(|c| c.spend_cap)),
             status,
             status_since_ms,
             overrides,
@@ -1453,6 +1521,7 @@ impl AccountState {
             meter_entitlements,
             plan: plan.clone(),
             grants: balances.grants.clone(),
+            alerts: balances.alerts.clone(),
             as_of_ms: now,
             plan_kind: plan.kind.as_str(),
             features: plan.features.clone(),

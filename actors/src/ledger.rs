@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use bincode::{Decode, Encode};
 
-use crate::model::{MeterRule, Overage, Period, UnixMs};
+use crate::model::{MeterRule, Overage, Period, SpendCap, UnixMs};
 use crate::plan::{MeterOverride, SubscriptionStatus};
 
 /// Everything the account knows about itself besides its balances.
@@ -30,6 +30,8 @@ pub struct AccountProfile {
     pub status_since_ms: UnixMs,
     /// Per-meter overrides; only a `custom` plan honours them.
     pub overrides: BTreeMap<String, MeterOverride>,
+    /// The account's own spend cap (else the plan's).
+    pub spend_cap: Option<SpendCap>,
 }
 
 /// Why a consume was refused. Each one is a recorded decision, replayed identically.
@@ -43,6 +45,8 @@ pub enum DenyCode {
     MeterNotInPlan,
     /// The subscription is canceled, unpaid, incomplete, or past due beyond the grace period.
     SubscriptionInactive,
+    /// The period's usage spend would pass the account's spend cap (`block` action).
+    SpendCapReached,
 }
 
 impl DenyCode {
@@ -52,6 +56,7 @@ impl DenyCode {
             DenyCode::InsufficientCredits => "insufficient_credits",
             DenyCode::MeterNotInPlan => "meter_not_in_plan",
             DenyCode::SubscriptionInactive => "subscription_inactive",
+            DenyCode::SpendCapReached => "spend_cap_reached",
         }
     }
 }
@@ -85,6 +90,50 @@ pub struct ConsumeRecord {
     pub used_after: u64,
     pub billable_after: u64,
     pub credits_after: u64,
+    /// Alerts this consume raised (each at most once per period per meter and threshold).
+    pub alerts: Vec<Alert>,
+}
+
+/// What an alert is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Encode, Decode)]
+pub enum AlertKind {
+    /// `used` reached `threshold` % of the included allowance.
+    Usage,
+    /// The period's usage spend reached `threshold` % of the spend cap.
+    Spend,
+    /// The live credit balance dropped below `threshold` credits.
+    LowCredits,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::Usage => "usage",
+            AlertKind::Spend => "spend",
+            AlertKind::LowCredits => "low_credits",
+        }
+    }
+}
+
+/// One alert.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Alert {
+    pub kind: AlertKind,
+    pub meter: String,
+    /// Percent for `usage` and `spend`; credits for `low_credits`.
+    pub threshold: u64,
+    /// The value that crossed it (units, minor units, or credits).
+    pub value: u64,
+    /// What the threshold is of (included units, the cap in minor units, or the threshold).
+    pub limit: u64,
+}
+
+/// An alert fired in the current period, with the entry that fired it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct FiredAlert {
+    pub seq: u64,
+    pub at_ms: UnixMs,
+    pub alert: Alert,
 }
 
 /// Whether credits were bought or given away.
@@ -267,6 +316,8 @@ pub struct Balances {
     pub grants: BTreeMap<u64, Grant>,
     /// Open reservations by id (the seq of their `Reserved` entry).
     pub holds: BTreeMap<u64, Hold>,
+    /// Alerts fired in the current period (reset at rollover).
+    pub alerts: Vec<FiredAlert>,
 }
 
 /// A ledger entry that does not follow from the entries before it.
@@ -294,7 +345,15 @@ impl Balances {
             meters: BTreeMap::new(),
             grants: BTreeMap::new(),
             holds: BTreeMap::new(),
+            alerts: Vec::new(),
         }
+    }
+
+    /// Has this alert (kind, meter, threshold) fired in the current period?
+    pub fn alert_fired(&self, kind: AlertKind, meter: &str, threshold: u64) -> bool {
+        self.alerts.iter().any(|f| {
+            f.alert.kind == kind && f.alert.meter == meter && f.alert.threshold == threshold
+        })
     }
 
     /// Reservations whose expiry is due at `at`.
@@ -430,7 +489,18 @@ impl Balances {
         match &entry.kind {
             EntryKind::AccountUpserted(_) => {}
             EntryKind::PeriodRolled { to, .. } => {
+                // Open reservations keep their hold across the boundary.
+                let held: Vec<(String, u64)> = self
+                    .meters
+                    .iter()
+                    .filter(|(_, u)| u.reserved > 0)
+                    .map(|(m, u)| (m.clone(), u.reserved))
+                    .collect();
                 self.meters.clear();
+                for (m, r) in held {
+                    self.meters.entry(m).or_default().reserved = r;
+                }
+                self.alerts.clear();
                 self.period = *to;
             }
             EntryKind::Consume(c) => {
@@ -457,6 +527,16 @@ impl Balances {
                     return Err(mismatch("billable", c.billable_after, u.billable));
                 }
                 check_credits(self, c.credits_after)?;
+                for a in &c.alerts {
+                    if self.alert_fired(a.kind, &a.meter, a.threshold) {
+                        return Err(mismatch("alert fired twice", a.threshold, a.threshold));
+                    }
+                    self.alerts.push(FiredAlert {
+                        seq,
+                        at_ms: at,
+                        alert: a.clone(),
+                    });
+                }
             }
             EntryKind::Credit(c) => {
                 match (&c.grant, c.amount) {
@@ -947,6 +1027,7 @@ mod tests {
                 used_after: d.used_after,
                 billable_after: d.billable_after,
                 credits_after: d.credits_after,
+                alerts: Vec::new(),
             }),
         }
     }

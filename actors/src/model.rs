@@ -180,7 +180,52 @@ pub struct Plan {
     pub min_seats: u32,
     pub features: Vec<String>,
     pub meters: BTreeMap<String, MeterRule>,
+    /// Percentages of the included allowance (and of the spend cap) that raise an alert,
+    /// each once per period per meter. Default 50, 80, 95, 100.
+    pub alert_thresholds: Vec<u32>,
+    /// Alert when the live credit balance drops below this many credits.
+    pub low_credit_threshold: Option<u64>,
+    /// Default spend cap per period for accounts on this plan (accounts may override it).
+    pub spend_cap: Option<SpendCap>,
 }
+
+/// The most money an account may be charged for usage in one period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct SpendCap {
+    /// Minor units of the plan's currency.
+    pub amount: u64,
+    pub action: SpendCapAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub enum SpendCapAction {
+    /// Deny consumption that would pass the cap (402 `spend_cap_reached`).
+    Block,
+    /// Allow it, but alert.
+    Notify,
+}
+
+impl SpendCapAction {
+    pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        match s {
+            "block" => Ok(SpendCapAction::Block),
+            "notify" => Ok(SpendCapAction::Notify),
+            other => Err(ValidationError::new(format!(
+                "`{other}` is not one of: block, notify"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpendCapAction::Block => "block",
+            SpendCapAction::Notify => "notify",
+        }
+    }
+}
+
+/// The default alert thresholds, in percent.
+pub const DEFAULT_ALERT_THRESHOLDS: [u32; 4] = [50, 80, 95, 100];
 
 /// A prepaid credit package (for example 500 credits for $5).
 #[derive(Debug, Clone, PartialEq, Eq)]

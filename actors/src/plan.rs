@@ -9,8 +9,10 @@ use std::collections::BTreeMap;
 
 use bincode::{Decode, Encode};
 
-use crate::ledger::{AccountProfile, Balances, meter_limit};
-use crate::model::{Catalog, MeterRule, Overage, Plan, PlanKind, UnixMs, ValidationError};
+use crate::ledger::{AccountProfile, Alert, AlertKind, Balances, meter_limit};
+use crate::model::{
+    Catalog, MeterRule, Overage, Plan, PlanKind, SpendCap, UnixMs, ValidationError,
+};
 use crate::pricing::{MeterPricing, PeriodCost, PlanPricing, PricingError, period_cost};
 
 /// Subscription status, as Stripe names them. Set by admin now, by Stripe webhooks later.
@@ -233,6 +235,101 @@ pub fn suggested_plan(catalog: &Catalog, plan: &Plan, cost: &PeriodCost) -> Opti
         .map(|p| p.name.clone())
 }
 
+/// The account's spend cap: its own, else its plan's. An amount of 0 means none.
+pub fn effective_spend_cap(plan: &Plan, profile: &AccountProfile) -> Option<SpendCap> {
+    profile
+        .spend_cap
+        .or(plan.spend_cap)
+        .filter(|c| c.amount > 0)
+}
+
+/// The usage part of the period's cost if `meter` had `used` units (others as they are).
+pub fn usage_cost_with(
+    plan: &Plan,
+    profile: &AccountProfile,
+    balances: &Balances,
+    meter: &str,
+    used: u64,
+) -> Result<u64, PricingError> {
+    let pricing = plan_pricing(plan, profile);
+    let usage: BTreeMap<String, u64> = pricing
+        .meters
+        .keys()
+        .map(|m| {
+            let u = if m == meter {
+                used
+            } else {
+                balances.usage(m).used
+            };
+            (m.clone(), u)
+        })
+        .collect();
+    let cost = period_cost(&pricing, profile.seats, &usage)?;
+    Ok(cost.meters.values().map(|m| m.amount).sum())
+}
+
+/// The alerts a consume raises: allowance thresholds of `meter`, spend-cap thresholds, and the
+/// low-credit threshold, each only if it has not fired in this period yet.
+#[allow(clippy::too_many_arguments)]
+pub fn alerts_for(
+    plan: &Plan,
+    rule: &MeterRule,
+    balances: &Balances,
+    meter: &str,
+    used_after: u64,
+    credits_after: u64,
+    spend: Option<(u64, SpendCap)>,
+) -> Vec<Alert> {
+    let mut out = Vec::new();
+    let thresholds: Vec<u64> = plan
+        .alert_thresholds
+        .iter()
+        .map(|t| u64::from(*t))
+        .collect();
+    if rule.included > 0 {
+        for &t in &thresholds {
+            let reached = u128::from(used_after) * 100 >= u128::from(t) * u128::from(rule.included);
+            if reached && !balances.alert_fired(AlertKind::Usage, meter, t) {
+                out.push(Alert {
+                    kind: AlertKind::Usage,
+                    meter: meter.to_owned(),
+                    threshold: t,
+                    value: used_after,
+                    limit: rule.included,
+                });
+            }
+        }
+    }
+    if let Some((spent, cap)) = spend {
+        for &t in &thresholds {
+            let reached = u128::from(spent) * 100 >= u128::from(t) * u128::from(cap.amount);
+            if reached && !balances.alert_fired(AlertKind::Spend, "", t) {
+                out.push(Alert {
+                    kind: AlertKind::Spend,
+                    meter: String::new(),
+                    threshold: t,
+                    value: spent,
+                    limit: cap.amount,
+                });
+            }
+        }
+    }
+    if let Some(low) = plan.low_credit_threshold
+        && matches!(rule.overage, Overage::Credits { .. })
+        && credits_after < low
+        && !balances.alert_fired(AlertKind::LowCredits, "", low)
+    {
+        out.push(Alert {
+            kind: AlertKind::LowCredits,
+            meter: String::new(),
+            threshold: low,
+            value: credits_after,
+            limit: low,
+        });
+    }
+    out
+}
+
 /// One entitlement answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entitlement {
@@ -324,6 +421,9 @@ mod tests {
             seat_price: 0,
             min_seats: 0,
             features: vec!["basic".into(), "premium".into()],
+            alert_thresholds: vec![50, 80, 95, 100],
+            low_credit_threshold: None,
+            spend_cap: None,
             meters: BTreeMap::from([(
                 "tokens".into(),
                 MeterRule {
@@ -346,6 +446,7 @@ mod tests {
             status: SubscriptionStatus::Active,
             status_since_ms: 0,
             overrides: BTreeMap::new(),
+            spend_cap: None,
         }
     }
 

@@ -9,6 +9,9 @@
 //! - `accounts`: `account_id` → [`StoredSnapshot`]. Derived, written lazily.
 //! - `idem`:     `account_id 0x00 op key` → [`StoredIdem`]. Derived, written lazily, expired
 //!   by the janitor after the retention period.
+//! - `notify`:   `at_ms_be account_id 0x00 seq_be idx_be` → [`StoredNotification`]: alerts
+//!   queued for outgoing notification, in time order. Derived, written lazily, rebuilt from
+//!   the ledger tail; a notifier (a later component) deletes what it delivered.
 //! - `meta`:     `format` → store format version.
 //!
 //! Durability: sled 0.34.7 deadlocks when several threads call `flush_async` at once (upstream
@@ -24,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 
-pub use codec::{StoredEntry, StoredIdem, StoredSnapshot};
+pub use codec::{StoredEntry, StoredIdem, StoredNotification, StoredSnapshot};
 
 use crate::ledger::{AccountProfile, Balances, LedgerEntry};
 use crate::model::{AccountId, UnixMs};
@@ -122,6 +125,7 @@ struct Inner {
     ledger: sled::Tree,
     accounts: sled::Tree,
     idem: sled::Tree,
+    notify: sled::Tree,
     flush_tx: mpsc::Sender<FlushCmd>,
     failed: Arc<AtomicBool>,
     stats: Arc<FlushStats>,
@@ -191,6 +195,7 @@ impl Store {
                 ledger: db.open_tree("ledger")?,
                 accounts: db.open_tree("accounts")?,
                 idem: db.open_tree("idem")?,
+                notify: db.open_tree("notify")?,
                 db,
                 flush_tx,
                 failed,
@@ -357,6 +362,38 @@ impl Store {
             Some(v) => Ok(Some(codec::decode_snapshot(&v)?)),
             None => Ok(None),
         }
+    }
+
+    // ---- notification queue ----
+
+    /// Queues alert `idx` of ledger entry `seq` for outgoing notification (idempotent).
+    pub fn queue_alert(
+        &self,
+        account: &AccountId,
+        seq: u64,
+        idx: u32,
+        at_ms: UnixMs,
+        alert: &crate::ledger::Alert,
+    ) -> Result<(), StoreError> {
+        let mut key = (at_ms.max(0) as u64).to_be_bytes().to_vec();
+        key.extend_from_slice(&codec::ledger_key(account, seq));
+        key.extend_from_slice(&idx.to_be_bytes());
+        let value = codec::encode_notification(account.as_str(), seq, alert)?;
+        self.inner.notify.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Queued notifications, oldest first: `(account, seq, alert)`.
+    pub fn queued_alerts(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(String, u64, crate::ledger::Alert)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.notify.iter().take(limit) {
+            let (_, v) = item?;
+            out.push(codec::decode_notification(&v)?);
+        }
+        Ok(out)
     }
 
     // ---- idempotency index ----

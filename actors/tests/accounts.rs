@@ -27,6 +27,9 @@ fn catalog() -> Catalog {
         seat_price: 0,
         min_seats: 0,
         features: vec![],
+        alert_thresholds: vec![50, 80, 95, 100],
+        low_credit_threshold: None,
+        spend_cap: None,
         meters: BTreeMap::from([(
             "tokens".to_string(),
             MeterRule {
@@ -421,4 +424,22 @@ async fn verify_detects_a_gap() {
         "{:?}",
         report.problems
     );
+}
+
+/// Alerts are queued for outgoing notification in the store, in time order.
+#[tokio::test]
+async fn fired_alerts_are_queued_for_notification() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(&store, settings()).await;
+    create(&accounts, "q", "capped").await;
+    let r = eat(&accounts, &id("q"), 600, "k1").await.unwrap();
+    assert_eq!(r.record.alerts.len(), 1);
+    eat(&accounts, &id("q"), 400, "k2").await.unwrap();
+    accounts.shutdown(Duration::from_secs(5)).await.unwrap();
+    let queued = store.queued_alerts(100).unwrap();
+    let thresholds: Vec<u64> = queued.iter().map(|(_, _, a)| a.threshold).collect();
+    assert_eq!(thresholds, vec![50, 80, 95, 100]);
+    assert!(queued.iter().all(|(acct, _, _)| acct == "q"));
+    assert_eq!(queued[0].1, 2, "the first consume's entry");
 }

@@ -11,10 +11,10 @@ use poem_openapi::{ApiResponse, OpenApi, Tags};
 use meterd_actors::account::{
     Accounts, ConsumeCmd, ConsumeReply, CreditCmd, GrantInput, ReserveCmd, TopUpCmd, UpsertCmd,
 };
-use meterd_actors::ledger::CreditCategory;
+use meterd_actors::ledger::{ConsumeRecord, CreditCategory};
 use meterd_actors::ledger::{DenyCode, Outcome};
 use meterd_actors::model::format_rfc3339;
-use meterd_actors::model::{AccountId, IdempotencyKey, Metadata};
+use meterd_actors::model::{AccountId, IdempotencyKey, Metadata, SpendCap, SpendCapAction};
 use meterd_actors::plan::{MeterOverride, OverageOverride, SubscriptionStatus};
 use meterd_actors::store::Store;
 
@@ -177,9 +177,9 @@ fn consume_cmd(body: ConsumeBody, header: Option<String>) -> Result<ConsumeCmd, 
 }
 
 /// A recorded denial becomes an error response that still carries the decision.
-fn denial(reply: &ConsumeReply, code: DenyCode) -> ApiError {
-    let r = &reply.record;
-    let (status, message) = match code {
+/// The status and message of a recorded denial: the one table for every route.
+pub fn denial_status(r: &ConsumeRecord, code: DenyCode) -> (StatusCode, String) {
+    match code {
         DenyCode::CapReached => (
             StatusCode::TOO_MANY_REQUESTS,
             format!("`{}` has reached its limit for this period", r.meter),
@@ -199,7 +199,16 @@ fn denial(reply: &ConsumeReply, code: DenyCode) -> ApiError {
             StatusCode::PAYMENT_REQUIRED,
             "the account's subscription is not active (canceled, unpaid, incomplete, or past due beyond the grace period)".to_owned(),
         ),
-    };
+        DenyCode::SpendCapReached => (
+            StatusCode::PAYMENT_REQUIRED,
+            "this would pass the account's spend cap for the period".to_owned(),
+        ),
+    }
+}
+
+fn denial(reply: &ConsumeReply, code: DenyCode) -> ApiError {
+    let r = &reply.record;
+    let (status, message) = denial_status(r, code);
     let mut e = ApiError::new(status, code.as_str(), message);
     e.body.ledger_seq = reply.seq;
     e.body.meter = Some(meter_state(r));
@@ -265,6 +274,17 @@ impl AccountsApi {
             metadata: b.metadata.map(|m| m.into_iter().collect()),
             status,
             overrides,
+            spend_cap: b
+                .spend_cap
+                .map(|c| {
+                    SpendCapAction::parse(&c.action)
+                        .map(|action| SpendCap {
+                            amount: c.amount,
+                            action,
+                        })
+                        .map_err(|e| ApiError::invalid(format!("`spend_cap.action`: {e}")))
+                })
+                .transpose()?,
         };
         let reply = self.accounts.upsert(&id, cmd).await?;
         let view = Json(account_result(&reply.view));
@@ -317,6 +337,26 @@ impl AccountsApi {
             _ => view.feature(&feature),
         };
         Ok(Json(entitlement_view(&e)))
+    }
+
+    /// The alerts of the current period, oldest first (usage thresholds, spend cap, low
+    /// credits). Each fires once per period per meter and threshold.
+    #[oai(path = "/v1/accounts/:id/alerts", method = "get")]
+    async fn alerts(
+        &self,
+        _auth: ApiKeyAuth,
+        id: Path<String>,
+    ) -> Result<Json<AlertsPage>, ApiError> {
+        let id = account_id(&id)?;
+        let view = self.accounts.get(&id).await?;
+        Ok(Json(AlertsPage {
+            period_start: format_rfc3339(view.period.start_ms),
+            alerts: view
+                .alerts
+                .iter()
+                .map(|f| alert_view(&f.alert, Some((f.seq, f.at_ms))))
+                .collect(),
+        }))
     }
 
     /// Consume units of a meter: atomic, durable before the answer, idempotent by key.
@@ -473,7 +513,7 @@ impl AccountsApi {
             Outcome::Denied(code) => {
                 let fake = ConsumeReply {
                     seq: Some(reply.seq),
-                    record: meterd_actors::ledger::ConsumeRecord {
+                    record: ConsumeRecord {
                         meter: r.meter.clone(),
                         quantity: r.quantity,
                         idempotency_key: r.idempotency_key.clone(),
@@ -488,6 +528,7 @@ impl AccountsApi {
                         used_after: r.used_after,
                         billable_after: 0,
                         credits_after: r.credits_after,
+                        alerts: Vec::new(),
                     },
                     replayed: reply.replayed,
                 };

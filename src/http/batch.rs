@@ -134,17 +134,7 @@ pub struct BatchResult {
 }
 
 fn deny_message(r: &ConsumeRecord, code: DenyCode) -> String {
-    match code {
-        DenyCode::CapReached => format!("`{}` has reached its limit for this period", r.meter),
-        DenyCode::InsufficientCredits => format!(
-            "not enough credits: the balance is {} credits",
-            r.credits_after
-        ),
-        DenyCode::MeterNotInPlan => format!("the account's plan does not include `{}`", r.meter),
-        DenyCode::SubscriptionInactive => {
-            "the account's subscription is not active (canceled, unpaid, incomplete, or past due beyond the grace period)".to_owned()
-        }
-    }
+    super::accounts::denial_status(r, code).1
 }
 
 /// A recorded decision (new or replayed).

@@ -25,7 +25,7 @@ pub struct ErrorEnvelope {
 pub struct ErrorBody {
     /// Machine-readable: `invalid_request`, `unauthorized`, `forbidden`, `unknown_account`,
     /// `not_found`, `method_not_allowed`, `idempotency_conflict`, `cap_reached`,
-    /// `insufficient_credits`, `subscription_inactive`, `meter_not_in_plan`,
+    /// `insufficient_credits`, `subscription_inactive`, `spend_cap_reached`, `meter_not_in_plan`,
     /// `credit_balance_too_low`, `rate_limited`, `unavailable`,
     /// `internal`.
     pub code: String,
@@ -166,7 +166,7 @@ const DOCUMENTED: &[(u16, &str)] = &[
     (401, "Missing or wrong API key: `unauthorized`"),
     (
         402,
-        "Recorded denial: `insufficient_credits` or `subscription_inactive`",
+        "Recorded denial: `insufficient_credits`, `subscription_inactive` or `spend_cap_reached`",
     ),
     (
         403,

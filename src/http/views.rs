@@ -9,7 +9,7 @@ use poem_openapi::Object;
 use serde::Deserialize;
 
 use meterd_actors::account::{AccountView, ConsumeReply, CreditReply, MeterView};
-use meterd_actors::ledger::{ConsumeRecord, EntryKind, LedgerEntry, Outcome};
+use meterd_actors::ledger::{Alert, ConsumeRecord, EntryKind, LedgerEntry, Outcome};
 use meterd_actors::model::format_rfc3339;
 use meterd_actors::plan::{Access, Entitlement};
 
@@ -25,10 +25,61 @@ pub struct PutAccountBody {
     pub stripe_customer_id: Option<String>,
     /// String values only; at most 20 entries.
     pub metadata: Option<BTreeMap<String, String>>,
+    /// The most this account may be charged for usage per period; `amount: 0` removes it.
+    pub spend_cap: Option<SpendCapBody>,
     /// Subscription status: active, trialing, past_due, canceled, unpaid or incomplete.
     pub status: Option<String>,
     /// Per-meter limits for a `custom` (enterprise) plan; replaces all earlier overrides.
     pub overrides: Option<BTreeMap<String, MeterOverrideBody>>,
+}
+
+/// A spend cap: `amount` in minor units; `action` is `block` or `notify`.
+#[derive(Debug, Object, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpendCapBody {
+    pub amount: u64,
+    pub action: String,
+}
+
+/// An alert raised by a consume.
+#[derive(Debug, Clone, Object, serde::Serialize)]
+pub struct AlertView {
+    /// `usage` (of the included allowance), `spend` (of the spend cap) or `low_credits`.
+    pub kind: String,
+    /// The meter, for `usage` alerts.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meter: Option<String>,
+    /// Percent for `usage` and `spend`; credits for `low_credits`.
+    pub threshold: u64,
+    pub value: u64,
+    pub limit: u64,
+    /// The ledger entry that raised it (list only).
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ledger_seq: Option<u64>,
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+}
+
+pub fn alert_view(a: &Alert, fired: Option<(u64, i64)>) -> AlertView {
+    AlertView {
+        kind: a.kind.as_str().into(),
+        meter: (!a.meter.is_empty()).then(|| a.meter.clone()),
+        threshold: a.threshold,
+        value: a.value,
+        limit: a.limit,
+        ledger_seq: fired.map(|f| f.0),
+        at: fired.map(|f| format_rfc3339(f.1)),
+    }
+}
+
+/// `GET /v1/accounts/{id}/alerts`: the alerts of the current period, oldest first.
+#[derive(Debug, Object)]
+pub struct AlertsPage {
+    pub period_start: String,
+    pub alerts: Vec<AlertView>,
 }
 
 /// One meter's override on a `custom` plan.
@@ -274,6 +325,8 @@ pub struct ConsumeResult {
     pub quantity: u64,
     pub meter: MeterState,
     pub credits: CreditsView,
+    /// Alerts this consume raised (empty for most).
+    pub alerts: Vec<AlertView>,
 }
 
 pub fn meter_state(r: &ConsumeRecord) -> MeterState {
@@ -303,6 +356,7 @@ pub fn consume_result(reply: &ConsumeReply) -> ConsumeResult {
             balance: r.credits_after,
             spent: Some(r.credits_spent),
         },
+        alerts: r.alerts.iter().map(|a| alert_view(a, None)).collect(),
     }
 }
 
@@ -398,6 +452,9 @@ pub struct AccountResult {
     /// Absent only if the plan's prices cannot price the usage (see the log).
     #[oai(skip_serializing_if_is_none)]
     pub cost: Option<CostView>,
+    /// The spend cap in force (the account's, else the plan's).
+    #[oai(skip_serializing_if_is_none)]
+    pub spend_cap: Option<SpendCapView>,
     /// A flat plan that would cost less than this period's pay-as-you-go spend.
     #[oai(skip_serializing_if_is_none)]
     pub suggested_plan: Option<String>,
@@ -476,7 +533,20 @@ pub fn account_result(v: &AccountView) -> AccountResult {
             }
         }),
         suggested_plan: v.suggested_plan.clone(),
+        spend_cap: meterd_actors::plan::effective_spend_cap(&v.plan, &v.profile).map(|c| {
+            SpendCapView {
+                amount: c.amount,
+                action: c.action.as_str().into(),
+            }
+        }),
     }
+}
+
+#[derive(Debug, Object)]
+pub struct SpendCapView {
+    pub amount: u64,
+    /// `block` or `notify`.
+    pub action: String,
 }
 
 /// One entitlement: may the account use this, and why (or why not).

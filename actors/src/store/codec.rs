@@ -32,6 +32,42 @@ pub enum StoredSnapshot {
 }
 
 #[derive(Debug, Encode, Decode)]
+pub enum StoredNotification {
+    V1 {
+        account: String,
+        seq: u64,
+        alert: crate::ledger::Alert,
+    },
+}
+
+pub(super) fn encode_notification(
+    account: &str,
+    seq: u64,
+    alert: &crate::ledger::Alert,
+) -> Result<Vec<u8>, StoreError> {
+    enc(
+        &StoredNotification::V1 {
+            account: account.to_owned(),
+            seq,
+            alert: alert.clone(),
+        },
+        "notify",
+    )
+}
+
+pub(super) fn decode_notification(
+    bytes: &[u8],
+) -> Result<(String, u64, crate::ledger::Alert), StoreError> {
+    match dec::<StoredNotification>(bytes, "notify")? {
+        StoredNotification::V1 {
+            account,
+            seq,
+            alert,
+        } => Ok((account, seq, alert)),
+    }
+}
+
+#[derive(Debug, Encode, Decode)]
 pub enum StoredIdem {
     V1 { seq: u64, at_ms: UnixMs },
 }
