@@ -204,6 +204,9 @@ struct RawPlan {
     alert_thresholds: Option<Vec<u32>>,
     low_credit_threshold: Option<u64>,
     spend_cap: Option<RawSpendCap>,
+    #[serde(default)]
+    monthly_credits: u64,
+    monthly_credits_rollover_cap: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -677,6 +680,8 @@ fn build_catalog(
                     t
                 },
                 low_credit_threshold: p.low_credit_threshold,
+                monthly_credits: p.monthly_credits,
+                monthly_credits_rollover_cap: p.monthly_credits_rollover_cap,
                 spend_cap: match &p.spend_cap {
                     None => None,
                     Some(c) => Some(SpendCap {

@@ -185,6 +185,8 @@ pub struct UpsertCmd {
     pub overrides: Option<BTreeMap<String, MeterOverride>>,
     /// The account's spend cap; an amount of 0 means no cap (not even the plan's).
     pub spend_cap: Option<SpendCap>,
+    /// Set the current billing period.
+    pub period: Option<Period>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -585,10 +587,124 @@ impl AccountState {
         };
         if now >= b.period.end_ms {
             let from = b.period;
-            let to = Period::calendar_month(now);
+            let to = from.next_containing(now);
             self.append(EntryKind::PeriodRolled { from, to }, now)?;
+            self.grant_monthly(now)?;
         }
         Ok(())
+    }
+
+    /// At the start of a period: cap the carried-over monthly credits, then grant the plan's
+    /// monthly credits (expiring at the period's end unless they may roll over).
+    fn grant_monthly(&mut self, now: i64) -> Result<(), StoreError> {
+        let (Some(profile), Some(b)) = (&self.fold.profile, &self.fold.balances) else {
+            return Ok(());
+        };
+        let Some(plan) = self.deps.catalog.plans.get(&profile.plan).cloned() else {
+            return Ok(());
+        };
+        if plan.monthly_credits == 0 {
+            return Ok(());
+        }
+        let period = b.period;
+        let Ok(amount) = i64::try_from(plan.monthly_credits) else {
+            return Ok(());
+        };
+        // Keys with spaces: no client key can collide with them.
+        let key = format!("monthly credits {}", period.start_ms);
+        if let Some(cap) = plan.monthly_credits_rollover_cap {
+            let mut monthly: Vec<(u64, u64)> = b
+                .grants
+                .iter()
+                .filter(|(_, g)| {
+                    g.live_at(now)
+                        && g.terms
+                            .external_id
+                            .as_deref()
+                            .is_some_and(|x| x.starts_with("monthly credits "))
+                })
+                .map(|(id, g)| (*id, g.remaining))
+                .collect();
+            let left: u64 = monthly.iter().map(|(_, r)| r).sum();
+            let mut excess = left.saturating_sub(cap);
+            if excess > 0 {
+                let total = excess;
+                monthly.sort_by_key(|(id, _)| *id);
+                let mut burns = Vec::new();
+                for (id, r) in monthly {
+                    let take = r.min(excess);
+                    if take > 0 {
+                        burns.push((id, take));
+                        excess -= take;
+                    }
+                }
+                let credits_after = b.live_credits(now).saturating_sub(total);
+                let trim = CreditRecord {
+                    amount: -i64::try_from(total).unwrap_or(i64::MAX),
+                    reason: format!("monthly credits above the rollover cap of {cap}"),
+                    idempotency_key: format!("monthly trim {}", period.start_ms),
+                    digest: [0; 32],
+                    grant: None,
+                    burns,
+                    credits_after,
+                };
+                self.append(EntryKind::Credit(trim), now)?;
+            }
+        }
+        let Some(b) = &self.fold.balances else {
+            return Ok(());
+        };
+        let record = CreditRecord {
+            amount,
+            reason: format!("monthly credits of plan {}", plan.name),
+            idempotency_key: key.clone(),
+            digest: [0; 32],
+            grant: Some(GrantTerms {
+                priority: 10,
+                effective_at_ms: now,
+                expires_at_ms: match plan.monthly_credits_rollover_cap {
+                    None => Some(period.end_ms),
+                    Some(_) => None,
+                },
+                category: CreditCategory::Promotional,
+                external_id: Some(key),
+                package: None,
+            }),
+            burns: Vec::new(),
+            credits_after: b.live_credits(now).saturating_add(plan.monthly_credits),
+        };
+        self.append(EntryKind::Credit(record), now)?;
+        Ok(())
+    }
+
+    /// Sets the current period as an admin (or, later, Stripe) says: a later start begins a
+    /// new period (counters reset, monthly credits granted); the same start only moves the end.
+    fn set_period(&mut self, p: Period, now: i64) -> Result<Result<(), AccountError>, StoreError> {
+        let Some(b) = &self.fold.balances else {
+            return Ok(Ok(()));
+        };
+        let cur = b.period;
+        if p.end_ms <= p.start_ms || !p.contains(now) {
+            return Ok(Err(ValidationError::new(
+                "period: start must be before end, and the period must contain the current time",
+            )
+            .into()));
+        }
+        if p == cur {
+            return Ok(Ok(()));
+        }
+        if p.start_ms == cur.start_ms {
+            self.append(EntryKind::PeriodAdjusted { from: cur, to: p }, now)?;
+        } else if p.start_ms > cur.start_ms {
+            self.append(EntryKind::PeriodRolled { from: cur, to: p }, now)?;
+            self.grant_monthly(now)?;
+        } else {
+            return Ok(Err(ValidationError::new(
+                "period: a period cannot start before the current one",
+            )
+            .into()));
+        }
+        Ok(Ok(()))
     }
 
     /// Writes a `CreditExpired` entry for every grant whose expiry is due at `now`. Lazy, like
@@ -641,7 +757,7 @@ impl AccountState {
             }
         }
         if now >= out.period.end_ms {
-            let mut rolled = Balances::new(Period::calendar_month(now));
+            let mut rolled = Balances::new(out.period.next_containing(now));
             rolled.grants = out.grants;
             rolled.holds = out.holds;
             for (meter, u) in out.meters {
@@ -917,6 +1033,7 @@ impl AccountState {
     ) -> Result<(), StoreError> {
         let now = self.deps.clock.now_ms();
         let created = self.fold.profile.is_none();
+        let cmd_period = cmd.period;
         let next = match self.merge_profile(cmd, now) {
             Ok(p) => p,
             Err(e) => {
@@ -924,14 +1041,27 @@ impl AccountState {
                 return Ok(());
             }
         };
+        let period = cmd_period;
+        if !created {
+            self.catch_up(now)?;
+        }
         if self.fold.profile.as_ref() != Some(&next) {
             self.append(EntryKind::AccountUpserted(next), now)?;
             if created {
-                // A new account gets its snapshot at once so later recoveries start from it.
-                self.write_snapshot()?;
-            } else {
-                self.after_write()?;
+                self.grant_monthly(now)?;
             }
+        }
+        if let Some(p) = period {
+            if let Err(e) = self.set_period(p, now)? {
+                let _ = reply.send(Err(e));
+                return Ok(());
+            }
+        }
+        if created {
+            // A new account gets its snapshot at once so later recoveries start from it.
+            self.write_snapshot()?;
+        } else {
+            self.after_write()?;
         }
         let r = self.view().map(|view| UpsertReply { created, view });
         self.reply_after_commit(reply, r);

@@ -206,6 +206,11 @@ pub enum EntryKind {
         from: Period,
         to: Period,
     },
+    /// The current period's end was changed (same start); nothing resets.
+    PeriodAdjusted {
+        from: Period,
+        to: Period,
+    },
     Consume(ConsumeRecord),
     Credit(CreditRecord),
     /// A reservation decision.
@@ -225,6 +230,7 @@ impl EntryKind {
         match self {
             EntryKind::AccountUpserted(_) => "account_upserted",
             EntryKind::PeriodRolled { .. } => "period_rolled",
+            EntryKind::PeriodAdjusted { .. } => "period_adjusted",
             EntryKind::Consume(_) => "consume",
             EntryKind::Credit(_) => "credit",
             EntryKind::CreditExpired { .. } => "credit_expired",
@@ -501,6 +507,12 @@ impl Balances {
                     self.meters.entry(m).or_default().reserved = r;
                 }
                 self.alerts.clear();
+                self.period = *to;
+            }
+            EntryKind::PeriodAdjusted { from, to } => {
+                if *from != self.period || from.start_ms != to.start_ms {
+                    return Err(FoldError::Arithmetic { seq });
+                }
                 self.period = *to;
             }
             EntryKind::Consume(c) => {

@@ -187,6 +187,11 @@ pub struct Plan {
     pub low_credit_threshold: Option<u64>,
     /// Default spend cap per period for accounts on this plan (accounts may override it).
     pub spend_cap: Option<SpendCap>,
+    /// Promotional credits granted at the start of every period (0: none).
+    pub monthly_credits: u64,
+    /// `None`: unused monthly credits expire at the period's end. `Some(cap)`: they carry
+    /// over, but never more than `cap` of them.
+    pub monthly_credits_rollover_cap: Option<u64>,
 }
 
 /// The most money an account may be charged for usage in one period.
@@ -339,6 +344,62 @@ impl Period {
     pub fn contains(&self, at: UnixMs) -> bool {
         self.start_ms <= at && at < self.end_ms
     }
+
+    /// If the period spans whole months from its start (same day of month, clamped to the
+    /// month's length, and same time of day), how many.
+    pub fn months(&self) -> Option<u32> {
+        (1..=12).find(|n| add_months(self.start_ms, *n, day_of(self.start_ms)) == self.end_ms)
+    }
+
+    /// The period after this one that contains `at` (`at >= end_ms`). Month-shaped periods
+    /// keep their anchor day (a period starting on the 31st ends on the last day of shorter
+    /// months and returns to the 31st); others repeat their length.
+    pub fn next_containing(&self, at: UnixMs) -> Period {
+        let len = (self.end_ms - self.start_ms).max(1);
+        if let Some(n) = self.months() {
+            let anchor = day_of(self.start_ms);
+            let mut start = self.end_ms;
+            // Bounded: one step per period; a clock years ahead falls back to arithmetic.
+            for _ in 0..1200 {
+                let end = add_months(start, n, anchor);
+                if at < end {
+                    return Period {
+                        start_ms: start,
+                        end_ms: end,
+                    };
+                }
+                start = end;
+            }
+            return Period::calendar_month(at);
+        }
+        let k = (at - self.end_ms) / len;
+        let start = self.end_ms + k * len;
+        Period {
+            start_ms: start,
+            end_ms: start + len,
+        }
+    }
+}
+
+fn day_of(ms: UnixMs) -> u32 {
+    civil_from_days(ms.div_euclid(86_400_000)).2
+}
+
+fn days_in_month(y: i64, m: u32) -> u32 {
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    u32::try_from(days_from_civil(ny, nm, 1) - days_from_civil(y, m, 1)).unwrap_or(28)
+}
+
+/// `ms` moved `n` months later on day `anchor_day` (clamped to the month), same time of day.
+pub fn add_months(ms: UnixMs, n: u32, anchor_day: u32) -> UnixMs {
+    let days = ms.div_euclid(86_400_000);
+    let tod = ms.rem_euclid(86_400_000);
+    let (y, m, _) = civil_from_days(days);
+    let total = i64::from(m) - 1 + i64::from(n);
+    let ny = y + total.div_euclid(12);
+    let nm = u32::try_from(total.rem_euclid(12) + 1).unwrap_or(1);
+    let d = anchor_day.min(days_in_month(ny, nm)).max(1);
+    days_from_civil(ny, nm, d) * 86_400_000 + tod
 }
 
 /// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -434,6 +495,46 @@ mod tests {
         // December rolls into the next year.
         let dec = Period::calendar_month(days_from_civil(2025, 12, 15) * 86_400_000);
         assert_eq!(dec.end_ms, days_from_civil(2026, 1, 1) * 86_400_000);
+    }
+
+    #[test]
+    fn month_shaped_periods_keep_their_anchor_day() {
+        let at = |y, m, d| days_from_civil(y, m, d) * 86_400_000 + 3_600_000;
+        let p = Period {
+            start_ms: at(2026, 1, 31),
+            end_ms: at(2026, 2, 28),
+        };
+        assert_eq!(p.months(), Some(1));
+        let next = p.next_containing(at(2026, 3, 1));
+        assert_eq!(
+            (next.start_ms, next.end_ms),
+            (at(2026, 2, 28), at(2026, 3, 31))
+        );
+        let later = p.next_containing(at(2026, 5, 1));
+        assert_eq!(
+            (later.start_ms, later.end_ms),
+            (at(2026, 4, 30), at(2026, 5, 31))
+        );
+        // Calendar months are month-shaped: the next one is the next calendar month.
+        let cal = Period::calendar_month(at(2026, 11, 5));
+        assert_eq!(
+            cal.next_containing(cal.end_ms),
+            Period::calendar_month(cal.end_ms)
+        );
+        // Yearly.
+        let y = Period {
+            start_ms: at(2026, 3, 15),
+            end_ms: at(2027, 3, 15),
+        };
+        assert_eq!(y.months(), Some(12));
+        // Fixed length: 10 days repeat.
+        let f = Period {
+            start_ms: 0,
+            end_ms: 10 * 86_400_000,
+        };
+        assert_eq!(f.months(), None);
+        let n = f.next_containing(25 * 86_400_000);
+        assert_eq!((n.start_ms, n.end_ms), (20 * 86_400_000, 30 * 86_400_000));
     }
 
     #[test]

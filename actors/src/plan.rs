@@ -424,6 +424,8 @@ mod tests {
             alert_thresholds: vec![50, 80, 95, 100],
             low_credit_threshold: None,
             spend_cap: None,
+            monthly_credits: 0,
+            monthly_credits_rollover_cap: None,
             meters: BTreeMap::from([(
                 "tokens".into(),
                 MeterRule {

@@ -30,6 +30,8 @@ fn catalog() -> Catalog {
         alert_thresholds: vec![50, 80, 95, 100],
         low_credit_threshold: None,
         spend_cap: None,
+        monthly_credits: 0,
+        monthly_credits_rollover_cap: None,
         meters: BTreeMap::from([(
             "tokens".to_string(),
             MeterRule {

@@ -274,6 +274,21 @@ impl AccountsApi {
             metadata: b.metadata.map(|m| m.into_iter().collect()),
             status,
             overrides,
+            period: match b.period {
+                None => None,
+                Some(p) => {
+                    let start = parse_rfc3339(&p.start).ok_or_else(|| {
+                        ApiError::invalid("`period.start` is not an RFC 3339 UTC time")
+                    })?;
+                    let end = parse_rfc3339(&p.end).ok_or_else(|| {
+                        ApiError::invalid("`period.end` is not an RFC 3339 UTC time")
+                    })?;
+                    Some(meterd_actors::model::Period {
+                        start_ms: start,
+                        end_ms: end,
+                    })
+                }
+            },
             spend_cap: b
                 .spend_cap
                 .map(|c| {

@@ -27,10 +27,22 @@ pub struct PutAccountBody {
     pub metadata: Option<BTreeMap<String, String>>,
     /// The most this account may be charged for usage per period; `amount: 0` removes it.
     pub spend_cap: Option<SpendCapBody>,
+    /// Set the current billing period (RFC 3339 UTC; it must contain the current time). A
+    /// later start begins a new period: usage counters reset. Later periods repeat its shape:
+    /// whole months keep the anchor day, other lengths repeat.
+    pub period: Option<PeriodBody>,
     /// Subscription status: active, trialing, past_due, canceled, unpaid or incomplete.
     pub status: Option<String>,
     /// Per-meter limits for a `custom` (enterprise) plan; replaces all earlier overrides.
     pub overrides: Option<BTreeMap<String, MeterOverrideBody>>,
+}
+
+/// A billing period.
+#[derive(Debug, Object, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeriodBody {
+    pub start: String,
+    pub end: String,
 }
 
 /// A spend cap: `amount` in minor units; `action` is `block` or `notify`.
@@ -665,7 +677,9 @@ pub fn ledger_entry_view(e: &LedgerEntry) -> LedgerEntryView {
     };
     match &e.kind {
         EntryKind::AccountUpserted(p) => v.plan = Some(p.plan.clone()),
-        EntryKind::PeriodRolled { to, .. } => v.period_start = Some(format_rfc3339(to.start_ms)),
+        EntryKind::PeriodRolled { to, .. } | EntryKind::PeriodAdjusted { to, .. } => {
+            v.period_start = Some(format_rfc3339(to.start_ms))
+        }
         EntryKind::Consume(c) => {
             v.meter = Some(c.meter.clone());
             v.quantity = Some(c.quantity);

@@ -10,6 +10,7 @@ mod consume;
 mod crash;
 mod credits;
 mod logs;
+mod periods;
 mod plans;
 mod ratelimit;
 mod reservations;
