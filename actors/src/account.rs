@@ -1051,11 +1051,11 @@ impl AccountState {
                 self.grant_monthly(now)?;
             }
         }
-        if let Some(p) = period {
-            if let Err(e) = self.set_period(p, now)? {
-                let _ = reply.send(Err(e));
-                return Ok(());
-            }
+        if let Some(p) = period
+            && let Err(e) = self.set_period(p, now)?
+        {
+            let _ = reply.send(Err(e));
+            return Ok(());
         }
         if created {
             // A new account gets its snapshot at once so later recoveries start from it.
