@@ -8,6 +8,7 @@
 //! - `LOADGEN_CLIENT_THREADS`: client runtime threads, 1 or 2 (default 1: current-thread).
 //! - `LOADGEN_SCENARIOS`: comma-separated subset of `hot,uniform,noop` (default all three).
 //! - `LOADGEN_ACCOUNTS`: accounts for the uniform scenario (default 10000).
+//! - `LOADGEN_CONFIG`: the daemon's config file (default: the repository's config.toml).
 //!
 //! See BENCHMARKS.md for what the figures mean.
 
@@ -137,12 +138,6 @@ fn proc_cpu_ticks(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn self_cpu_ticks() -> u64 {
-    read_stat(Path::new("/proc/self/stat"))
-        .map(|(_, t)| t)
-        .unwrap_or(0)
-}
-
 /// CPU ticks per thread name (threads of the same name summed).
 fn thread_cpu_ticks(pid: u32) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
@@ -217,7 +212,9 @@ struct Daemon {
 
 impl Daemon {
     fn start() -> Daemon {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let config = std::env::var_os("LOADGEN_CONFIG")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"));
         // A fresh directory under $TMPDIR; BENCHMARKS.md notes which disk that is.
         let dir = tempfile::Builder::new()
             .prefix("meterd-loadgen-")
@@ -226,7 +223,7 @@ impl Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_meterd"))
             .arg("serve")
             .arg("--config")
-            .arg(manifest.join("config.toml"))
+            .arg(&config)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
@@ -250,12 +247,23 @@ impl Daemon {
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => a.parse().expect("meterd printed a socket address"),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("meterd did not print its address within 30 s");
+        let started = Instant::now();
+        let addr = loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(a) => break a.parse().expect("meterd printed a socket address"),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    if started.elapsed() < Duration::from_secs(30) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    // stdout closed without the line: the daemon is exiting (its stderr,
+                    // inherited, says why).
+                    let status = child.wait();
+                    panic!("meterd exited before listening: {status:?}");
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("meterd did not print its address within 30 s");
+                }
             }
         };
         println!(
@@ -589,12 +597,14 @@ struct Outcome {
     hist: Histogram<u64>,
     daemon: Option<DaemonUsage>,
     client_cpu: f64,
+    /// The daemon's CPU, or the no-op server threads' CPU, in cores.
+    server_cpu: f64,
+    /// Busy share of all CPUs of the machine over the window, 0 to 1.
     machine_cpu: f64,
     load: String,
 }
 
 struct DaemonUsage {
-    cpu: f64,
     peak_rss_kb: u64,
     threads: Vec<(String, f64)>,
     write_mb_s: Option<f64>,
@@ -605,6 +615,15 @@ impl Outcome {
     fn rate(&self) -> f64 {
         self.ok as f64 / self.secs
     }
+
+    /// CPU (in cores) used by everything on the machine except this server and this client.
+    fn other_cpu(&self) -> f64 {
+        (self.machine_cpu * ncpus() - self.server_cpu - self.client_cpu).max(0.0)
+    }
+}
+
+fn ncpus() -> f64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
 }
 
 async fn run_scenario(
@@ -637,12 +656,14 @@ async fn run_scenario(
             window,
         )));
     }
-    // Resource readings over the measured window.
+    // Resource readings over the measured window. This process holds the client and, in the
+    // noop scenario, the no-op server (threads named `noop-*`), told apart by thread name.
+    let me = std::process::id();
     tokio::time::sleep_until(measure_from.into()).await;
     let cpu0 = daemon_pid.map(proc_cpu_ticks);
     let threads0 = daemon_pid.map(thread_cpu_ticks);
     let io0 = daemon_pid.and_then(proc_io);
-    let self0 = self_cpu_ticks();
+    let self0 = thread_cpu_ticks(me);
     let mach0 = machine_cpu();
     let t0 = Instant::now();
     tokio::time::sleep_until(window.until.into()).await;
@@ -650,9 +671,18 @@ async fn run_scenario(
     let cpu1 = daemon_pid.map(proc_cpu_ticks);
     let threads1 = daemon_pid.map(thread_cpu_ticks);
     let io1 = daemon_pid.and_then(proc_io);
-    let self1 = self_cpu_ticks();
+    let self1 = thread_cpu_ticks(me);
     let mach1 = machine_cpu();
     let load = load_avg();
+    let share = |noop_threads: bool| -> f64 {
+        let ticks: u64 = self1
+            .iter()
+            .filter(|(n, _)| n.starts_with("noop-") == noop_threads)
+            .map(|(n, t)| t.saturating_sub(self0.get(n).copied().unwrap_or(0)))
+            .sum();
+        ticks as f64 / tck / elapsed
+    };
+    let (client_cpu, noop_cpu) = (share(false), share(true));
 
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     let (mut ok, mut errors) = (0u64, 0u64);
@@ -672,7 +702,6 @@ async fn run_scenario(
     }
 
     let daemon = daemon_pid.map(|pid| {
-        let cpu = (cpu1.unwrap_or(0) - cpu0.unwrap_or(0)) as f64 / tck / elapsed;
         let (th0, th1) = (threads0.unwrap_or_default(), threads1.unwrap_or_default());
         let mut threads: Vec<(String, f64)> = th1
             .iter()
@@ -691,7 +720,6 @@ async fn run_scenario(
             _ => (None, None),
         };
         DaemonUsage {
-            cpu,
             peak_rss_kb: status_kb(pid, "VmHWM:").unwrap_or(0),
             threads,
             write_mb_s,
@@ -706,7 +734,11 @@ async fn run_scenario(
         errors,
         hist,
         daemon,
-        client_cpu: (self1 - self0) as f64 / tck / elapsed,
+        client_cpu,
+        server_cpu: match daemon_pid {
+            Some(_) => cpu1.unwrap_or(0).saturating_sub(cpu0.unwrap_or(0)) as f64 / tck / elapsed,
+            None => noop_cpu,
+        },
         machine_cpu: if mach1.1 > mach0.1 {
             (mach1.0 - mach0.0) as f64 / (mach1.1 - mach0.1) as f64
         } else {
@@ -740,15 +772,17 @@ fn print_outcome(o: &Outcome) {
         o.hist.max()
     );
     println!(
-        "  cpu        : client {:.0}% of a core, machine {:.0}% busy (of 2 cores), load {}",
+        "  cpu        : server {:.0}% + client {:.0}% + other processes {:.0}% of a core; machine {:.0}% busy ({} cores); load {}",
+        o.server_cpu * 100.0,
         o.client_cpu * 100.0,
+        o.other_cpu() * 100.0,
         o.machine_cpu * 100.0,
+        ncpus(),
         o.load
     );
     if let Some(d) = &o.daemon {
         println!(
-            "  daemon     : {:.0}% of a core, peak RSS (VmHWM) {:.1} MiB",
-            d.cpu * 100.0,
+            "  daemon     : peak RSS (VmHWM, since start) {:.1} MiB",
             d.peak_rss_kb as f64 / 1024.0
         );
         if let (Some(mb), Some(calls)) = (d.write_mb_s, d.write_calls_s) {
@@ -757,7 +791,7 @@ fn print_outcome(o: &Outcome) {
         let parts: Vec<String> = d
             .threads
             .iter()
-            .take(8)
+            .take(12)
             .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
             .collect();
         println!("  threads    : {}", parts.join(", "));
@@ -767,19 +801,16 @@ fn print_outcome(o: &Outcome) {
 fn print_table(outcomes: &[Outcome]) {
     println!("\n## Summary\n");
     println!(
-        "| scenario | conns | req/s | errors | p50 µs | p99 µs | p99.9 µs | daemon CPU | daemon peak RSS | client CPU |"
+        "| scenario | conns | req/s | errors | p50 µs | p99 µs | p99.9 µs | server CPU | daemon peak RSS | client CPU | other CPU | load avg |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for o in outcomes {
-        let (cpu, rss) = match &o.daemon {
-            Some(d) => (
-                format!("{:.0}%", d.cpu * 100.0),
-                format!("{:.1} MiB", d.peak_rss_kb as f64 / 1024.0),
-            ),
-            None => ("n/a".into(), "n/a".into()),
+        let rss = match &o.daemon {
+            Some(d) => format!("{:.1} MiB", d.peak_rss_kb as f64 / 1024.0),
+            None => "n/a".into(),
         };
         println!(
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.0}% |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {:.0}% | {} | {:.0}% | {:.0}% | {} |",
             o.name,
             o.conns,
             o.rate(),
@@ -787,9 +818,11 @@ fn print_table(outcomes: &[Outcome]) {
             o.hist.value_at_quantile(0.50),
             o.hist.value_at_quantile(0.99),
             o.hist.value_at_quantile(0.999),
-            cpu,
+            o.server_cpu * 100.0,
             rss,
-            o.client_cpu * 100.0
+            o.client_cpu * 100.0,
+            o.other_cpu() * 100.0,
+            o.load
         );
     }
 }
