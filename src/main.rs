@@ -9,6 +9,11 @@ use meterd::config::Config;
 use meterd::daemon::{self, Secrets};
 use meterd_actors::store::{Store, StoreConfig};
 
+/// mimalloc: the daemon allocates many small short-lived objects per request (HTTP, JSON,
+/// sled nodes); glibc malloc was 15-17% of CPU under load (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "meterd",

@@ -827,19 +827,29 @@ impl AccountState {
 
     /// Looks up an idempotency key. `Ok(Some(entry))` is a replay of that entry.
     fn find_replay(&self, op: IdemOp, key: &str) -> Result<Option<LedgerEntry>, StoreError> {
-        let Some(rec) = self.deps.store.get_idem(&self.id, op, key)? else {
-            return Ok(None);
-        };
-        match self.deps.store.read_entry(&self.id, rec.seq)? {
-            Some(e) => Ok(Some(e)),
-            None => Err(StoreError::Corrupt {
-                tree: "idem",
-                detail: format!(
-                    "account {}: key points at missing entry {}",
-                    self.id, rec.seq
-                ),
-            }),
+        match self.deps.store.get_idem(&self.id, op, key)? {
+            Some(rec) => self.entry_for_key(rec.seq, op, key),
+            None => Ok(None),
         }
+    }
+
+    /// The entry an idempotency record points at, if it really is that key's entry. A record
+    /// can dangle (it is written just before its entry, and a crash can fall in between): a
+    /// dangling record is no replay.
+    fn entry_for_key(
+        &self,
+        seq: u64,
+        op: IdemOp,
+        key: &str,
+    ) -> Result<Option<LedgerEntry>, StoreError> {
+        if seq > self.fold.last_seq {
+            return Ok(None);
+        }
+        Ok(self
+            .deps
+            .store
+            .read_entry(&self.id, seq)?
+            .filter(|e| idem_of(&e.kind).is_some_and(|(o, k)| o == op && k == key)))
     }
 
     fn consume(
@@ -855,7 +865,24 @@ impl AccountState {
             }
         };
         let digest = cmd.digest();
-        if let Some(prev) = self.find_replay(IdemOp::Consume, cmd.idempotency_key.as_str())? {
+        let now = self.deps.clock.now_ms();
+        self.catch_up(now)?;
+        // One tree operation for the common case, a new key: claim the key for the entry about
+        // to be written. If it was taken, put the old record back and answer as before.
+        let key = cmd.idempotency_key.as_str();
+        let claim = IdemRecord {
+            seq: self.fold.last_seq + 1,
+            at_ms: now,
+        };
+        if let Some(old) = self
+            .deps
+            .store
+            .swap_idem(&self.id, IdemOp::Consume, key, claim)?
+            && let Some(prev) = self.entry_for_key(old.seq, IdemOp::Consume, key)?
+        {
+            self.deps
+                .store
+                .put_idem(&self.id, IdemOp::Consume, key, old)?;
             let r = match prev.kind {
                 EntryKind::Consume(rec) if rec.digest == digest => Ok(ConsumeReply {
                     seq: Some(prev.seq),
@@ -868,8 +895,6 @@ impl AccountState {
             self.reply_after_commit(reply, r);
             return Ok(());
         }
-        let now = self.deps.clock.now_ms();
-        self.catch_up(now)?;
         let (Some(profile), Some(balances)) = (&self.fold.profile, &self.fold.balances) else {
             return Ok(());
         };
@@ -959,15 +984,7 @@ impl AccountState {
                 tracing::info!(account = %self.id, kind = a.kind.as_str(), meter = %a.meter, threshold = a.threshold, "alert");
             }
         }
-        self.deps.store.put_idem(
-            &self.id,
-            IdemOp::Consume,
-            cmd.idempotency_key.as_str(),
-            IdemRecord {
-                seq: entry.seq,
-                at_ms: now,
-            },
-        )?;
+        debug_assert_eq!(entry.seq, claim.seq);
         self.after_write()?;
         let EntryKind::Consume(record) = entry.kind else {
             return Ok(());

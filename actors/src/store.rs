@@ -411,6 +411,25 @@ impl Store {
         Ok(())
     }
 
+    /// Inserts `rec` and returns the record it replaced, if any: one tree operation where a
+    /// lookup followed by an insert would take two.
+    pub fn swap_idem(
+        &self,
+        account: &AccountId,
+        op: IdemOp,
+        key: &str,
+        rec: IdemRecord,
+    ) -> Result<Option<IdemRecord>, StoreError> {
+        match self
+            .inner
+            .idem
+            .insert(codec::idem_key(account, op, key), codec::encode_idem(rec)?)?
+        {
+            Some(old) => Ok(Some(codec::decode_idem(&old)?)),
+            None => Ok(None),
+        }
+    }
+
     pub fn get_idem(
         &self,
         account: &AccountId,

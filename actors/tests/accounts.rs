@@ -445,3 +445,54 @@ async fn fired_alerts_are_queued_for_notification() {
     assert!(queued.iter().all(|(acct, _, _)| acct == "q"));
     assert_eq!(queued[0].1, 2, "the first consume's entry");
 }
+
+/// An idempotency record can dangle: it is claimed just before its entry is written, and a
+/// crash can fall in between. A dangling record is not a replay, even once another kind of
+/// entry takes that sequence number.
+#[tokio::test]
+async fn a_dangling_idempotency_record_is_not_a_replay() {
+    use meterd_actors::store::{IdemOp, IdemRecord};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(&store, settings()).await;
+    create(&accounts, "d", "open").await;
+    // Entry 2 will be a credit grant; a stale claim says key "k" answered at 2.
+    store
+        .put_idem(
+            &id("d"),
+            IdemOp::Consume,
+            "k",
+            IdemRecord { seq: 2, at_ms: 0 },
+        )
+        .unwrap();
+    store
+        .put_idem(
+            &id("d"),
+            IdemOp::Consume,
+            "future",
+            IdemRecord { seq: 99, at_ms: 0 },
+        )
+        .unwrap();
+    accounts
+        .credit(
+            &id("d"),
+            CreditCmd {
+                amount: 5,
+                reason: String::new(),
+                idempotency_key: IdempotencyKey::parse("g").unwrap(),
+                grant: Default::default(),
+            },
+        )
+        .await
+        .unwrap();
+    for key in ["k", "future"] {
+        let r = eat(&accounts, &id("d"), 1, key).await.unwrap();
+        assert!(!r.replayed, "{key}");
+        let again = eat(&accounts, &id("d"), 1, key).await.unwrap();
+        assert!(again.replayed, "{key}");
+        assert_eq!(again.seq, r.seq);
+    }
+    assert_eq!(accounts.get(&id("d")).await.unwrap().meters[0].used, 2);
+    accounts.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert!(meterd_actors::verify::verify_store(&store).unwrap().ok());
+}
