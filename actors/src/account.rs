@@ -522,6 +522,48 @@ impl AccountState {
         })
     }
 
+    /// The priced usage spend if `meter` reached `units`, with the spend cap in force, for a
+    /// billed meter under a cap; `None` otherwise.
+    fn spend_with(
+        &self,
+        plan: &Plan,
+        profile: &AccountProfile,
+        rule: &crate::model::MeterRule,
+        balances: &Balances,
+        meter: &str,
+        units: u64,
+    ) -> Option<(u64, SpendCap)> {
+        let cap = effective_spend_cap(plan, profile)?;
+        rule.price.as_ref()?;
+        match usage_cost_with(plan, profile, balances, meter, units) {
+            Ok(spent) => Some((spent, cap)),
+            Err(e) => {
+                tracing::warn!(account = %self.id, error = %e, "cannot price usage for the spend cap");
+                None
+            }
+        }
+    }
+
+    /// Would `units` of `meter` pass a blocking spend cap?
+    fn over_blocking_cap(
+        &self,
+        profile: &AccountProfile,
+        balances: &Balances,
+        meter: &str,
+        units: u64,
+    ) -> bool {
+        let Some(plan) = self.deps.catalog.plans.get(&profile.plan) else {
+            return false;
+        };
+        let Some(rule) = effective_rule(plan, profile, meter) else {
+            return false;
+        };
+        matches!(
+            self.spend_with(plan, profile, &rule, balances, meter, units),
+            Some((spent, cap)) if cap.action == SpendCapAction::Block && spent > cap.amount
+        )
+    }
+
     fn access_at(&self, profile: &AccountProfile, now: i64) -> Access {
         let grace =
             i64::try_from(self.deps.settings.past_due_grace.as_millis()).unwrap_or(i64::MAX);
@@ -917,19 +959,16 @@ impl AccountState {
         if let (Some(rule), Some(plan_def), Outcome::Allowed) =
             (rule.as_ref(), self.deps.catalog.plans.get(&plan), d.outcome)
         {
-            let cap = effective_spend_cap(plan_def, profile);
-            let spend = match (cap, rule.price.is_some()) {
-                (Some(cap), true) => {
-                    match usage_cost_with(plan_def, profile, balances, &cmd.meter, d.used_after) {
-                        Ok(spent) => Some((spent, cap)),
-                        Err(e) => {
-                            tracing::warn!(account = %self.id, error = %e, "cannot price usage for the spend cap");
-                            None
-                        }
-                    }
-                }
-                _ => None,
-            };
+            // Held units count as spend to come, so holds cannot slip past the cap.
+            let reserved = balances.usage(&cmd.meter).reserved;
+            let spend = self.spend_with(
+                plan_def,
+                profile,
+                rule,
+                balances,
+                &cmd.meter,
+                d.used_after.saturating_add(reserved),
+            );
             if let Some((spent, cap)) = spend
                 && cap.action == SpendCapAction::Block
                 && spent > cap.amount
@@ -1442,7 +1481,7 @@ impl AccountState {
             .get(&plan)
             .and_then(|p| effective_rule(p, profile, &cmd.meter));
         let active = self.access_at(profile, now) != Access::Denied;
-        let d = decide_consume(
+        let mut d = decide_consume(
             balances,
             &cmd.meter,
             rule.as_ref(),
@@ -1451,6 +1490,22 @@ impl AccountState {
             now,
         );
         let usage = balances.usage(&cmd.meter);
+        if d.outcome == Outcome::Allowed
+            && self.over_blocking_cap(
+                profile,
+                balances,
+                &cmd.meter,
+                usage.occupied().saturating_add(cmd.quantity),
+            )
+        {
+            d = ConsumeDecision {
+                outcome: Outcome::Denied(DenyCode::SpendCapReached),
+                burns: Vec::new(),
+                credits_spent: 0,
+                credits_after: balances.live_credits(now),
+                ..d
+            };
+        }
         let allowed = d.outcome == Outcome::Allowed;
         let record = HoldRecord {
             meter: cmd.meter,
@@ -1567,7 +1622,23 @@ impl AccountState {
                     .plans
                     .get(&profile.plan)
                     .and_then(|p| effective_rule(p, profile, &hold.meter));
+                // Units beyond the hold are new spend: the cap applies to them.
+                let usage = balances.usage(&hold.meter);
+                let others = usage.reserved.saturating_sub(hold.quantity);
+                let over_cap = q > hold.quantity
+                    && self.over_blocking_cap(
+                        profile,
+                        balances,
+                        &hold.meter,
+                        usage.used.saturating_add(others).saturating_add(q),
+                    );
                 match decide_commit(balances, rid, rule.as_ref(), q, now) {
+                    Ok(_) if over_cap => {
+                        let _ = reply.send(Err(AccountError::CommitDenied {
+                            code: "spend_cap_reached",
+                        }));
+                        return Ok(());
+                    }
                     Ok(r) => Some(r),
                     Err(code) => {
                         let code = match code {

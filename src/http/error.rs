@@ -111,13 +111,11 @@ impl From<AccountError> for ApiError {
                     "reservation_settled"
                 },
             ),
-            AccountError::CommitDenied { code } => {
-                if code == "insufficient_credits" {
-                    (StatusCode::PAYMENT_REQUIRED, "insufficient_credits")
-                } else {
-                    (StatusCode::TOO_MANY_REQUESTS, "cap_reached")
-                }
-            }
+            AccountError::CommitDenied { code } => match code {
+                "insufficient_credits" => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits"),
+                "spend_cap_reached" => (StatusCode::PAYMENT_REQUIRED, "spend_cap_reached"),
+                _ => (StatusCode::TOO_MANY_REQUESTS, "cap_reached"),
+            },
             AccountError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AccountError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AccountError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),

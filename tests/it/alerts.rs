@@ -140,3 +140,54 @@ async fn low_credit_alert_fires_when_the_balance_drops_below_the_threshold() {
     assert!(alerts(&d.client.consume("p", 1, "k3").await).is_empty());
     d.stop().await;
 }
+
+/// Held units count as spend to come: reservations and commits cannot slip past a blocking
+/// spend cap.
+#[tokio::test]
+async fn reservations_cannot_pass_a_blocking_spend_cap() {
+    let d = TestDaemon::start().await;
+    d.client
+        .put_account(
+            "h",
+            json!({"plan": "payg", "spend_cap": {"amount": 1000, "action": "block"}}),
+        )
+        .await;
+    let post = |path: String, body: Value| {
+        let c = d.client.clone();
+        async move {
+            c.send(reqwest::Method::POST, &path, Some(APP_KEY), Some(body))
+                .await
+        }
+    };
+    // $0.50 per token: the cap is 20 tokens. Hold 15.
+    let r = post(
+        "/v1/accounts/h/reservations".into(),
+        json!({"meter": "tokens", "quantity": 15, "idempotency_key": "r1"}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let rid = r.body["reservation_id"].as_str().unwrap().to_owned();
+    let c = d.client.consume("h", 6, "k1").await;
+    assert_eq!((c.status, c.code()), (402, "spend_cap_reached"));
+    let r2 = post(
+        "/v1/accounts/h/reservations".into(),
+        json!({"meter": "tokens", "quantity": 6, "idempotency_key": "r2"}),
+    )
+    .await;
+    assert_eq!((r2.status, r2.code()), (402, "spend_cap_reached"));
+    let over = post(
+        format!("/v1/reservations/{rid}/commit"),
+        json!({"quantity": 21}),
+    )
+    .await;
+    assert_eq!((over.status, over.code()), (402, "spend_cap_reached"));
+    let ok = post(
+        format!("/v1/reservations/{rid}/commit"),
+        json!({"quantity": 20}),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    assert_eq!(d.client.get_account("h").await.body["cost"]["usage"], 1000);
+    assert_eq!(d.client.consume("h", 1, "k2").await.status, 402);
+    d.stop().await;
+}
