@@ -281,3 +281,48 @@ fn check_config_accepts_the_shipped_config_and_names_an_unknown_key() {
         "stderr must name the key: {stderr}"
     );
 }
+
+/// `meterd ledger verify` exits 1 and names the account when a ledger entry does not follow
+/// from the ones before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_verify_exits_non_zero_on_a_tampered_ledger() {
+    use meterd_actors::ledger::EntryKind;
+    use meterd_actors::model::AccountId;
+    use meterd_actors::store::{Store, StoreConfig, SyncMode};
+    let dir = tempfile::tempdir().unwrap();
+    let d = crate::support::BinDaemon::start(dir.path(), &[]);
+    d.client
+        .put_account("tamper", serde_json::json!({"plan": "free"}))
+        .await;
+    assert_eq!(d.client.consume("tamper", 5, "k1").await.status, 200);
+    let status = tokio::task::spawn_blocking(move || d.sigterm(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(status.success());
+    let ok = crate::support::ledger_verify(dir.path());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    {
+        let store = Store::open(&StoreConfig {
+            path: dir.path().to_path_buf(),
+            sync: SyncMode::Fdatasync,
+            cache_capacity_bytes: 1 << 20,
+        })
+        .unwrap();
+        let id = AccountId::parse("tamper").unwrap();
+        let mut e = store.read_entry(&id, 2).unwrap().unwrap();
+        if let EntryKind::Consume(c) = &mut e.kind {
+            c.used_after = 50;
+        }
+        store.append_entry(&id, &e).unwrap();
+        store.barrier().await.unwrap();
+        store.close().unwrap();
+    }
+    let bad = crate::support::ledger_verify(dir.path());
+    assert_eq!(bad.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert!(out.contains("MISMATCH account tamper"), "{out}");
+}
