@@ -908,9 +908,9 @@ impl AccountState {
         };
         let digest = cmd.digest();
         let now = self.deps.clock.now_ms();
-        self.catch_up(now)?;
         // One tree operation for the common case, a new key: claim the key for the entry about
-        // to be written. If it was taken, put the old record back and answer as before.
+        // to be written. If it was taken, put the old record back and answer as before. The
+        // replay check comes before any lazy catch-up, so a replay writes nothing at all.
         let key = cmd.idempotency_key.as_str();
         let claim = IdemRecord {
             seq: self.fold.last_seq + 1,
@@ -937,6 +937,20 @@ impl AccountState {
             self.reply_after_commit(reply, r);
             return Ok(());
         }
+        self.catch_up(now)?;
+        let claim = if self.fold.last_seq + 1 == claim.seq {
+            claim
+        } else {
+            // Catch-up wrote entries: move the claim to the consume's real seq.
+            let moved = IdemRecord {
+                seq: self.fold.last_seq + 1,
+                at_ms: now,
+            };
+            self.deps
+                .store
+                .put_idem(&self.id, IdemOp::Consume, key, moved)?;
+            moved
+        };
         let (Some(profile), Some(balances)) = (&self.fold.profile, &self.fold.balances) else {
             return Ok(());
         };
@@ -1218,6 +1232,22 @@ impl AccountState {
         cmd: CreditCmd,
         reply: RpcReplyPort<Result<CreditReply, AccountError>>,
     ) -> Result<(), StoreError> {
+        // A retry of an earlier grant answers as before, even once its terms (an expiry in
+        // the future, say) would no longer be accepted as new.
+        if self.fold.profile.is_some()
+            && let Some(prev) = self.find_replay(IdemOp::Credit, cmd.idempotency_key.as_str())?
+        {
+            let r = match prev.kind {
+                EntryKind::Credit(rec) if rec.digest == cmd.digest() => Ok(CreditReply {
+                    seq: prev.seq,
+                    record: rec,
+                    replayed: true,
+                }),
+                _ => Err(AccountError::IdempotencyConflict { seq: prev.seq }),
+            };
+            self.reply_after_commit(reply, r);
+            return Ok(());
+        }
         let now = self.deps.clock.now_ms();
         let checked = (|| {
             if cmd.amount == 0 || cmd.amount == i64::MIN {

@@ -151,11 +151,7 @@ impl Store {
             path: cfg.path.clone(),
             source,
         })?;
-        let db = sled::Config::new()
-            .path(&cfg.path)
-            .cache_capacity(cfg.cache_capacity_bytes)
-            .flush_every_ms(Some(500))
-            .open()?;
+        let db = open_db(cfg)?;
         let meta = db.open_tree("meta")?;
         match meta.get(b"format")? {
             Some(v) => {
@@ -483,6 +479,29 @@ impl Store {
     /// Disk space sled uses, in bytes.
     pub fn size_on_disk(&self) -> u64 {
         self.inner.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// Opens sled, waiting (bounded) for the directory lock: a previous owner of the directory
+/// (the process being replaced on restart, or sled's own threads of a store just closed)
+/// can hold it for a moment.
+fn open_db(cfg: &StoreConfig) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = sled::Config::new()
+            .path(&cfg.path)
+            .cache_capacity(cfg.cache_capacity_bytes)
+            .flush_every_ms(Some(500))
+            .open();
+        match r {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return Ok(other?),
+        }
     }
 }
 
