@@ -868,6 +868,48 @@ impl AccountState {
     }
 
     /// Looks up an idempotency key. `Ok(Some(entry))` is a replay of that entry.
+    /// The answer to a repeated grant, adjustment or top-up: the first reply, or a conflict
+    /// if the key came with a different request. `None`: the key is new.
+    fn credit_replay(
+        &self,
+        op: IdemOp,
+        key: &str,
+        digest: [u8; 32],
+    ) -> Result<Option<Result<CreditReply, AccountError>>, StoreError> {
+        Ok(self.find_replay(op, key)?.map(|prev| match prev.kind {
+            EntryKind::Credit(rec) if rec.digest == digest => Ok(CreditReply {
+                seq: prev.seq,
+                record: rec,
+                replayed: true,
+            }),
+            _ => Err(AccountError::IdempotencyConflict { seq: prev.seq }),
+        }))
+    }
+
+    /// Appends an entry that answers idempotency key `key` of `op`, indexes the key, and
+    /// snapshots when due: the write path of every keyed operation but consume (which claims
+    /// its key before deciding).
+    fn record_keyed(
+        &mut self,
+        kind: EntryKind,
+        now: i64,
+        op: IdemOp,
+        key: &str,
+    ) -> Result<LedgerEntry, StoreError> {
+        let entry = self.append(kind, now)?;
+        self.deps.store.put_idem(
+            &self.id,
+            op,
+            key,
+            IdemRecord {
+                seq: entry.seq,
+                at_ms: now,
+            },
+        )?;
+        self.after_write()?;
+        Ok(entry)
+    }
+
     fn find_replay(&self, op: IdemOp, key: &str) -> Result<Option<LedgerEntry>, StoreError> {
         match self.deps.store.get_idem(&self.id, op, key)? {
             Some(rec) => self.entry_for_key(rec.seq, op, key),
@@ -1235,16 +1277,9 @@ impl AccountState {
         // A retry of an earlier grant answers as before, even once its terms (an expiry in
         // the future, say) would no longer be accepted as new.
         if self.fold.profile.is_some()
-            && let Some(prev) = self.find_replay(IdemOp::Credit, cmd.idempotency_key.as_str())?
+            && let Some(r) =
+                self.credit_replay(IdemOp::Credit, cmd.idempotency_key.as_str(), cmd.digest())?
         {
-            let r = match prev.kind {
-                EntryKind::Credit(rec) if rec.digest == cmd.digest() => Ok(CreditReply {
-                    seq: prev.seq,
-                    record: rec,
-                    replayed: true,
-                }),
-                _ => Err(AccountError::IdempotencyConflict { seq: prev.seq }),
-            };
             self.reply_after_commit(reply, r);
             return Ok(());
         }
@@ -1386,15 +1421,7 @@ impl AccountState {
             let _ = reply.send(Err(AccountError::UnknownAccount(self.id.clone())));
             return Ok(());
         }
-        if let Some(prev) = self.find_replay(op, key)? {
-            let r = match prev.kind {
-                EntryKind::Credit(rec) if rec.digest == digest => Ok(CreditReply {
-                    seq: prev.seq,
-                    record: rec,
-                    replayed: true,
-                }),
-                _ => Err(AccountError::IdempotencyConflict { seq: prev.seq }),
-            };
+        if let Some(r) = self.credit_replay(op, key, digest)? {
             self.reply_after_commit(reply, r);
             return Ok(());
         }
@@ -1437,17 +1464,7 @@ impl AccountState {
             burns,
             credits_after,
         };
-        let entry = self.append(EntryKind::Credit(record), now)?;
-        self.deps.store.put_idem(
-            &self.id,
-            op,
-            key,
-            IdemRecord {
-                seq: entry.seq,
-                at_ms: now,
-            },
-        )?;
-        self.after_write()?;
+        let entry = self.record_keyed(EntryKind::Credit(record), now, op, key)?;
         if let EntryKind::Credit(record) = entry.kind {
             self.reply_after_commit(
                 reply,
@@ -1555,17 +1572,12 @@ impl AccountState {
             used_after: usage.used,
             credits_after: d.credits_after,
         };
-        let entry = self.append(EntryKind::Reserved(record), now)?;
-        self.deps.store.put_idem(
-            &self.id,
+        let entry = self.record_keyed(
+            EntryKind::Reserved(record),
+            now,
             IdemOp::Reserve,
             cmd.idempotency_key.as_str(),
-            IdemRecord {
-                seq: entry.seq,
-                at_ms: now,
-            },
         )?;
-        self.after_write()?;
         if let EntryKind::Reserved(record) = entry.kind {
             self.reply_after_commit(
                 reply,
@@ -1685,17 +1697,12 @@ impl AccountState {
             let _ = reply.send(Err(AccountError::UnknownReservation { rid }));
             return Ok(());
         };
-        let entry = self.append(EntryKind::Settled(record), now)?;
-        self.deps.store.put_idem(
-            &self.id,
+        let entry = self.record_keyed(
+            EntryKind::Settled(record),
+            now,
             IdemOp::Settle,
             &rid.to_string(),
-            IdemRecord {
-                seq: entry.seq,
-                at_ms: now,
-            },
         )?;
-        self.after_write()?;
         if let EntryKind::Settled(record) = entry.kind {
             self.reply_after_commit(
                 reply,
