@@ -5,6 +5,8 @@
 //! (`T` uses `deny_unknown_fields`) and names the offending field in every message, all as
 //! 400 `invalid_request`.
 
+use std::marker::PhantomData;
+
 use poem::{Request, RequestBody};
 use poem_openapi::registry::{MetaMediaType, MetaRequest, Registry};
 use poem_openapi::types::Type;
@@ -17,7 +19,8 @@ use super::error::ApiError;
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
 
-pub struct JsonBody<T>(pub T);
+/// The usual request body.
+pub type JsonBody<T> = Body<T, Regular>;
 
 const CONTENT_TYPE: &str = "application/json";
 
@@ -30,8 +33,8 @@ fn is_json(content_type: &str) -> bool {
 #[derive(Debug, Clone, Copy)]
 pub struct BatchBodyLimit(pub usize);
 
-/// Like [`JsonBody`], with the batch route's larger size limit ([`BatchBodyLimit`]).
-pub struct LargeJsonBody<T>(pub T);
+/// The batch route's body, with its larger size limit ([`BatchBodyLimit`]).
+pub type LargeJsonBody<T> = Body<T, Batch>;
 
 fn json_request_meta<T: Type>() -> Option<MetaRequest> {
     Some(MetaRequest {
@@ -90,33 +93,38 @@ async fn read_json<T: DeserializeOwned>(
     })
 }
 
-impl<'a, T: Type + DeserializeOwned + Send> ApiExtractor<'a> for JsonBody<T> {
-    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
-    type ParamType = ();
-    type ParamRawType = ();
+/// Where a body's size limit comes from.
+pub trait BodyLimitKind: Send + Sync + 'static {
+    fn limit(request: &Request) -> usize;
+}
 
-    fn register(registry: &mut Registry) {
-        T::register(registry);
-    }
+/// `server.max_body_bytes` ([`BodyLimit`]).
+pub struct Regular;
+/// `server.max_batch_body_bytes` ([`BatchBodyLimit`]).
+pub struct Batch;
 
-    fn request_meta() -> Option<MetaRequest> {
-        json_request_meta::<T>()
-    }
-
-    async fn from_request(
-        request: &'a Request,
-        body: &mut RequestBody,
-        _opts: ExtractParamOptions<()>,
-    ) -> poem::Result<Self> {
-        let limit = request
+impl BodyLimitKind for Regular {
+    fn limit(request: &Request) -> usize {
+        request
             .data::<BodyLimit>()
             .map(|l| l.0)
-            .unwrap_or(16 * 1024);
-        read_json(request, body, limit).await.map(JsonBody)
+            .unwrap_or(16 * 1024)
     }
 }
 
-impl<'a, T: Type + DeserializeOwned + Send> ApiExtractor<'a> for LargeJsonBody<T> {
+impl BodyLimitKind for Batch {
+    fn limit(request: &Request) -> usize {
+        request
+            .data::<BatchBodyLimit>()
+            .map(|l| l.0)
+            .unwrap_or(256 * 1024)
+    }
+}
+
+/// A JSON body of type `T` under the size limit of `L`.
+pub struct Body<T, L>(pub T, PhantomData<L>);
+
+impl<'a, T: Type + DeserializeOwned + Send, L: BodyLimitKind> ApiExtractor<'a> for Body<T, L> {
     const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
     type ParamType = ();
     type ParamRawType = ();
@@ -134,11 +142,9 @@ impl<'a, T: Type + DeserializeOwned + Send> ApiExtractor<'a> for LargeJsonBody<T
         body: &mut RequestBody,
         _opts: ExtractParamOptions<()>,
     ) -> poem::Result<Self> {
-        let limit = request
-            .data::<BatchBodyLimit>()
-            .map(|l| l.0)
-            .unwrap_or(256 * 1024);
-        read_json(request, body, limit).await.map(LargeJsonBody)
+        read_json(request, body, L::limit(request))
+            .await
+            .map(|v| Body(v, PhantomData))
     }
 }
 
