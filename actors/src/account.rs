@@ -487,11 +487,14 @@ fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64), StoreErr
         }
         for e in &batch {
             fold.apply(e).map_err(|err| corrupt(id, err))?;
-            if let EntryKind::Consume(c) = &e.kind {
-                for (i, a) in c.alerts.iter().enumerate() {
-                    let idx = u32::try_from(i).unwrap_or(u32::MAX);
-                    store.queue_alert(id, e.seq, idx, e.at_ms, a)?;
-                }
+            let alerts = match &e.kind {
+                EntryKind::Consume(c) => c.alerts.as_slice(),
+                EntryKind::Settled(r) => r.alerts.as_slice(),
+                _ => &[],
+            };
+            for (i, a) in alerts.iter().enumerate() {
+                let idx = u32::try_from(i).unwrap_or(u32::MAX);
+                store.queue_alert(id, e.seq, idx, e.at_ms, a)?;
             }
             if let Some((op, key)) = idem_of(&e.kind) {
                 let rec = IdemRecord {
@@ -868,6 +871,21 @@ impl AccountState {
     }
 
     /// Looks up an idempotency key. `Ok(Some(entry))` is a replay of that entry.
+    /// Queues the alerts entry `seq` raised for outgoing notification.
+    fn queue_alerts(
+        &self,
+        seq: u64,
+        now: i64,
+        alerts: &[crate::ledger::Alert],
+    ) -> Result<(), StoreError> {
+        for (i, a) in alerts.iter().enumerate() {
+            let idx = u32::try_from(i).unwrap_or(u32::MAX);
+            self.deps.store.queue_alert(&self.id, seq, idx, now, a)?;
+            tracing::info!(account = %self.id, kind = a.kind.as_str(), meter = %a.meter, threshold = a.threshold, "alert");
+        }
+        Ok(())
+    }
+
     /// The answer to a repeated grant, adjustment or top-up: the first reply, or a conflict
     /// if the key came with a different request. `None`: the key is new.
     fn credit_replay(
@@ -1071,13 +1089,7 @@ impl AccountState {
         };
         let entry = self.append(EntryKind::Consume(record), now)?;
         if let EntryKind::Consume(rec) = &entry.kind {
-            for (i, a) in rec.alerts.iter().enumerate() {
-                let idx = u32::try_from(i).unwrap_or(u32::MAX);
-                self.deps
-                    .store
-                    .queue_alert(&self.id, entry.seq, idx, now, a)?;
-                tracing::info!(account = %self.id, kind = a.kind.as_str(), meter = %a.meter, threshold = a.threshold, "alert");
-            }
+            self.queue_alerts(entry.seq, now, &rec.alerts)?;
         }
         debug_assert_eq!(entry.seq, claim.seq);
         self.after_write()?;
@@ -1681,7 +1693,31 @@ impl AccountState {
                         }));
                         return Ok(());
                     }
-                    Ok(r) => Some(r),
+                    Ok(mut r) => {
+                        if let (Some(rule), Some(plan)) =
+                            (rule.as_ref(), self.deps.catalog.plans.get(&profile.plan))
+                        {
+                            let reserved = r.reserved_after;
+                            let spend = self.spend_with(
+                                plan,
+                                profile,
+                                rule,
+                                balances,
+                                &hold.meter,
+                                r.used_after.saturating_add(reserved),
+                            );
+                            r.alerts = alerts_for(
+                                plan,
+                                rule,
+                                balances,
+                                &hold.meter,
+                                r.used_after,
+                                r.credits_after,
+                                spend,
+                            );
+                        }
+                        Some(r)
+                    }
                     Err(code) => {
                         let code = match code {
                             DenyCode::InsufficientCredits => "insufficient_credits",
@@ -1703,6 +1739,9 @@ impl AccountState {
             IdemOp::Settle,
             &rid.to_string(),
         )?;
+        if let EntryKind::Settled(rec) = &entry.kind {
+            self.queue_alerts(entry.seq, now, &rec.alerts)?;
+        }
         if let EntryKind::Settled(record) = entry.kind {
             self.reply_after_commit(
                 reply,

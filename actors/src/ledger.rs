@@ -311,6 +311,8 @@ pub struct SettleRecord {
     pub reserved_after: u64,
     pub billable_after: u64,
     pub credits_after: u64,
+    /// Alerts a commit raised (as a consume would).
+    pub alerts: Vec<Alert>,
 }
 
 /// An account's balances: the fold of its ledger.
@@ -353,6 +355,26 @@ impl Balances {
             holds: BTreeMap::new(),
             alerts: Vec::new(),
         }
+    }
+
+    /// Adds the alerts an entry raised; each may fire once per period.
+    fn record_alerts(&mut self, seq: u64, at: UnixMs, alerts: &[Alert]) -> Result<(), FoldError> {
+        for a in alerts {
+            if self.alert_fired(a.kind, &a.meter, a.threshold) {
+                return Err(FoldError::Mismatch {
+                    seq,
+                    what: "alert fired twice",
+                    recorded: a.threshold,
+                    folded: a.threshold,
+                });
+            }
+            self.alerts.push(FiredAlert {
+                seq,
+                at_ms: at,
+                alert: a.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Has this alert (kind, meter, threshold) fired in the current period?
@@ -539,16 +561,7 @@ impl Balances {
                     return Err(mismatch("billable", c.billable_after, u.billable));
                 }
                 check_credits(self, c.credits_after)?;
-                for a in &c.alerts {
-                    if self.alert_fired(a.kind, &a.meter, a.threshold) {
-                        return Err(mismatch("alert fired twice", a.threshold, a.threshold));
-                    }
-                    self.alerts.push(FiredAlert {
-                        seq,
-                        at_ms: at,
-                        alert: a.clone(),
-                    });
-                }
+                self.record_alerts(seq, at, &c.alerts)?;
             }
             EntryKind::Credit(c) => {
                 match (&c.grant, c.amount) {
@@ -643,6 +656,7 @@ impl Balances {
                     }
                 }
                 check_credits(self, r.credits_after)?;
+                self.record_alerts(seq, at, &r.alerts)?;
             }
             EntryKind::CreditExpired {
                 grant_id,
@@ -877,6 +891,7 @@ pub fn decide_commit(
             .checked_add(billable)
             .ok_or(DenyCode::CapReached)?,
         credits_after: sim.live_credits(at),
+        alerts: Vec::new(),
     })
 }
 
@@ -905,6 +920,7 @@ pub fn decide_release(
         reserved_after: usage.reserved.saturating_sub(hold.quantity),
         billable_after: usage.billable,
         credits_after: sim.live_credits(at),
+        alerts: Vec::new(),
     })
 }
 

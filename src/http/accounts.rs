@@ -129,6 +129,7 @@ impl AccountsApi {
                     balance: r.credits_after,
                     spent: None,
                 },
+                alerts: r.alerts.iter().map(|a| alert_view(a, None)).collect(),
             }),
             replayed_header(reply.replayed),
         ))

@@ -276,6 +276,8 @@ pub struct SettleResult {
     pub ledger_seq: u64,
     pub meter: MeterState,
     pub credits: CreditsView,
+    /// Alerts the commit raised (as a consume would).
+    pub alerts: Vec<AlertView>,
 }
 
 /// `rsv_{seq}_{account_id}`: the account is part of the id, so the route finds its actor.

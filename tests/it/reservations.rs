@@ -224,3 +224,33 @@ async fn reservations_and_consumes_under_256_clients_never_overspend() {
     assert_eq!(tokens(&a)["reserved"], 0);
     d.stop().await;
 }
+
+/// Consumption through reservations raises the same usage alerts as consumes.
+#[tokio::test]
+async fn commits_raise_usage_alerts() {
+    let d = TestDaemon::start().await;
+    d.client.put_account("a", json!({"plan": "free"})).await;
+    let r = reserve(&d.client, "a", 90, "r1", 300).await;
+    let c = commit(&d.client, &rid(&r), 85).await;
+    assert_eq!(c.status, 200, "{:?}", c.body);
+    let fired: Vec<u64> = c.body["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["threshold"].as_u64().unwrap())
+        .collect();
+    assert_eq!(fired, vec![50, 80]);
+    let again = commit(&d.client, &rid(&r), 85).await;
+    assert!(again.replayed());
+    assert_eq!(again.body["alerts"], c.body["alerts"]);
+    // They count as fired: a consume past 80 % does not raise them again.
+    let k = d.client.consume("a", 10, "k1").await;
+    let more: Vec<u64> = k.body["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["threshold"].as_u64().unwrap())
+        .collect();
+    assert_eq!(more, vec![95]);
+    d.stop().await;
+}
