@@ -277,6 +277,7 @@ impl BatchApi {
     #[oai(path = "/v1/consume/batch", method = "post")]
     async fn consume_batch(
         &self,
+        req: &poem::Request,
         _auth: ApiKeyAuth,
         body: LargeJsonBody<BatchBody>,
     ) -> Result<Json<BatchResult>, ApiError> {
@@ -287,6 +288,10 @@ impl BatchApi {
                 items.len()
             )));
         }
+        // A batch of n items costs n requests of the key's rate limit (the first was charged
+        // on the way in). Refused as a whole, before any item is decided.
+        let extra = u64::try_from(items.len()).unwrap_or(u64::MAX) - 1;
+        super::ratelimit::charge_extra(req, extra)?;
         let raw_ids: Vec<String> = items.iter().map(|i| i.account_id.clone()).collect();
         let mut results: Vec<Option<BatchItemResult>> = Vec::with_capacity(items.len());
         results.resize_with(items.len(), || None);

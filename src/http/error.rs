@@ -50,6 +50,8 @@ pub struct ApiError {
     pub body: Box<ErrorBody>,
     /// Set on a replayed recorded denial (`Idempotent-Replayed: true`).
     pub replayed: bool,
+    /// Seconds for a `Retry-After` header (rate limits).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -64,6 +66,7 @@ impl ApiError {
                 credits: None,
             }),
             replayed: false,
+            retry_after: None,
         }
     }
 
@@ -149,6 +152,12 @@ impl IntoResponse for ApiError {
             .status(self.status)
             .content_type("application/json; charset=utf-8")
             .body(body);
+        if let Some(s) = self.retry_after {
+            resp.headers_mut().insert(
+                poem::http::header::RETRY_AFTER,
+                poem::http::HeaderValue::from(s),
+            );
+        }
         if self.replayed {
             resp.headers_mut().insert(
                 "Idempotent-Replayed",

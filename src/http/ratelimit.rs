@@ -12,9 +12,9 @@
 //! elapsed nanosecond of a monotonic clock (`tokio::time::Instant`, so tests may pause time).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use poem::http::{HeaderValue, StatusCode, header};
+use poem::http::{StatusCode, header};
 use poem::{Endpoint, IntoResponse, Request, Response};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -35,23 +35,52 @@ fn exempt(path: &str) -> bool {
 pub fn wrap<E: Endpoint + 'static>(ep: E, limits: RateLimits) -> impl Endpoint + 'static {
     RateLimited {
         inner: ep,
-        limiter: Limiter::new(limits),
+        limiter: Arc::new(Limiter::new(limits)),
     }
 }
 
 struct RateLimited<E> {
     inner: E,
-    limiter: Limiter,
+    limiter: Arc<Limiter>,
 }
 
 impl<E: Endpoint> Endpoint for RateLimited<E> {
     type Output = Response;
 
-    async fn call(&self, req: Request) -> poem::Result<Response> {
-        if let Some(denied) = self.limiter.check(&req) {
-            return Ok(denied.into_response());
+    async fn call(&self, mut req: Request) -> poem::Result<Response> {
+        match self.limiter.check(&req) {
+            Some(Ok(denied)) => return Ok(denied.into_response()),
+            Some(Err(digest)) => req.set_data(ExtraCharge {
+                limiter: self.limiter.clone(),
+                digest,
+            }),
+            None => {}
         }
         self.inner.call(req).await.map(IntoResponse::into_response)
+    }
+}
+
+/// Lets a route charge more than one token for a request that does more than one request's
+/// work (a batch of `n` items costs `n`).
+#[derive(Clone)]
+pub struct ExtraCharge {
+    limiter: Arc<Limiter>,
+    digest: [u8; 32],
+}
+
+/// Charges `extra` more tokens to the request's key, if it is rate limited. A request that
+/// cannot afford them is refused as a whole with 429 `rate_limited`.
+pub fn charge_extra(req: &Request, extra: u64) -> Result<(), ApiError> {
+    let Some(c) = req.data::<ExtraCharge>() else {
+        return Ok(());
+    };
+    let mut known = c.limiter.lock();
+    let Some(k) = known.get_mut(&c.digest) else {
+        return Ok(());
+    };
+    match c.limiter.charge(k, Instant::now(), extra) {
+        Some(denied) => Err(denied.into()),
+        None => Ok(()),
     }
 }
 
@@ -70,19 +99,20 @@ impl Bucket {
         }
     }
 
-    /// Takes one token, or says how many nanoseconds until one is there.
-    fn take(&mut self, limit: RateLimit, now: Instant) -> Result<(), u64> {
+    /// Takes `n` tokens, or says how many nanoseconds until they are there.
+    fn take(&mut self, limit: RateLimit, now: Instant, n: u64) -> Result<(), u64> {
+        let want = NANO.saturating_mul(n);
         let elapsed = now.saturating_duration_since(self.last).as_nanos();
         let refill = u64::try_from(elapsed.saturating_mul(u128::from(limit.requests_per_second)))
             .unwrap_or(u64::MAX);
         self.nanotokens = self.nanotokens.saturating_add(refill).min(capacity(limit));
         self.last = now;
-        match self.nanotokens.checked_sub(NANO) {
+        match self.nanotokens.checked_sub(want) {
             Some(rest) => {
                 self.nanotokens = rest;
                 Ok(())
             }
-            None => Err((NANO - self.nanotokens).div_ceil(limit.requests_per_second.max(1))),
+            None => Err((want - self.nanotokens).div_ceil(limit.requests_per_second.max(1))),
         }
     }
 }
@@ -126,8 +156,9 @@ impl Limiter {
         }
     }
 
-    /// Charges the request's key, if it has a valid one; `Some` if it is over its limit.
-    fn check(&self, req: &Request) -> Option<Denied> {
+    /// Charges the request's key one token, if it has a valid, limited one: `Some(Ok(_))` if it
+    /// is over its limit, `Some(Err(digest))` if it was charged (for later extra charges).
+    fn check(&self, req: &Request) -> Option<Result<Denied, [u8; 32]>> {
         if self.limits.admin.is_none() && self.limits.app.is_none() {
             return None;
         }
@@ -138,7 +169,7 @@ impl Limiter {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = Instant::now();
         if let Some(known) = self.lock().get_mut(&digest) {
-            return self.charge(known, now);
+            return self.charged(known, now, digest);
         }
         // First request with this key (or an invalid key): ask the key set, outside the lock.
         let scope = req.data::<ApiKeys>()?.scope_of(token)?;
@@ -148,13 +179,23 @@ impl Limiter {
             scope,
             bucket: limit.map(|l| Bucket::full(l, now)),
         });
-        self.charge(entry, now)
+        self.charged(entry, now, digest)
     }
 
-    fn charge(&self, known: &mut Known, now: Instant) -> Option<Denied> {
+    fn charged(
+        &self,
+        known: &mut Known,
+        now: Instant,
+        digest: [u8; 32],
+    ) -> Option<Result<Denied, [u8; 32]>> {
+        known.bucket.as_ref()?;
+        Some(self.charge(known, now, 1).ok_or(digest))
+    }
+
+    fn charge(&self, known: &mut Known, now: Instant, n: u64) -> Option<Denied> {
         let limit = self.limit_of(known.scope)?;
         let bucket = known.bucket.as_mut()?;
-        let wait_ns = bucket.take(limit, now).err()?;
+        let wait_ns = bucket.take(limit, now, n).err()?;
         Some(Denied {
             scope: known.scope,
             limit,
@@ -186,26 +227,30 @@ impl Denied {
     }
 }
 
-impl IntoResponse for Denied {
-    fn into_response(self) -> Response {
-        let retry = self.retry_after_s();
-        let scope = match self.scope {
+impl From<Denied> for ApiError {
+    fn from(d: Denied) -> ApiError {
+        let retry = d.retry_after_s();
+        let scope = match d.scope {
             Scope::Admin => "admin",
             Scope::App => "app",
         };
         tracing::debug!(scope, retry_after_s = retry, "request rate limited");
-        let mut resp = ApiError::new(
+        let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             format!(
                 "rate limit exceeded for this `{scope}` key: {} requests per second, burst {}; retry after {retry} s",
-                self.limit.requests_per_second, self.limit.burst
+                d.limit.requests_per_second, d.limit.burst
             ),
-        )
-        .into_response();
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(retry));
-        resp
+        );
+        e.retry_after = Some(retry);
+        e
+    }
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        ApiError::from(self).into_response()
     }
 }
 
@@ -228,20 +273,20 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Bucket::full(l, t0);
         for _ in 0..3 {
-            assert_eq!(b.take(l, t0), Ok(()));
+            assert_eq!(b.take(l, t0, 1), Ok(()));
         }
         // Empty: the next token is half a second away.
-        assert_eq!(b.take(l, t0), Err(500_000_000));
+        assert_eq!(b.take(l, t0, 1), Err(500_000_000));
         let t1 = t0 + Duration::from_millis(499);
-        assert_eq!(b.take(l, t1), Err(1_000_000));
+        assert_eq!(b.take(l, t1, 1), Err(1_000_000));
         let t2 = t0 + Duration::from_millis(500);
-        assert_eq!(b.take(l, t2), Ok(()));
+        assert_eq!(b.take(l, t2, 1), Ok(()));
         // A long pause refills to the burst, no further.
         let t3 = t2 + Duration::from_secs(3600);
         for _ in 0..3 {
-            assert_eq!(b.take(l, t3), Ok(()));
+            assert_eq!(b.take(l, t3, 1), Ok(()));
         }
-        assert!(b.take(l, t3).is_err());
+        assert!(b.take(l, t3, 1).is_err());
     }
 
     #[test]
@@ -250,14 +295,14 @@ mod tests {
         let l = limit(max, max);
         let t0 = Instant::now();
         let mut b = Bucket::full(l, t0);
-        assert_eq!(b.take(l, t0), Ok(()));
+        assert_eq!(b.take(l, t0, 1), Ok(()));
         let later = t0 + Duration::from_secs(10 * 365 * 24 * 3600);
-        assert_eq!(b.take(l, later), Ok(()));
+        assert_eq!(b.take(l, later, 1), Ok(()));
         assert_eq!(b.nanotokens, capacity(l) - NANO);
         let l = limit(1, 1);
         let mut b = Bucket::full(l, t0);
-        assert_eq!(b.take(l, t0), Ok(()));
-        assert_eq!(b.take(l, t0), Err(NANO));
+        assert_eq!(b.take(l, t0, 1), Ok(()));
+        assert_eq!(b.take(l, t0, 1), Err(NANO));
     }
 
     #[test]
@@ -274,7 +319,7 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(
             resp.headers().get(header::RETRY_AFTER),
-            Some(&HeaderValue::from_static("2"))
+            Some(&poem::http::HeaderValue::from_static("2"))
         );
     }
 

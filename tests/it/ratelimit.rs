@@ -194,3 +194,59 @@ async fn an_empty_bucket_refills_at_the_configured_rate() {
     .await;
     d.stop().await;
 }
+
+/// A batch of n items costs n requests of the key's limit, and one it cannot afford is
+/// refused as a whole, before any item is decided.
+#[tokio::test]
+async fn a_batch_costs_one_token_per_item() {
+    let d = TestDaemon::start_with(|c| c.rate_limits.app = limit(1, 10)).await;
+    d.client
+        .put_account("b", serde_json::json!({"plan": "pro"}))
+        .await;
+    let batch = |n: usize, prefix: &str| {
+        let items: Vec<serde_json::Value> = (0..n)
+            .map(|i| {
+                serde_json::json!({"account_id": "b", "meter": "tokens", "quantity": 1,
+                    "idempotency_key": format!("{prefix}{i}")})
+            })
+            .collect();
+        serde_json::json!({ "items": items })
+    };
+    let ok = d
+        .client
+        .send(
+            reqwest::Method::POST,
+            "/v1/consume/batch",
+            Some(APP_KEY),
+            Some(batch(6, "a")),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    // 4 tokens left (plus a little refill): 6 more items cannot be afforded.
+    let refused = d
+        .client
+        .send(
+            reqwest::Method::POST,
+            "/v1/consume/batch",
+            Some(APP_KEY),
+            Some(batch(6, "b")),
+        )
+        .await;
+    assert_eq!(refused.status, 429, "{:?}", refused.body);
+    assert_eq!(refused.code(), "rate_limited");
+    assert!(refused.headers.get("retry-after").is_some());
+    let acct = d
+        .client
+        .send(
+            reqwest::Method::GET,
+            "/v1/accounts/b",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(
+        acct.body["meters"]["tokens"]["used"], 6,
+        "nothing of the refused batch"
+    );
+    d.stop().await;
+}
