@@ -508,6 +508,81 @@ fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64), StoreErr
     Ok((fold, snapshot_seq))
 }
 
+/// The entries that start a period's monthly credits, given the balances just after the
+/// period began: a trim of carried-over monthly credits above the rollover cap, then the
+/// grant. Pure, so reads can show what the next write will record.
+fn monthly_entries(plan: &Plan, b: &Balances, now: i64) -> Vec<EntryKind> {
+    let mut out = Vec::new();
+    if plan.monthly_credits == 0 {
+        return out;
+    }
+    let Ok(amount) = i64::try_from(plan.monthly_credits) else {
+        return out;
+    };
+    let period = b.period;
+    let mut credits = b.live_credits(now);
+    if let Some(cap) = plan.monthly_credits_rollover_cap {
+        let mut monthly: Vec<(u64, u64)> = b
+            .grants
+            .iter()
+            .filter(|(_, g)| {
+                g.live_at(now)
+                    && g.terms
+                        .external_id
+                        .as_deref()
+                        .is_some_and(|x| x.starts_with("monthly credits "))
+            })
+            .map(|(id, g)| (*id, g.remaining))
+            .collect();
+        let left: u64 = monthly.iter().map(|(_, r)| r).sum();
+        let total = left.saturating_sub(cap);
+        if total > 0 {
+            monthly.sort_by_key(|(id, _)| *id);
+            let mut excess = total;
+            let mut burns = Vec::new();
+            for (id, r) in monthly {
+                let take = r.min(excess);
+                if take > 0 {
+                    burns.push((id, take));
+                    excess -= take;
+                }
+            }
+            credits = credits.saturating_sub(total);
+            out.push(EntryKind::Credit(CreditRecord {
+                amount: -i64::try_from(total).unwrap_or(i64::MAX),
+                reason: format!("monthly credits above the rollover cap of {cap}"),
+                idempotency_key: format!("monthly trim {}", period.start_ms),
+                digest: [0; 32],
+                grant: None,
+                burns,
+                credits_after: credits,
+            }));
+        }
+    }
+    // Keys with spaces: no client key can collide with them.
+    let key = format!("monthly credits {}", period.start_ms);
+    out.push(EntryKind::Credit(CreditRecord {
+        amount,
+        reason: format!("monthly credits of plan {}", plan.name),
+        idempotency_key: key.clone(),
+        digest: [0; 32],
+        grant: Some(GrantTerms {
+            priority: 10,
+            effective_at_ms: now,
+            expires_at_ms: match plan.monthly_credits_rollover_cap {
+                None => Some(period.end_ms),
+                Some(_) => None,
+            },
+            category: CreditCategory::Promotional,
+            external_id: Some(key),
+            package: None,
+        }),
+        burns: Vec::new(),
+        credits_after: credits.saturating_add(plan.monthly_credits),
+    }));
+    out
+}
+
 fn corrupt(id: &AccountId, err: FoldError) -> StoreError {
     StoreError::Corrupt {
         tree: "ledger",
@@ -645,80 +720,12 @@ impl AccountState {
         let (Some(profile), Some(b)) = (&self.fold.profile, &self.fold.balances) else {
             return Ok(());
         };
-        let Some(plan) = self.deps.catalog.plans.get(&profile.plan).cloned() else {
+        let Some(plan) = self.deps.catalog.plans.get(&profile.plan) else {
             return Ok(());
         };
-        if plan.monthly_credits == 0 {
-            return Ok(());
+        for kind in monthly_entries(plan, b, now) {
+            self.append(kind, now)?;
         }
-        let period = b.period;
-        let Ok(amount) = i64::try_from(plan.monthly_credits) else {
-            return Ok(());
-        };
-        // Keys with spaces: no client key can collide with them.
-        let key = format!("monthly credits {}", period.start_ms);
-        if let Some(cap) = plan.monthly_credits_rollover_cap {
-            let mut monthly: Vec<(u64, u64)> = b
-                .grants
-                .iter()
-                .filter(|(_, g)| {
-                    g.live_at(now)
-                        && g.terms
-                            .external_id
-                            .as_deref()
-                            .is_some_and(|x| x.starts_with("monthly credits "))
-                })
-                .map(|(id, g)| (*id, g.remaining))
-                .collect();
-            let left: u64 = monthly.iter().map(|(_, r)| r).sum();
-            let mut excess = left.saturating_sub(cap);
-            if excess > 0 {
-                let total = excess;
-                monthly.sort_by_key(|(id, _)| *id);
-                let mut burns = Vec::new();
-                for (id, r) in monthly {
-                    let take = r.min(excess);
-                    if take > 0 {
-                        burns.push((id, take));
-                        excess -= take;
-                    }
-                }
-                let credits_after = b.live_credits(now).saturating_sub(total);
-                let trim = CreditRecord {
-                    amount: -i64::try_from(total).unwrap_or(i64::MAX),
-                    reason: format!("monthly credits above the rollover cap of {cap}"),
-                    idempotency_key: format!("monthly trim {}", period.start_ms),
-                    digest: [0; 32],
-                    grant: None,
-                    burns,
-                    credits_after,
-                };
-                self.append(EntryKind::Credit(trim), now)?;
-            }
-        }
-        let Some(b) = &self.fold.balances else {
-            return Ok(());
-        };
-        let record = CreditRecord {
-            amount,
-            reason: format!("monthly credits of plan {}", plan.name),
-            idempotency_key: key.clone(),
-            digest: [0; 32],
-            grant: Some(GrantTerms {
-                priority: 10,
-                effective_at_ms: now,
-                expires_at_ms: match plan.monthly_credits_rollover_cap {
-                    None => Some(period.end_ms),
-                    Some(_) => None,
-                },
-                category: CreditCategory::Promotional,
-                external_id: Some(key),
-                package: None,
-            }),
-            burns: Vec::new(),
-            credits_after: b.live_credits(now).saturating_add(plan.monthly_credits),
-        };
-        self.append(EntryKind::Credit(record), now)?;
         Ok(())
     }
 
@@ -788,32 +795,44 @@ impl AccountState {
     fn balances_at(&self, now: i64) -> Option<Balances> {
         let b = self.fold.balances.as_ref()?;
         let mut out = b.clone();
-        // Expired holds give their capacity back, as the next write will record.
+        let mut seq = self.fold.last_seq;
+        // Apply in memory what the next write will record: expired holds, the rollover and
+        // the new period's monthly credits.
+        let mut apply = |out: &mut Balances, kind: EntryKind| {
+            seq += 1;
+            out.apply(&LedgerEntry {
+                seq,
+                at_ms: now,
+                kind,
+            })
+        };
         for rid in b.due_holds(now) {
-            if let Some(r) = decide_release(&out, rid, true, now) {
-                let entry = LedgerEntry {
-                    seq: 0,
-                    at_ms: now,
-                    kind: EntryKind::Settled(r),
-                };
-                if out.apply(&entry).is_err() {
-                    return Some(b.clone());
-                }
+            if let Some(r) = decide_release(&out, rid, true, now)
+                && apply(&mut out, EntryKind::Settled(r)).is_err()
+            {
+                return Some(b.clone());
             }
         }
         if now >= out.period.end_ms {
-            let mut rolled = Balances::new(out.period.next_containing(now));
-            rolled.grants = out.grants;
-            rolled.holds = out.holds;
-            for (meter, u) in out.meters {
-                if u.reserved > 0 {
-                    rolled.meters.entry(meter).or_default().reserved = u.reserved;
+            let from = out.period;
+            let to = from.next_containing(now);
+            if apply(&mut out, EntryKind::PeriodRolled { from, to }).is_err() {
+                return Some(b.clone());
+            }
+            let plan = self
+                .fold
+                .profile
+                .as_ref()
+                .and_then(|p| self.deps.catalog.plans.get(&p.plan));
+            if let Some(plan) = plan {
+                for kind in monthly_entries(plan, &out, now) {
+                    if apply(&mut out, kind).is_err() {
+                        return Some(b.clone());
+                    }
                 }
             }
-            Some(rolled)
-        } else {
-            Some(out)
         }
+        Some(out)
     }
 
     /// Writes a `Settled { expired }` entry for every reservation whose expiry is due.

@@ -150,6 +150,10 @@ async fn monthly_credits_expire_at_the_period_end_without_rollover() {
     assert_eq!(balance(&d, "m").await, 100);
     assert_eq!(d.client.consume("m", 30, "k1").await.status, 200);
     clock.set_ms(APRIL + 1);
+    // Reads show the new period's grant before any write records it.
+    let before = d.client.ledger("m").await.len();
+    assert_eq!(balance(&d, "m").await, 100);
+    assert_eq!(d.client.ledger("m").await.len(), before);
     assert_eq!(d.client.consume("m", 1, "k2").await.status, 200);
     assert_eq!(balance(&d, "m").await, 99, "70 expired, 100 new, 1 spent");
     let ledger = d.client.ledger("m").await;
@@ -187,6 +191,11 @@ async fn monthly_credits_carry_over_up_to_the_cap() {
     // Monthly credits burn first (priority 10): 70 monthly + 500 paid left.
     assert_eq!(balance(&d, "m").await, 570);
     clock.set_ms(APRIL + 1);
+    assert_eq!(
+        balance(&d, "m").await,
+        650,
+        "read before the write: 50 + 100 + 500"
+    );
     assert_eq!(d.client.consume("m", 1, "k2").await.status, 200);
     // 70 monthly carried, trimmed to 50; +100 new; 1 spent; 500 paid untouched.
     assert_eq!(balance(&d, "m").await, 649);
