@@ -57,6 +57,68 @@ struct RawConfig {
     plans: BTreeMap<String, RawPlan>,
     #[serde(default)]
     credit_packages: Vec<RawCreditPackage>,
+    #[serde(default)]
+    stripe: RawStripe,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStripe {
+    api_base: String,
+    secret_key_env: String,
+    timeout_ms: u64,
+    calls_per_second: u32,
+    max_attempts: u32,
+    base_backoff_ms: u64,
+    max_backoff_s: u64,
+    breaker_failures: u32,
+    breaker_cooldown_s: u64,
+    poll_ms: u64,
+    batch: usize,
+    meters: BTreeMap<String, RawStripeMeter>,
+}
+
+impl Default for RawStripe {
+    fn default() -> Self {
+        Self {
+            api_base: "https://api.stripe.com/".into(),
+            secret_key_env: "STRIPE_SECRET_KEY".into(),
+            timeout_ms: 10_000,
+            calls_per_second: 25,
+            max_attempts: 12,
+            base_backoff_ms: 500,
+            max_backoff_s: 600,
+            breaker_failures: 5,
+            breaker_cooldown_s: 30,
+            poll_ms: 200,
+            batch: 100,
+            meters: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStripeMeter {
+    event_name: String,
+}
+
+/// Stripe settings (the secret itself comes from the environment variable named here).
+#[derive(Debug, Clone)]
+pub struct StripeConfig {
+    pub api_base: String,
+    pub secret_key_env: String,
+    pub timeout: Duration,
+    pub calls_per_second: u32,
+    pub max_attempts: u32,
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
+    pub poll: Duration,
+    pub batch: usize,
+    /// Meter → the Stripe meter's `event_name`.
+    pub event_names: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -336,6 +398,7 @@ pub struct Config {
     pub log_level: String,
     pub rate_limits: RateLimits,
     pub catalog: Catalog,
+    pub stripe: StripeConfig,
 }
 
 impl Config {
@@ -476,6 +539,71 @@ impl Config {
                 .map_err(|(k, m)| invalid(&k, m))?,
         };
         let catalog = build_catalog(&raw, &invalid)?;
+        let st = &raw.stripe;
+        if !(st.api_base.starts_with("https://") || st.api_base.starts_with("http://")) {
+            return Err(invalid(
+                "stripe.api_base",
+                format!("`{}` is not an http(s) URL", st.api_base),
+            ));
+        }
+        if st.secret_key_env.is_empty()
+            || !st
+                .secret_key_env
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(invalid(
+                "stripe.secret_key_env",
+                "not an environment variable name".into(),
+            ));
+        }
+        for (key, v) in [
+            ("stripe.timeout_ms", st.timeout_ms),
+            ("stripe.calls_per_second", u64::from(st.calls_per_second)),
+            ("stripe.max_attempts", u64::from(st.max_attempts)),
+            ("stripe.breaker_failures", u64::from(st.breaker_failures)),
+            ("stripe.poll_ms", st.poll_ms),
+            ("stripe.batch", st.batch as u64),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        let mut event_names = BTreeMap::new();
+        for (meter, m) in &st.meters {
+            if !raw.meters.contains_key(meter) {
+                return Err(invalid(
+                    &format!("stripe.meters.{meter}"),
+                    format!("no meter `{meter}` is declared under [meters]"),
+                ));
+            }
+            if m.event_name.is_empty() || m.event_name.len() > 100 {
+                return Err(invalid(
+                    &format!("stripe.meters.{meter}.event_name"),
+                    "must be 1 to 100 characters".into(),
+                ));
+            }
+            event_names.insert(meter.clone(), m.event_name.clone());
+        }
+        let api_base = if st.api_base.ends_with('/') {
+            st.api_base.clone()
+        } else {
+            format!("{}/", st.api_base)
+        };
+        let stripe = StripeConfig {
+            api_base,
+            secret_key_env: st.secret_key_env.clone(),
+            timeout: Duration::from_millis(st.timeout_ms),
+            calls_per_second: st.calls_per_second,
+            max_attempts: st.max_attempts,
+            base_backoff: Duration::from_millis(st.base_backoff_ms.max(1)),
+            max_backoff: Duration::from_secs(st.max_backoff_s.max(1)),
+            breaker_failures: st.breaker_failures,
+            breaker_cooldown: Duration::from_secs(st.breaker_cooldown_s),
+            poll: Duration::from_millis(st.poll_ms),
+            batch: st.batch,
+            event_names,
+        };
         Ok(Config {
             origin: origin.to_owned(),
             listen,
@@ -500,6 +628,7 @@ impl Config {
             log_level: raw.log.level,
             rate_limits,
             catalog,
+            stripe,
         })
     }
 }

@@ -15,7 +15,9 @@ use anyhow::Context;
 use meterd_actors::account::{AccountDeps, Accounts};
 use meterd_actors::janitor::{JanitorActor, JanitorArgs};
 use meterd_actors::model::Clock;
+use meterd_actors::outbox::{Outbox, OutboxArgs, OutboxSettings};
 use meterd_actors::store::{Store, StoreConfig};
+use meterd_actors::stripe::StripeHttp;
 use poem::Server;
 use poem::listener::TcpAcceptor;
 
@@ -27,6 +29,8 @@ use crate::http::auth::{ApiKeys, Scope};
 pub struct Secrets {
     pub admin_key: Option<String>,
     pub app_key: Option<String>,
+    /// `None`: offline (no Stripe key).
+    pub stripe_key: Option<String>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -53,9 +57,19 @@ impl Secrets {
                 Err(e) => anyhow::bail!("environment variable {var}: {e}"),
             }
         };
+        let stripe_key = match std::env::var(&config.stripe.secret_key_env) {
+            Ok(v) if v.is_empty() => None,
+            Ok(v) if v.starts_with("sk_") || v.starts_with("rk_") => Some(v),
+            Ok(_) => anyhow::bail!(
+                "environment variable {} does not hold a Stripe secret key (sk_... or rk_...)",
+                config.stripe.secret_key_env
+            ),
+            Err(_) => None,
+        };
         Ok(Secrets {
             admin_key: read(&config.admin_key_env)?,
             app_key: read(&config.app_key_env)?,
+            stripe_key,
         })
     }
 }
@@ -162,6 +176,7 @@ pub async fn run_with_clock(
         );
     }
     let keys = load_keys(&config, &secrets)?;
+    let clock_for_outbox = clock.clone();
     let deps = AccountDeps {
         store: store.clone(),
         catalog: Arc::new(config.catalog.clone()),
@@ -185,6 +200,42 @@ pub async fn run_with_clock(
     .await
     .map_err(|e| anyhow::anyhow!("cannot start the janitor: {e}"))?;
 
+    let client = match &secrets.stripe_key {
+        Some(key) => {
+            let c = StripeHttp::new(&config.stripe.api_base, key, config.stripe.timeout)
+                .map_err(|e| anyhow::anyhow!("cannot build the Stripe client: {e}"))?;
+            tracing::info!(api_base = %config.stripe.api_base, "Stripe: online; billable usage is sent to Billing Meters");
+            Some(c)
+        }
+        None => {
+            tracing::warn!(
+                "Stripe: offline ({} is not set); everything local works, and billable usage waits in the outbox until a key is set and meterd restarts",
+                config.stripe.secret_key_env
+            );
+            None
+        }
+    };
+    let s = &config.stripe;
+    let (outbox, outbox_handle) = Outbox::spawn(OutboxArgs {
+        store: store.clone(),
+        accounts: accounts.clone(),
+        clock: clock_for_outbox,
+        settings: OutboxSettings {
+            client,
+            event_names: s.event_names.clone(),
+            poll: s.poll,
+            batch: s.batch,
+            max_attempts: s.max_attempts,
+            base_backoff: s.base_backoff,
+            max_backoff: s.max_backoff,
+            calls_per_second: s.calls_per_second,
+            breaker_failures: s.breaker_failures,
+            breaker_cooldown: s.breaker_cooldown,
+        },
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot start the outbox: {e}"))?;
+
     let ready = Arc::new(AtomicBool::new(true));
     let app = crate::http::app(crate::http::AppDeps {
         accounts: accounts.clone(),
@@ -194,13 +245,11 @@ pub async fn run_with_clock(
         max_batch_body_bytes: config.max_batch_body_bytes,
         rate_limits: config.rate_limits,
         ready: ready.clone(),
+        outbox: outbox.clone(),
     });
     let addr = listener.local_addr()?;
     let acceptor = TcpAcceptor::from_tokio(listener)?;
     tracing::info!(addr = %addr, "meterd ready");
-    tracing::info!(
-        "Stripe: offline (no Stripe integration configured); usage is recorded in the local ledger only"
-    );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     // One machine-readable line on stdout once ready: scripts and tests read the bound port
     // here (the equivalent of READY=1 without systemd).
@@ -216,6 +265,8 @@ pub async fn run_with_clock(
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("HTTP stopped; draining account actors");
 
+    outbox.stop();
+    let _ = outbox_handle.await;
     let drained = accounts.shutdown(config.shutdown_timeout).await;
     janitor.stop(None);
     let _ = janitor_handle.await;

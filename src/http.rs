@@ -4,6 +4,7 @@
 //! state: every route makes one call on `Accounts` and renders the answer.
 
 pub mod accounts;
+pub mod admin;
 pub mod auth;
 pub mod batch;
 pub mod body;
@@ -83,6 +84,7 @@ impl HealthApi {
 }
 
 pub struct AppDeps {
+    pub outbox: meterd_actors::outbox::Outbox,
     pub accounts: Accounts,
     pub store: Store,
     pub keys: ApiKeys,
@@ -102,6 +104,10 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
             },
             batch::BatchApi {
                 accounts: deps.accounts.clone(),
+            },
+            admin::AdminApi {
+                store: deps.store.clone(),
+                outbox: deps.outbox.clone(),
             },
             usage::UsageApi {
                 accounts: deps.accounts.clone(),

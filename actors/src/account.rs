@@ -496,6 +496,7 @@ fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64), StoreErr
                 let idx = u32::try_from(i).unwrap_or(u32::MAX);
                 store.queue_alert(id, e.seq, idx, e.at_ms, a)?;
             }
+            queue_billable(store, id, e, false)?;
             if let Some((op, key)) = idem_of(&e.kind) {
                 let rec = IdemRecord {
                     seq: e.seq,
@@ -581,6 +582,37 @@ fn monthly_entries(plan: &Plan, b: &Balances, now: i64) -> Vec<EntryKind> {
         credits_after: credits.saturating_add(plan.monthly_credits),
     }));
     out
+}
+
+/// Queues a billable entry (the `bill` overage of a consume or a commit) for Stripe. Derived
+/// from the entry alone, so recovery can queue again what a crash lost; the store skips what
+/// was already sent or dead-lettered.
+fn queue_billable(
+    store: &Store,
+    id: &AccountId,
+    e: &LedgerEntry,
+    fresh: bool,
+) -> Result<(), StoreError> {
+    let (meter, value) = match &e.kind {
+        EntryKind::Consume(c) if c.outcome == Outcome::Allowed && c.billable > 0 => {
+            (&c.meter, c.billable)
+        }
+        EntryKind::Settled(r) if r.billable > 0 => (&r.meter, r.billable),
+        _ => return Ok(()),
+    };
+    store.queue_outbox(
+        id,
+        e.seq,
+        &crate::store::OutboxItem {
+            meter: meter.clone(),
+            value,
+            at_ms: e.at_ms,
+            attempts: 0,
+            next_at_ms: e.at_ms,
+            last_error: None,
+        },
+        fresh,
+    )
 }
 
 fn corrupt(id: &AccountId, err: FoldError) -> StoreError {
@@ -1110,6 +1142,7 @@ impl AccountState {
         if let EntryKind::Consume(rec) = &entry.kind {
             self.queue_alerts(entry.seq, now, &rec.alerts)?;
         }
+        queue_billable(&self.deps.store, &self.id, &entry, true)?;
         debug_assert_eq!(entry.seq, claim.seq);
         self.after_write()?;
         let EntryKind::Consume(record) = entry.kind else {
@@ -1761,6 +1794,7 @@ impl AccountState {
         if let EntryKind::Settled(rec) = &entry.kind {
             self.queue_alerts(entry.seq, now, &rec.alerts)?;
         }
+        queue_billable(&self.deps.store, &self.id, &entry, true)?;
         if let EntryKind::Settled(record) = entry.kind {
             self.reply_after_commit(
                 reply,

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 
-pub use codec::{StoredEntry, StoredIdem, StoredNotification, StoredSnapshot};
+pub use codec::{OutboxItem, StoredEntry, StoredIdem, StoredNotification, StoredSnapshot};
 
 use crate::ledger::{AccountProfile, Balances, LedgerEntry};
 use crate::model::{AccountId, UnixMs};
@@ -126,6 +126,9 @@ struct Inner {
     accounts: sled::Tree,
     idem: sled::Tree,
     notify: sled::Tree,
+    outbox: sled::Tree,
+    sent: sled::Tree,
+    dead: sled::Tree,
     flush_tx: mpsc::Sender<FlushCmd>,
     failed: Arc<AtomicBool>,
     stats: Arc<FlushStats>,
@@ -192,6 +195,9 @@ impl Store {
                 accounts: db.open_tree("accounts")?,
                 idem: db.open_tree("idem")?,
                 notify: db.open_tree("notify")?,
+                outbox: db.open_tree("outbox")?,
+                sent: db.open_tree("sent")?,
+                dead: db.open_tree("dead")?,
                 db,
                 flush_tx,
                 failed,
@@ -358,6 +364,129 @@ impl Store {
             Some(v) => Ok(Some(codec::decode_snapshot(&v)?)),
             None => Ok(None),
         }
+    }
+
+    // ---- Stripe outbox ----
+
+    /// Queues billable entry `seq` for Stripe. A `fresh` entry (just appended) is inserted
+    /// directly: the outbox only ever sends durable entries, so a fresh seq cannot have been
+    /// sent. Otherwise (recovery) it is skipped if already queued, sent or dead.
+    pub fn queue_outbox(
+        &self,
+        account: &AccountId,
+        seq: u64,
+        item: &OutboxItem,
+        fresh: bool,
+    ) -> Result<(), StoreError> {
+        let key = codec::ledger_key(account, seq);
+        if fresh {
+            self.inner
+                .outbox
+                .insert(&key, codec::encode_outbox(item)?)?;
+            return Ok(());
+        }
+        if self.inner.sent.contains_key(&key)? || self.inner.dead.contains_key(&key)? {
+            return Ok(());
+        }
+        let _ = self.inner.outbox.compare_and_swap(
+            &key,
+            None as Option<&[u8]>,
+            Some(codec::encode_outbox(item)?),
+        )?;
+        Ok(())
+    }
+
+    /// Up to `limit` queued items, oldest key first, starting after `after` (exclusive).
+    #[allow(clippy::type_complexity)]
+    pub fn outbox_items(
+        &self,
+        dead: bool,
+        after: Option<(AccountId, u64)>,
+        limit: usize,
+    ) -> Result<Vec<(AccountId, u64, OutboxItem)>, StoreError> {
+        let tree = if dead {
+            &self.inner.dead
+        } else {
+            &self.inner.outbox
+        };
+        let from = match &after {
+            Some((a, s)) => {
+                let mut k = codec::ledger_key(a, *s);
+                k.push(0);
+                k
+            }
+            None => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for item in tree.range(from..).take(limit) {
+            let (k, v) = item?;
+            let (a, s) = codec::split_ledger_key(&k)?;
+            out.push((a, s, codec::decode_outbox(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Updates a queued item (after a failed attempt).
+    pub fn update_outbox(
+        &self,
+        account: &AccountId,
+        seq: u64,
+        item: &OutboxItem,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .outbox
+            .insert(codec::ledger_key(account, seq), codec::encode_outbox(item)?)?;
+        Ok(())
+    }
+
+    /// Marks a queued item delivered: it leaves the queue for good.
+    pub fn mark_sent(
+        &self,
+        account: &AccountId,
+        seq: u64,
+        at_ms: UnixMs,
+    ) -> Result<(), StoreError> {
+        let key = codec::ledger_key(account, seq);
+        self.inner.sent.insert(&key, &at_ms.to_be_bytes())?;
+        self.inner.outbox.remove(&key)?;
+        Ok(())
+    }
+
+    /// Moves a queued item to the dead letters, with the reason in `last_error`.
+    pub fn mark_dead(
+        &self,
+        account: &AccountId,
+        seq: u64,
+        item: &OutboxItem,
+    ) -> Result<(), StoreError> {
+        let key = codec::ledger_key(account, seq);
+        self.inner.dead.insert(&key, codec::encode_outbox(item)?)?;
+        self.inner.outbox.remove(&key)?;
+        Ok(())
+    }
+
+    /// Moves a dead letter back to the queue, due now. False if there is no such dead letter.
+    pub fn revive(&self, account: &AccountId, seq: u64, now: UnixMs) -> Result<bool, StoreError> {
+        let key = codec::ledger_key(account, seq);
+        let Some(v) = self.inner.dead.remove(&key)? else {
+            return Ok(false);
+        };
+        let mut item = codec::decode_outbox(&v)?;
+        item.attempts = 0;
+        item.next_at_ms = now;
+        self.inner
+            .outbox
+            .insert(&key, codec::encode_outbox(&item)?)?;
+        Ok(true)
+    }
+
+    /// (queued, dead, sent) counts.
+    pub fn outbox_counts(&self) -> (usize, usize, usize) {
+        (
+            self.inner.outbox.len(),
+            self.inner.dead.len(),
+            self.inner.sent.len(),
+        )
     }
 
     // ---- notification queue ----

@@ -67,6 +67,53 @@ pub(super) fn decode_notification(
     }
 }
 
+/// A billable ledger entry on its way to Stripe.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct OutboxItem {
+    pub meter: String,
+    /// Billable units.
+    pub value: u64,
+    /// When the usage happened (the entry's time).
+    pub at_ms: UnixMs,
+    pub attempts: u32,
+    /// Not before this time (backoff).
+    pub next_at_ms: UnixMs,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Encode, Decode)]
+pub enum StoredOutbox {
+    V1(OutboxItem),
+}
+
+pub(super) fn encode_outbox(i: &OutboxItem) -> Result<Vec<u8>, StoreError> {
+    enc(&StoredOutbox::V1(i.clone()), "outbox")
+}
+
+pub(super) fn decode_outbox(bytes: &[u8]) -> Result<OutboxItem, StoreError> {
+    match dec::<StoredOutbox>(bytes, "outbox")? {
+        StoredOutbox::V1(i) => Ok(i),
+    }
+}
+
+pub(super) fn split_ledger_key(key: &[u8]) -> Result<(AccountId, u64), StoreError> {
+    let sep = key
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or_else(|| StoreError::Corrupt {
+            tree: "outbox",
+            detail: "key without separator".into(),
+        })?;
+    let id = std::str::from_utf8(&key[..sep])
+        .ok()
+        .and_then(|s| AccountId::parse(s).ok())
+        .ok_or_else(|| StoreError::Corrupt {
+            tree: "outbox",
+            detail: "key with an invalid account id".into(),
+        })?;
+    Ok((id, seq_of_key(key, sep + 1)?))
+}
+
 #[derive(Debug, Encode, Decode)]
 pub enum StoredIdem {
     V1 { seq: u64, at_ms: UnixMs },

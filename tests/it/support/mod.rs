@@ -30,6 +30,7 @@ pub fn secrets() -> Secrets {
     Secrets {
         admin_key: Some(ADMIN_KEY.into()),
         app_key: Some(APP_KEY.into()),
+        stripe_key: None,
     }
 }
 

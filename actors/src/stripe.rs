@@ -1,0 +1,288 @@
+//! Stripe over HTTP: async-stripe's typed requests, sent by a client of our own.
+//!
+//! async-stripe's own client makes one attempt per idempotent request, opens a connection per
+//! request and drops the response headers. The outbox needs the status, `Retry-After` and
+//! `Stripe-Should-Retry` to decide what to do next, so [`StripeHttp`] implements the request
+//! crates' `StripeClient` trait over a pooled reqwest client (rustls with ring). The typed
+//! request builders stay the source of truth for paths and form encoding. This module never
+//! retries: the outbox owns retries, always with the same deterministic key. It never logs a
+//! secret or a request body.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use stripe_client_core::{
+    CustomizedStripeRequest, RequestStrategy, StripeClient, StripeClientErr, StripeMethod,
+    StripeRequest,
+};
+
+/// Why a call to Stripe did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StripeCallError {
+    #[error("stripe answered {status}: {message}")]
+    Api {
+        status: u16,
+        code: Option<String>,
+        message: String,
+        /// `Stripe-Should-Retry`, when Stripe said.
+        should_retry: Option<bool>,
+        /// `Retry-After`, when Stripe said.
+        retry_after: Option<Duration>,
+    },
+    #[error("cannot reach stripe: {0}")]
+    Network(String),
+    #[error("stripe did not answer in time")]
+    Timeout,
+    #[error("unexpected answer from stripe: {0}")]
+    Decode(String),
+}
+
+impl StripeClientErr for StripeCallError {
+    fn deserialize_err(msg: impl std::fmt::Display) -> Self {
+        StripeCallError::Decode(msg.to_string())
+    }
+}
+
+/// What the outbox should do after a failed call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Stripe already has this event (a repeated identifier): count it as sent.
+    AlreadyDelivered,
+    /// Try again later (no sooner than `after`, if Stripe said).
+    Retry { after: Option<Duration> },
+    /// Retrying cannot help: dead-letter it with the reason.
+    Permanent,
+}
+
+impl StripeCallError {
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            StripeCallError::Network(_) | StripeCallError::Timeout | StripeCallError::Decode(_) => {
+                Disposition::Retry { after: None }
+            }
+            StripeCallError::Api {
+                status,
+                code,
+                message,
+                should_retry,
+                retry_after,
+            } => {
+                let exists = code.as_deref() == Some("resource_already_exists")
+                    || message.contains("already exists with identifier");
+                if *status == 400 && exists {
+                    return Disposition::AlreadyDelivered;
+                }
+                let retry = Disposition::Retry {
+                    after: *retry_after,
+                };
+                match should_retry {
+                    Some(true) => retry,
+                    Some(false) => Disposition::Permanent,
+                    None if matches!(status, 409 | 424 | 429) || *status >= 500 => retry,
+                    None => Disposition::Permanent,
+                }
+            }
+        }
+    }
+}
+
+/// A pooled HTTP client for Stripe's API at `base` (with a trailing slash).
+#[derive(Clone)]
+pub struct StripeHttp {
+    http: reqwest::Client,
+    base: String,
+    secret: String,
+}
+
+impl std::fmt::Debug for StripeHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StripeHttp({}, [redacted])", self.base)
+    }
+}
+
+impl StripeHttp {
+    pub fn new(base: &str, secret: &str, timeout: Duration) -> Result<StripeHttp, String> {
+        let base = if base.ends_with('/') {
+            base.to_owned()
+        } else {
+            format!("{base}/")
+        };
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .pool_max_idle_per_host(8)
+            .user_agent(concat!("meterd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(StripeHttp {
+            http,
+            base,
+            secret: secret.to_owned(),
+        })
+    }
+
+    /// Sends a Billing Meter event. `identifier` is also the idempotency key. Success means
+    /// Stripe answered 200 with a meter event echoing `identifier`.
+    pub async fn send_meter_event(
+        &self,
+        event_name: &str,
+        customer: &str,
+        value: u64,
+        timestamp_s: i64,
+        identifier: &str,
+    ) -> Result<(), StripeCallError> {
+        use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
+        let payload = std::collections::HashMap::from([
+            ("stripe_customer_id".to_owned(), customer.to_owned()),
+            ("value".to_owned(), value.to_string()),
+        ]);
+        let key = stripe_client_core::IdempotencyKey::new(identifier)
+            .map_err(|e| StripeCallError::Decode(e.to_string()))?;
+        let ev = CreateBillingMeterEvent::new(event_name, payload)
+            .identifier(identifier)
+            .timestamp(timestamp_s)
+            .customize()
+            .request_strategy(RequestStrategy::Idempotent(key))
+            .send(self)
+            .await?;
+        if ev.identifier != identifier {
+            return Err(StripeCallError::Decode(format!(
+                "the meter event echoes identifier `{}`, not `{identifier}`",
+                ev.identifier
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn header_str<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+impl StripeClient for StripeHttp {
+    type Err = StripeCallError;
+
+    fn execute(
+        &self,
+        req: CustomizedStripeRequest,
+    ) -> impl std::future::Future<Output = Result<Bytes, StripeCallError>> + Send {
+        let (rb, over) = req.into_pieces();
+        let mut url = format!("{}v1{}", self.base, rb.path);
+        if let Some(q) = rb.query.as_deref().filter(|q| !q.is_empty()) {
+            url.push('?');
+            url.push_str(q);
+        }
+        let method = match rb.method {
+            StripeMethod::Get => reqwest::Method::GET,
+            StripeMethod::Post => reqwest::Method::POST,
+            StripeMethod::Delete => reqwest::Method::DELETE,
+        };
+        let mut r = self
+            .http
+            .request(method, url)
+            .bearer_auth(&self.secret)
+            .header("Stripe-Version", stripe_shared::version::VERSION.as_str());
+        if let Some(RequestStrategy::Idempotent(k)) = &over.request_strategy {
+            r = r.header("Idempotency-Key", k.as_str());
+        }
+        if let Some(t) = over.timeout {
+            r = r.timeout(t);
+        }
+        if let Some(body) = rb.body {
+            r = r
+                .header("Content-Type", "application/x-www-form-urlencoded")
+                .body(body);
+        }
+        async move {
+            let resp = r.send().await.map_err(|e| {
+                if e.is_timeout() {
+                    StripeCallError::Timeout
+                } else {
+                    StripeCallError::Network(e.to_string())
+                }
+            })?;
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let bytes = resp.bytes().await.map_err(|e| {
+                if e.is_timeout() {
+                    StripeCallError::Timeout
+                } else {
+                    StripeCallError::Network(e.to_string())
+                }
+            })?;
+            if (200..300).contains(&status) {
+                return Ok(bytes);
+            }
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let err = &body["error"];
+            Err(StripeCallError::Api {
+                status,
+                code: err["code"].as_str().map(str::to_owned),
+                message: err["message"].as_str().unwrap_or("(no message)").to_owned(),
+                should_retry: header_str(&headers, "stripe-should-retry").map(|v| v == "true"),
+                retry_after: header_str(&headers, "retry-after")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: u16, code: Option<&str>, message: &str, retry: Option<bool>) -> StripeCallError {
+        StripeCallError::Api {
+            status,
+            code: code.map(str::to_owned),
+            message: message.into(),
+            should_retry: retry,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn errors_are_classified_for_the_outbox() {
+        let dup = api(
+            400,
+            None,
+            "An event already exists with identifier a:1.",
+            Some(false),
+        );
+        assert_eq!(dup.disposition(), Disposition::AlreadyDelivered);
+        assert_eq!(
+            api(500, None, "boom", None).disposition(),
+            Disposition::Retry { after: None }
+        );
+        assert_eq!(
+            api(429, Some("rate_limit"), "slow down", None).disposition(),
+            Disposition::Retry { after: None }
+        );
+        assert_eq!(
+            api(400, Some("parameter_missing"), "x", None).disposition(),
+            Disposition::Permanent
+        );
+        assert_eq!(
+            api(404, None, "no such customer", None).disposition(),
+            Disposition::Permanent
+        );
+        assert_eq!(
+            api(401, None, "bad key", None).disposition(),
+            Disposition::Permanent
+        );
+        // Stripe-Should-Retry wins over the status.
+        assert_eq!(
+            api(400, None, "x", Some(true)).disposition(),
+            Disposition::Retry { after: None }
+        );
+        assert_eq!(
+            api(503, None, "x", Some(false)).disposition(),
+            Disposition::Permanent
+        );
+        assert_eq!(
+            StripeCallError::Timeout.disposition(),
+            Disposition::Retry { after: None }
+        );
+    }
+}

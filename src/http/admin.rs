@@ -1,0 +1,226 @@
+//! Admin routes of the Stripe outbox: its state, its pending and dead items, and retries.
+//!
+//! These read and move outbox items in the store directly; they never touch account state
+//! or the ledger.
+
+use poem::http::StatusCode;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{Object, OpenApi, Tags};
+
+use meterd_actors::model::{AccountId, format_rfc3339};
+use meterd_actors::outbox::Outbox;
+use meterd_actors::store::Store;
+
+use super::auth::ApiKeyAuth;
+use super::error::ApiError;
+
+#[derive(Tags)]
+enum AdminTags {
+    /// Operating meterd: the Stripe outbox.
+    Admin,
+}
+
+pub struct AdminApi {
+    pub store: Store,
+    pub outbox: Outbox,
+}
+
+/// One billable ledger entry on its way to Stripe.
+#[derive(Debug, Object)]
+pub struct OutboxItemView {
+    /// `ob_{seq}_{account_id}`: pass to `/v1/admin/outbox/{id}/retry`.
+    pub id: String,
+    pub account_id: String,
+    pub ledger_seq: u64,
+    pub meter: String,
+    /// Billable units.
+    pub value: u64,
+    /// When the usage happened.
+    pub at: String,
+    pub attempts: u32,
+    pub next_attempt_at: String,
+    #[oai(skip_serializing_if_is_none)]
+    pub last_error: Option<String>,
+}
+
+/// The outbox's state and (some of) its items.
+#[derive(Debug, Object)]
+pub struct OutboxView {
+    /// False without a Stripe key: billable usage waits.
+    pub online: bool,
+    pub breaker_open: bool,
+    pub queued: u64,
+    pub dead: u64,
+    pub sent: u64,
+    pub delivered_total: u64,
+    /// Answered "already exists": delivered earlier.
+    pub already_delivered_total: u64,
+    pub failed_attempts_total: u64,
+    pub dead_total: u64,
+    pub calls_total: u64,
+    pub items: Vec<OutboxItemView>,
+}
+
+#[derive(Debug, Object)]
+pub struct RevivedView {
+    pub revived: u64,
+}
+
+fn item_id(account: &AccountId, seq: u64) -> String {
+    format!("ob_{seq}_{account}")
+}
+
+fn parse_item_id(id: &str) -> Option<(AccountId, u64)> {
+    let rest = id.strip_prefix("ob_")?;
+    let (seq, account) = rest.split_once('_')?;
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((AccountId::parse(account).ok()?, seq.parse().ok()?))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        e.to_string(),
+    )
+}
+
+fn now_ms() -> i64 {
+    meterd_actors::model::Clock::System.now_ms()
+}
+
+#[OpenApi(tag = "AdminTags::Admin")]
+impl AdminApi {
+    /// The Stripe outbox: online or offline, breaker, counters, and pending (default) or
+    /// dead items.
+    #[oai(path = "/v1/admin/outbox", method = "get")]
+    async fn outbox(
+        &self,
+        auth: ApiKeyAuth,
+        /// `pending` (default) or `dead`.
+        state: Query<Option<String>>,
+        /// At most this many items, 1-1000 (default 100).
+        limit: Query<Option<u32>>,
+    ) -> Result<Json<OutboxView>, ApiError> {
+        auth.require_admin()?;
+        let dead = match state.0.as_deref() {
+            None | Some("pending") => false,
+            Some("dead") => true,
+            Some(other) => {
+                return Err(ApiError::invalid(format!(
+                    "`state` must be pending or dead, not `{other}`"
+                )));
+            }
+        };
+        let limit = limit.0.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(ApiError::invalid("`limit` must be from 1 to 1000"));
+        }
+        let stats = self
+            .outbox
+            .stats()
+            .await
+            .ok_or_else(|| unavailable("the outbox did not answer"))?;
+        let store = self.store.clone();
+        let items = tokio::task::spawn_blocking(move || {
+            meterd_actors::outbox::list(&store, dead, limit as usize)
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)?;
+        Ok(Json(OutboxView {
+            online: stats.online,
+            breaker_open: stats.breaker_open,
+            queued: stats.queued as u64,
+            dead: stats.dead as u64,
+            sent: stats.sent as u64,
+            delivered_total: stats.delivered_total,
+            already_delivered_total: stats.already_total,
+            failed_attempts_total: stats.failed_total,
+            dead_total: stats.dead_total,
+            calls_total: stats.calls_total,
+            items: items
+                .into_iter()
+                .map(|(a, seq, i)| OutboxItemView {
+                    id: item_id(&a, seq),
+                    account_id: a.to_string(),
+                    ledger_seq: seq,
+                    meter: i.meter,
+                    value: i.value,
+                    at: format_rfc3339(i.at_ms),
+                    attempts: i.attempts,
+                    next_attempt_at: format_rfc3339(i.next_at_ms),
+                    last_error: i.last_error,
+                })
+                .collect(),
+        }))
+    }
+
+    /// Send a dead letter again (its attempts start over).
+    #[oai(path = "/v1/admin/outbox/:id/retry", method = "post")]
+    async fn retry(
+        &self,
+        auth: ApiKeyAuth,
+        id: Path<String>,
+    ) -> Result<Json<RevivedView>, ApiError> {
+        auth.require_admin()?;
+        let not_found = || {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no dead letter `{}`", id.0),
+            )
+        };
+        let (account, seq) = parse_item_id(&id).ok_or_else(not_found)?;
+        let revived = self
+            .store
+            .revive(&account, seq, now_ms())
+            .map_err(unavailable)?;
+        if !revived {
+            return Err(not_found());
+        }
+        tracing::info!(account = %account, seq, "outbox dead letter revived");
+        Ok(Json(RevivedView { revived: 1 }))
+    }
+
+    /// Send every dead letter again (at most 10,000 per call).
+    #[oai(path = "/v1/admin/outbox/retry-dead", method = "post")]
+    async fn retry_dead(&self, auth: ApiKeyAuth) -> Result<Json<RevivedView>, ApiError> {
+        auth.require_admin()?;
+        let store = self.store.clone();
+        let revived = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+            let dead = store
+                .outbox_items(true, None, 10_000)
+                .map_err(|e| e.to_string())?;
+            let now = now_ms();
+            let mut n = 0;
+            for (a, seq, _) in dead {
+                if store.revive(&a, seq, now).map_err(|e| e.to_string())? {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)?;
+        tracing::info!(revived, "outbox dead letters revived");
+        Ok(Json(RevivedView { revived }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_ids_round_trip() {
+        let a = AccountId::parse("team_42.x").unwrap();
+        assert_eq!(parse_item_id(&item_id(&a, 17)), Some((a, 17)));
+        assert_eq!(parse_item_id("ob_x_y"), None);
+        assert_eq!(parse_item_id("rsv_1_a"), None);
+    }
+}
