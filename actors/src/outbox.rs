@@ -206,7 +206,9 @@ impl OutboxState {
             let Some(customer) = customer else {
                 self.stats.waiting_customer += 1;
                 item.last_error = Some("waiting for the account's stripe_customer_id".into());
-                item.next_at_ms = now + 30_000;
+                // Look again after the longest backoff (at most 30 s).
+                let wait = self.args.settings.max_backoff.min(Duration::from_secs(30));
+                item.next_at_ms = now + i64::try_from(wait.as_millis()).unwrap_or(30_000);
                 self.args.store.update_outbox(&account, seq, &item)?;
                 continue;
             };

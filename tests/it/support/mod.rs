@@ -2,6 +2,7 @@
 //! process, a small JSON client, and bounded waiting. Every wait here has a deadline.
 
 #![allow(dead_code)]
+pub mod fake_stripe;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -59,6 +60,41 @@ impl TestDaemon {
         tweak: impl FnOnce(&mut Config),
         clock: Clock,
     ) -> TestDaemon {
+        Self::start_full(dir, tweak, clock, secrets()).await
+    }
+
+    /// Starts with a Stripe key, talking to `fake`, with fast retries.
+    pub async fn start_stripe(
+        dir: tempfile::TempDir,
+        fake: &fake_stripe::FakeStripe,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestDaemon {
+        let base = fake.base_url();
+        let mut s = secrets();
+        s.stripe_key = Some(fake_stripe::SECRET_KEY.into());
+        Self::start_full(
+            dir,
+            move |c| {
+                c.stripe.api_base = base;
+                c.stripe.poll = Duration::from_millis(20);
+                c.stripe.base_backoff = Duration::from_millis(10);
+                c.stripe.max_backoff = Duration::from_millis(100);
+                c.stripe.timeout = Duration::from_secs(2);
+                c.stripe.calls_per_second = 1000;
+                tweak(c);
+            },
+            Clock::System,
+            s,
+        )
+        .await
+    }
+
+    pub async fn start_full(
+        dir: tempfile::TempDir,
+        tweak: impl FnOnce(&mut Config),
+        clock: Clock,
+        secrets: Secrets,
+    ) -> TestDaemon {
         let mut config = test_config(dir.path());
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -66,7 +102,7 @@ impl TestDaemon {
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(meterd::daemon::run_with_clock(
             config,
-            secrets(),
+            secrets,
             listener,
             async move {
                 let _ = rx.await;

@@ -1,0 +1,653 @@
+//! Tests of the fake Stripe itself: spec validation, dedup, idempotency, failure injection.
+
+use std::time::{Duration, Instant};
+
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+
+use crate::support::fake_stripe::{Failure, FakeStripe, PriceKind, SECRET_KEY};
+
+/// What the async-stripe 1.0.0-rc.10 client sent for a meter event, verbatim.
+const SDK_METER_EVENT: &str = "event_name=api_tokens&identifier=acct_1:ledger:42&payload[stripe_customer_id]=cus_123&payload[value]=25&timestamp=1760000000";
+
+struct Resp {
+    status: u16,
+    headers: HeaderMap,
+    body: Value,
+}
+
+fn client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+async fn send(
+    fake: &FakeStripe,
+    method: reqwest::Method,
+    path_and_query: &str,
+    form: Option<&str>,
+    idem: Option<&str>,
+) -> reqwest::Result<Resp> {
+    send_with(
+        &client(Duration::from_secs(10)),
+        fake,
+        method,
+        path_and_query,
+        form,
+        idem,
+        Some(SECRET_KEY),
+    )
+    .await
+}
+
+async fn send_with(
+    http: &reqwest::Client,
+    fake: &FakeStripe,
+    method: reqwest::Method,
+    path_and_query: &str,
+    form: Option<&str>,
+    idem: Option<&str>,
+    key: Option<&str>,
+) -> reqwest::Result<Resp> {
+    let url = format!(
+        "{}{}",
+        fake.base_url(),
+        path_and_query.trim_start_matches('/')
+    );
+    let mut req = http.request(method, url);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    if let Some(f) = form {
+        req = req
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(f.to_string());
+    }
+    if let Some(k) = idem {
+        req = req.header("idempotency-key", k);
+    }
+    let r = req.send().await?;
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await?;
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+async fn post(fake: &FakeStripe, path: &str, form: &str) -> Resp {
+    send(fake, reqwest::Method::POST, path, Some(form), None)
+        .await
+        .expect("request")
+}
+
+async fn get(fake: &FakeStripe, path: &str) -> Resp {
+    send(fake, reqwest::Method::GET, path, None, None)
+        .await
+        .expect("request")
+}
+
+fn event_form(identifier: &str, customer: &str, value: &str, ts: i64) -> String {
+    format!(
+        "event_name=tokens&identifier={identifier}&payload[stripe_customer_id]={customer}&payload[value]={value}&timestamp={ts}"
+    )
+}
+
+fn hdr<'a>(r: &'a Resp, name: &str) -> Option<&'a str> {
+    r.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test]
+async fn fake_stripe_valid_meter_event_is_accepted_and_recorded() {
+    let fake = FakeStripe::start().await;
+    assert!(fake.base_url().starts_with("http://127.0.0.1:"));
+    assert!(fake.base_url().ends_with('/'));
+    let r = post(
+        &fake,
+        "/v1/billing/meter_events",
+        &event_form("ev-1", "cus_a", "7", 1_760_000_000),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["object"], "billing.meter_event");
+    assert_eq!(r.body["event_name"], "tokens");
+    assert_eq!(r.body["identifier"], "ev-1");
+    assert_eq!(r.body["payload"]["value"], "7");
+    assert_eq!(r.body["timestamp"], 1_760_000_000);
+    assert_eq!(r.body["livemode"], false);
+    assert!(r.body["created"].is_i64());
+
+    let evs = fake.meter_events();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].customer, "cus_a");
+    assert_eq!(evs[0].value, "7");
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].method, "POST");
+    assert_eq!(reqs[0].path, "/v1/billing/meter_events");
+    assert_eq!(reqs[0].status, Some(200));
+    assert!(
+        reqs[0]
+            .params
+            .contains(&("payload[stripe_customer_id]".into(), "cus_a".into()))
+    );
+    assert_eq!(fake.count("/v1/billing/meter_events"), 1);
+    assert!(fake.spec_violations().is_empty());
+
+    // Without an identifier Stripe generates one.
+    let r = post(
+        &fake,
+        "/v1/billing/meter_events",
+        "event_name=tokens&payload[stripe_customer_id]=cus_a&payload[value]=1",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.body["identifier"].as_str().unwrap().is_empty());
+    assert_eq!(fake.meter_events().len(), 2);
+    fake.stop().await;
+}
+
+#[tokio::test]
+async fn fake_stripe_duplicate_identifier_is_rejected_and_counted_once() {
+    let fake = FakeStripe::start().await;
+    let form = event_form("dup-1", "cus_a", "5", 1_760_000_000);
+    assert_eq!(
+        post(&fake, "/v1/billing/meter_events", &form).await.status,
+        200
+    );
+    let r = post(&fake, "/v1/billing/meter_events", &form).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(hdr(&r, "stripe-should-retry"), Some("false"));
+    assert_eq!(r.body["error"]["type"], "invalid_request_error");
+    assert_eq!(r.body["error"]["code"], "resource_already_exists");
+    assert_eq!(
+        r.body["error"]["message"],
+        "An event already exists with identifier dup-1."
+    );
+    assert_eq!(fake.meter_events().len(), 1);
+    assert_eq!(fake.count("/v1/billing/meter_events"), 2);
+    assert!(
+        fake.spec_violations().is_empty(),
+        "a duplicate is not a spec violation"
+    );
+}
+
+#[tokio::test]
+async fn fake_stripe_missing_required_param_is_a_spec_violation() {
+    let fake = FakeStripe::start().await;
+    let r = post(
+        &fake,
+        "/v1/billing/meter_events",
+        "payload[stripe_customer_id]=cus_a&payload[value]=1",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["type"], "invalid_request_error");
+    assert_eq!(r.body["error"]["param"], "event_name");
+    let v = fake.spec_violations();
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].contains("event_name"), "{v:?}");
+    assert!(fake.meter_events().is_empty());
+    assert_eq!(fake.count("/v1/billing/meter_events"), 1);
+}
+
+#[tokio::test]
+async fn fake_stripe_rejects_unknown_and_malformed_params() {
+    let fake = FakeStripe::start().await;
+    let base = "event_name=tokens&payload[stripe_customer_id]=cus_a&payload[value]=1";
+    let long = "x".repeat(101);
+    let cases = [
+        (
+            format!("{base}&customer=cus_a"),
+            "customer",
+            "unknown parameter",
+        ),
+        (
+            format!("{base}&timestamp=soon"),
+            "timestamp",
+            "Invalid integer",
+        ),
+        (
+            format!("{base}&identifier={long}"),
+            "identifier",
+            "at most 100",
+        ),
+        (
+            format!("{base}&event_name=again"),
+            "event_name",
+            "Duplicate",
+        ),
+        (
+            "event_name=tokens&payload=abc".to_string(),
+            "payload",
+            "Invalid object",
+        ),
+        (format!("{base}&identifier="), "identifier", "empty string"),
+    ];
+    for (i, (form, param, msg)) in cases.iter().enumerate() {
+        let r = post(&fake, "/v1/billing/meter_events", form).await;
+        assert_eq!(r.status, 400, "{form}: {}", r.body);
+        assert_eq!(r.body["error"]["param"], *param, "{form}: {}", r.body);
+        let m = r.body["error"]["message"].as_str().unwrap();
+        assert!(m.contains(msg), "{form}: {m}");
+        assert_eq!(fake.spec_violations().len(), i + 1);
+    }
+    // Enums and nested closed objects.
+    let r = post(
+        &fake,
+        "/v1/checkout/sessions",
+        "mode=bogus&success_url=https://x.example/ok",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["param"], "mode");
+    let r = post(
+        &fake,
+        "/v1/checkout/sessions",
+        "line_items[0][price]=price_1&line_items[0][colour]=red&mode=payment",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["param"], "line_items[0][colour]");
+    // GET query parameters: unknown and missing required ones.
+    let r = get(&fake, "/v1/billing/meters?color=red").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["param"], "color");
+    let r = get(
+        &fake,
+        "/v1/billing/meters/mtr_test_tokens/event_summaries?customer=cus_a&start_time=0",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["param"], "end_time");
+    // A JSON body is not what Stripe takes.
+    let r = client(Duration::from_secs(10))
+        .post(format!("{}v1/customers", fake.base_url()))
+        .bearer_auth(SECRET_KEY)
+        .json(&serde_json::json!({"email": "a@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(fake.meter_events().is_empty());
+    assert!(fake.customers().is_empty());
+    assert_eq!(fake.spec_violations().len(), cases.len() + 5);
+}
+
+#[tokio::test]
+async fn fake_stripe_accepts_the_exact_async_stripe_body() {
+    let fake = FakeStripe::start().await;
+    let r = send(
+        &fake,
+        reqwest::Method::POST,
+        "/v1/billing/meter_events",
+        Some(SDK_METER_EVENT),
+        Some("meterd-acct_1-ledger-42"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+    let evs = fake.meter_events();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].identifier, "acct_1:ledger:42");
+    assert_eq!(evs[0].event_name, "api_tokens");
+    assert_eq!(evs[0].customer, "cus_123");
+    assert_eq!(evs[0].value, "25");
+    assert_eq!(evs[0].timestamp, 1_760_000_000);
+    assert_eq!(
+        fake.requests()[0].idempotency_key.as_deref(),
+        Some("meterd-acct_1-ledger-42")
+    );
+    // The same with escaped brackets and colons, and an empty payload map (`payload=`).
+    let escaped = "event_name=api_tokens&identifier=acct_1%3Aledger%3A43&payload%5Bstripe_customer_id%5D=cus_123&payload%5Bvalue%5D=25";
+    assert_eq!(
+        post(&fake, "/v1/billing/meter_events", escaped)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(fake.meter_events()[1].identifier, "acct_1:ledger:43");
+    let empty = "event_name=api_tokens&identifier=e3&payload=";
+    assert_eq!(
+        post(&fake, "/v1/billing/meter_events", empty).await.status,
+        200
+    );
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+}
+
+#[tokio::test]
+async fn fake_stripe_idempotency_key_replays_without_reprocessing() {
+    let fake = FakeStripe::start().await;
+    let form = event_form("idem-1", "cus_a", "3", 1_760_000_000);
+    let path = "/v1/billing/meter_events";
+    let a = send(&fake, reqwest::Method::POST, path, Some(&form), Some("k1"))
+        .await
+        .unwrap();
+    let b = send(&fake, reqwest::Method::POST, path, Some(&form), Some("k1"))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(b.status, 200);
+    assert_eq!(a.body, b.body);
+    assert_eq!(hdr(&b, "idempotent-replayed"), Some("true"));
+    assert_eq!(fake.meter_events().len(), 1);
+    assert_eq!(fake.requests().len(), 1);
+    assert_eq!(fake.replays().len(), 1);
+    // Same key, other parameters.
+    let other = event_form("idem-2", "cus_a", "3", 1_760_000_000);
+    let c = send(&fake, reqwest::Method::POST, path, Some(&other), Some("k1"))
+        .await
+        .unwrap();
+    assert_eq!(c.status, 400);
+    assert_eq!(c.body["error"]["type"], "idempotency_error");
+    assert_eq!(fake.meter_events().len(), 1);
+}
+
+#[tokio::test]
+async fn fake_stripe_customers_create_and_get() {
+    let fake = FakeStripe::start().await;
+    let r = post(
+        &fake,
+        "/v1/customers",
+        "email=a@example.com&metadata[meterd_account]=acct_1",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["object"], "customer");
+    assert_eq!(r.body["id"], "cus_test_1");
+    assert_eq!(r.body["email"], "a@example.com");
+    assert_eq!(r.body["metadata"]["meterd_account"], "acct_1");
+    assert_eq!(r.body["livemode"], false);
+    let r2 = post(&fake, "/v1/customers", "name=Bob").await;
+    assert_eq!(r2.body["id"], "cus_test_2");
+
+    let g = get(&fake, "/v1/customers/cus_test_1").await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.body, r.body);
+    let g = get(&fake, "/v1/customers/cus_test_1?").await;
+    assert_eq!(g.status, 200, "a trailing `?` is fine");
+    let m = get(&fake, "/v1/customers/cus_nope").await;
+    assert_eq!(m.status, 404);
+    assert_eq!(m.body["error"]["code"], "resource_missing");
+    assert_eq!(m.body["error"]["type"], "invalid_request_error");
+    assert_eq!(fake.customers().len(), 2);
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+}
+
+#[tokio::test]
+async fn fake_stripe_checkout_portal_prices_and_meters() {
+    let fake = FakeStripe::start().await;
+    let r = post(
+        &fake,
+        "/v1/checkout/sessions",
+        "customer=cus_123&line_items[0][price]=price_123&line_items[0][quantity]=1&mode=subscription&success_url=https://app.example.com/ok&metadata[meterd_account]=acct_1",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["object"], "checkout.session");
+    assert_eq!(r.body["mode"], "subscription");
+    assert_eq!(r.body["customer"], "cus_123");
+    assert_eq!(r.body["success_url"], "https://app.example.com/ok");
+    assert!(r.body["url"].as_str().unwrap().starts_with("https://"));
+
+    let r = post(
+        &fake,
+        "/v1/billing_portal/sessions",
+        "customer=cus_123&return_url=https://app.example.com/account",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["object"], "billing_portal.session");
+    assert_eq!(r.body["return_url"], "https://app.example.com/account");
+
+    fake.add_price("price_seat", PriceKind::Licensed);
+    fake.add_price("price_req", PriceKind::Metered("mtr_test_tokens".into()));
+    let p = get(&fake, "/v1/prices/price_req").await;
+    assert_eq!(p.status, 200);
+    assert_eq!(p.body["object"], "price");
+    assert_eq!(p.body["recurring"]["usage_type"], "metered");
+    assert_eq!(p.body["recurring"]["meter"], "mtr_test_tokens");
+    assert_eq!(get(&fake, "/v1/prices/price_nope").await.status, 404);
+
+    fake.add_meter("mtr_other", "other");
+    let l = get(&fake, "/v1/billing/meters?status=active&limit=10").await;
+    assert_eq!(l.status, 200);
+    assert_eq!(l.body["object"], "list");
+    assert_eq!(l.body["data"].as_array().unwrap().len(), 2);
+    let m = get(&fake, "/v1/billing/meters/mtr_test_tokens").await;
+    assert_eq!(m.body["event_name"], "tokens");
+    assert_eq!(m.body["object"], "billing.meter");
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+}
+
+#[tokio::test]
+async fn fake_stripe_auth_and_unknown_paths() {
+    let fake = FakeStripe::start().await;
+    let http = client(Duration::from_secs(10));
+    let path = "/v1/billing/meters";
+    for key in [None, Some("sk_test_wrong")] {
+        let r = send_with(&http, &fake, reqwest::Method::GET, path, None, None, key)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401);
+        assert_eq!(r.body["error"]["type"], "invalid_request_error");
+        assert!(r.body["error"]["message"].is_string());
+    }
+    let r = get(&fake, "/v1/nothing_here").await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.body["error"]["type"], "invalid_request_error");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Unrecognized request URL")
+    );
+    let r = send(
+        &fake,
+        reqwest::Method::DELETE,
+        "/v1/billing/meter_events",
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        fake.spec_violations().len(),
+        2,
+        "{:?}",
+        fake.spec_violations()
+    );
+}
+
+#[tokio::test]
+async fn fake_stripe_summaries_sum_values_in_the_window() {
+    let fake = FakeStripe::start().await;
+    fake.add_meter("mtr_other", "other");
+    let path = "/v1/billing/meter_events";
+    for (id, cus, value, ts) in [
+        ("s1", "cus_a", "2.5", 1_000),
+        ("s2", "cus_a", "3", 1_999),
+        ("s3", "cus_a", "4", 2_000), // end is exclusive
+        ("s4", "cus_b", "10", 1_500),
+        ("s5", "cus_a", "100", 999), // before start
+    ] {
+        assert_eq!(
+            post(&fake, path, &event_form(id, cus, value, ts))
+                .await
+                .status,
+            200
+        );
+    }
+    let other = "event_name=other&identifier=s6&payload[stripe_customer_id]=cus_a&payload[value]=50&timestamp=1500";
+    assert_eq!(post(&fake, path, other).await.status, 200);
+
+    let r = get(
+        &fake,
+        "/v1/billing/meters/mtr_test_tokens/event_summaries?customer=cus_a&end_time=2000&start_time=1000",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["object"], "list");
+    assert_eq!(r.body["has_more"], false);
+    let d = &r.body["data"][0];
+    assert_eq!(d["object"], "billing.meter_event_summary");
+    assert_eq!(d["aggregated_value"].as_f64(), Some(5.5));
+    assert_eq!(d["meter"], "mtr_test_tokens");
+    assert_eq!(d["start_time"], 1000);
+    assert_eq!(d["end_time"], 2000);
+    assert!(d["id"].as_str().unwrap().starts_with("mtrusg_"));
+
+    let r = get(
+        &fake,
+        "/v1/billing/meters/mtr_other/event_summaries?customer=cus_a&start_time=0&end_time=3600&value_grouping_window=hour",
+    )
+    .await;
+    assert_eq!(r.body["data"][0]["aggregated_value"].as_f64(), Some(50.0));
+    let r = get(
+        &fake,
+        "/v1/billing/meters/mtr_nope/event_summaries?customer=cus_a&start_time=0&end_time=1",
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+}
+
+#[tokio::test]
+async fn fake_stripe_injected_failures_are_seen_by_a_client_with_a_timeout() {
+    let fake = FakeStripe::start().await;
+    let http = client(Duration::from_secs(1));
+    let path = "/v1/billing/meter_events";
+    let send_ev = |id: &'static str, idem: Option<&'static str>| {
+        let http = http.clone();
+        let fake = &fake;
+        async move {
+            let form = event_form(id, "cus_a", "1", 1_760_000_000);
+            send_with(
+                &http,
+                fake,
+                reqwest::Method::POST,
+                path,
+                Some(&form),
+                idem,
+                Some(SECRET_KEY),
+            )
+            .await
+        }
+    };
+
+    // 500, then normal again.
+    fake.fail_next(1, Failure::Status(500));
+    let r = send_ev("f1", None).await.unwrap();
+    assert_eq!(r.status, 500);
+    assert_eq!(r.body["error"]["type"], "api_error");
+    assert_eq!(hdr(&r, "stripe-should-retry"), Some("true"));
+    assert!(
+        fake.meter_events().is_empty(),
+        "a failed request is not processed"
+    );
+    assert_eq!(send_ev("f1", None).await.unwrap().status, 200);
+
+    // 429 with Retry-After.
+    fake.fail_next(1, Failure::RateLimited { retry_after_s: 2 });
+    let r = send_ev("f2", None).await.unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(hdr(&r, "retry-after"), Some("2"));
+    assert_eq!(r.body["error"]["code"], "rate_limit");
+
+    // A hang longer than the client's timeout: the client times out, the fake still processes.
+    fake.fail_next(1, Failure::Hang(Duration::from_millis(1500)));
+    let t0 = Instant::now();
+    let e = send_ev("f3", None).await.err().expect("times out");
+    assert!(e.is_timeout(), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !fake.meter_events().iter().any(|e| e.identifier == "f3") {
+        assert!(
+            Instant::now() < deadline,
+            "the hung request is processed late"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Drop: the connection closes without an answer, well before the timeout.
+    fake.fail_next(1, Failure::Drop);
+    let t0 = Instant::now();
+    let e = send_ev("f4", None).await.err().expect("connection dropped");
+    assert!(!e.is_timeout(), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    assert!(!fake.meter_events().iter().any(|e| e.identifier == "f4"));
+    assert_eq!(fake.requests().last().unwrap().status, None);
+
+    // Processed, then dropped: a retry with the same key is a replay.
+    fake.fail_next(1, Failure::DropAfterProcessing);
+    assert!(send_ev("f5", Some("key-f5")).await.is_err());
+    assert!(fake.meter_events().iter().any(|e| e.identifier == "f5"));
+    let r = send_ev("f5", Some("key-f5")).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(hdr(&r, "idempotent-replayed"), Some("true"));
+
+    // Path filter: customers fail, meter events do not.
+    fake.fail_next_on("/v1/customers", 1, Failure::Status(503));
+    assert_eq!(send_ev("f6", None).await.unwrap().status, 200);
+    let r = post(&fake, "/v1/customers", "email=x@example.com").await;
+    assert_eq!(r.status, 503);
+
+    // A time window.
+    fake.fail_for(Duration::from_millis(300), Failure::Status(503));
+    assert_eq!(send_ev("f7", None).await.unwrap().status, 503);
+    assert_eq!(send_ev("f7", None).await.unwrap().status, 503);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(send_ev("f7", None).await.unwrap().status, 200);
+
+    let ids: Vec<String> = fake
+        .meter_events()
+        .into_iter()
+        .map(|e| e.identifier)
+        .collect();
+    assert_eq!(ids, ["f1", "f3", "f5", "f6", "f7"]);
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+}
+
+#[tokio::test]
+async fn fake_stripe_stop_closes_the_port() {
+    let fake = FakeStripe::start().await;
+    let addr = fake.addr();
+    assert_eq!(get(&fake, "/v1/billing/meters").await.status, 200);
+    fake.stop().await;
+    let r = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect returns");
+    assert!(r.is_err(), "nothing listens after stop");
+}

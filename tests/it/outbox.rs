@@ -1,0 +1,272 @@
+//! The Stripe outbox against the spec-checked fake Stripe: every billable unit reaches Stripe
+//! exactly once (by identifier), through restarts, failures, lost answers and offline spells.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::fake_stripe::{Failure, FakeStripe};
+use crate::support::{ADMIN_KEY, TestDaemon, eventually};
+
+async fn outbox(d: &TestDaemon, state: &str) -> Value {
+    let r = d
+        .client
+        .send(
+            reqwest::Method::GET,
+            &format!("/v1/admin/outbox?state={state}"),
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body
+}
+
+async fn payg(d: &TestDaemon, id: &str, customer: Option<&str>) {
+    let mut body = json!({"plan": "payg"});
+    if let Some(c) = customer {
+        body["stripe_customer_id"] = json!(c);
+    }
+    assert_eq!(d.client.put_account(id, body).await.status, 201);
+}
+
+async fn delivered(fake: &FakeStripe, n: usize) {
+    eventually(Duration::from_secs(10), || async {
+        fake.meter_events().len() >= n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_billable_consume_reaches_stripe_once() {
+    let fake = FakeStripe::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start_stripe(dir, &fake, |_| {}).await;
+    payg(&d, "a", Some("cus_a")).await;
+    d.client.put_account("flat", json!({"plan": "pro"})).await;
+    for (i, q) in [2u64, 3, 5].iter().enumerate() {
+        assert_eq!(
+            d.client.consume("a", *q, &format!("k{i}")).await.status,
+            200
+        );
+    }
+    // Unlimited plans are not billed per unit.
+    assert_eq!(d.client.consume("flat", 7, "k").await.status, 200);
+    delivered(&fake, 3).await;
+    let events = fake.meter_events();
+    let got: Vec<(String, String, String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.identifier.clone(),
+                e.event_name.clone(),
+                e.customer.clone(),
+                e.value.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("a:2".into(), "tokens".into(), "cus_a".into(), "2".into()),
+            ("a:3".into(), "tokens".into(), "cus_a".into(), "3".into()),
+            ("a:4".into(), "tokens".into(), "cus_a".into(), "5".into()),
+        ]
+    );
+    // Each request carried the identifier as its idempotency key.
+    let posts: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/v1/billing/meter_events")
+        .collect();
+    assert!(posts.iter().all(|r| r.idempotency_key.is_some()));
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+    eventually(Duration::from_secs(5), || async {
+        outbox(&d, "pending").await["queued"] == 0
+    })
+    .await;
+    let o = outbox(&d, "pending").await;
+    assert_eq!(o["online"], true);
+    assert_eq!(o["sent"], 3);
+    // A restart sends nothing again.
+    let dir = d.stop().await;
+    let d = TestDaemon::start_stripe(dir, &fake, |_| {}).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fake.meter_events().len(), 3);
+    assert_eq!(fake.count("/v1/billing/meter_events"), 3);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_retried_and_lost_answers_are_not_billed_twice() {
+    let fake = FakeStripe::start().await;
+    let d = TestDaemon::start_stripe(tempfile::tempdir().unwrap(), &fake, |c| {
+        c.stripe.breaker_failures = 100;
+    })
+    .await;
+    payg(&d, "r", Some("cus_r")).await;
+    fake.fail_next(3, Failure::Status(500));
+    assert_eq!(d.client.consume("r", 4, "k1").await.status, 200);
+    delivered(&fake, 1).await;
+    // Stripe did it but the answer was lost: the resend is recognised, not billed again.
+    fake.fail_next(1, Failure::DropAfterProcessing);
+    assert_eq!(d.client.consume("r", 6, "k2").await.status, 200);
+    fake.fail_next(1, Failure::RateLimited { retry_after_s: 1 });
+    assert_eq!(d.client.consume("r", 1, "k3").await.status, 200);
+    eventually(Duration::from_secs(10), || async {
+        outbox(&d, "pending").await["queued"] == 0
+    })
+    .await;
+    let values: Vec<String> = fake
+        .meter_events()
+        .iter()
+        .map(|e| e.value.clone())
+        .collect();
+    assert_eq!(values, vec!["4", "6", "1"]);
+    let o = outbox(&d, "pending").await;
+    assert!(o["failed_attempts_total"].as_u64().unwrap() >= 4, "{o}");
+    assert!(fake.spec_violations().is_empty());
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stripe_already_has_counts_as_delivered() {
+    let fake = FakeStripe::start().await;
+    let d = TestDaemon::start_stripe(tempfile::tempdir().unwrap(), &fake, |_| {}).await;
+    payg(&d, "x", Some("cus_x")).await;
+    // Delivered earlier, then the record of it was lost: Stripe has identifier x:2 already.
+    let r = reqwest::Client::new()
+        .post(format!("{}v1/billing/meter_events", fake.base_url()))
+        .bearer_auth(crate::support::fake_stripe::SECRET_KEY)
+        .form(&[
+            ("event_name", "tokens"),
+            ("identifier", "x:2"),
+            ("payload[stripe_customer_id]", "cus_x"),
+            ("payload[value]", "3"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(d.client.consume("x", 3, "k1").await.status, 200);
+    eventually(Duration::from_secs(10), || async {
+        outbox(&d, "pending").await["already_delivered_total"] == 1
+    })
+    .await;
+    assert_eq!(fake.meter_events().len(), 1);
+    assert_eq!(outbox(&d, "dead").await["dead"], 0);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_errors_dead_letter_and_can_be_retried() {
+    let fake = FakeStripe::start().await;
+    let d = TestDaemon::start_stripe(tempfile::tempdir().unwrap(), &fake, |_| {}).await;
+    payg(&d, "p", Some("cus_p")).await;
+    fake.fail_next(1, Failure::Status(404));
+    assert_eq!(d.client.consume("p", 2, "k1").await.status, 200);
+    eventually(Duration::from_secs(10), || async {
+        outbox(&d, "dead").await["dead"] == 1
+    })
+    .await;
+    let dead = outbox(&d, "dead").await;
+    let item = &dead["items"][0];
+    assert_eq!(item["account_id"], "p");
+    assert!(
+        item["last_error"].as_str().unwrap().contains("404"),
+        "{item}"
+    );
+    assert!(fake.meter_events().is_empty());
+    let id = item["id"].as_str().unwrap().to_owned();
+    let r = d
+        .client
+        .send(
+            reqwest::Method::POST,
+            &format!("/v1/admin/outbox/{id}/retry"),
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    delivered(&fake, 1).await;
+    assert_eq!(fake.meter_events()[0].identifier, "p:2");
+    let again = d
+        .client
+        .send(
+            reqwest::Method::POST,
+            &format!("/v1/admin/outbox/{id}/retry"),
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(again.status, 404);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_on_an_outage_and_recovers() {
+    let fake = FakeStripe::start().await;
+    let d = TestDaemon::start_stripe(tempfile::tempdir().unwrap(), &fake, |c| {
+        c.stripe.breaker_failures = 2;
+        c.stripe.breaker_cooldown = Duration::from_millis(300);
+    })
+    .await;
+    payg(&d, "b", Some("cus_b")).await;
+    fake.fail_for(Duration::from_millis(800), Failure::Status(503));
+    assert_eq!(d.client.consume("b", 1, "k1").await.status, 200);
+    eventually(Duration::from_secs(5), || async {
+        outbox(&d, "pending").await["breaker_open"] == true
+    })
+    .await;
+    delivered(&fake, 1).await;
+    eventually(Duration::from_secs(5), || async {
+        outbox(&d, "pending").await["breaker_open"] == false
+    })
+    .await;
+    // While open, calls stopped: far fewer attempts than the outage would have allowed.
+    let attempts = fake.count("/v1/billing/meter_events");
+    assert!(attempts < 20, "{attempts} calls during a 0.8 s outage");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_usage_waits_and_a_key_sends_the_backlog() {
+    let fake = FakeStripe::start().await;
+    let d = TestDaemon::start().await;
+    payg(&d, "o", Some("cus_o")).await;
+    assert_eq!(d.client.consume("o", 9, "k1").await.status, 200);
+    let o = outbox(&d, "pending").await;
+    assert_eq!(o["online"], false);
+    assert_eq!(o["queued"], 1);
+    let dir = d.stop().await;
+    let d = TestDaemon::start_stripe(dir, &fake, |_| {}).await;
+    delivered(&fake, 1).await;
+    assert_eq!(fake.meter_events()[0].value, "9");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_without_a_customer_waits_visibly() {
+    let fake = FakeStripe::start().await;
+    let d = TestDaemon::start_stripe(tempfile::tempdir().unwrap(), &fake, |_| {}).await;
+    payg(&d, "w", None).await;
+    assert_eq!(d.client.consume("w", 2, "k1").await.status, 200);
+    eventually(Duration::from_secs(5), || async {
+        let o = outbox(&d, "pending").await;
+        o["items"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("stripe_customer_id"))
+    })
+    .await;
+    assert!(fake.meter_events().is_empty());
+    d.client
+        .put_account("w", json!({"stripe_customer_id": "cus_w"}))
+        .await;
+    delivered(&fake, 1).await;
+    assert_eq!(fake.meter_events()[0].customer, "cus_w");
+    d.stop().await;
+}

@@ -1,0 +1,1427 @@
+//! A fake Stripe API on 127.0.0.1:0 for integration tests.
+//!
+//! Every request is checked against Stripe's own OpenAPI spec (`shared/stripe/spec3.json`):
+//! method and path, then the form body (POST) or the query (GET) with a small validator for the
+//! schema features these operations use (object, properties, required, additionalProperties,
+//! anyOf, array items, type, maxLength, enum). A failing request gets a Stripe-shaped 400 and is
+//! recorded in [`FakeStripe::spec_violations`]. Answers are complete objects built from
+//! `shared/stripe/fixtures3.latest.json`, so a typed SDK can parse them.
+//!
+//! Stripe behaviour it copies: Bearer auth, meter-event `identifier` dedup for 24 h (400,
+//! `Stripe-Should-Retry: false`), `Idempotency-Key` replay (same key and parameters: the saved
+//! answer with `Idempotent-Replayed: true`; other parameters: 400 `idempotency_error`), and
+//! injected failures that are not saved for replay. References to other objects (`customer`,
+//! `price`) in created objects are not checked, and meter-event timestamps are not range-checked.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::HeaderMap;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Map, Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+/// The only secret key the fake accepts (`Authorization: Bearer …`).
+pub const SECRET_KEY: &str = "sk_test_fake_meterd";
+/// The meter every fake starts with; its `event_name` is [`DEFAULT_EVENT_NAME`].
+pub const DEFAULT_METER: &str = "mtr_test_tokens";
+pub const DEFAULT_EVENT_NAME: &str = "tokens";
+/// Stripe enforces meter-event identifier uniqueness "within a rolling 24 hour period".
+const DEDUP_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// What an injected failure does to a matching request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Answer with this status and a Stripe-shaped error (`api_error` for 5xx), with
+    /// `Stripe-Should-Retry: true` for 409 and 5xx. The request is not processed.
+    Status(u16),
+    /// 429 with `Retry-After: retry_after_s` and code `rate_limit`. Not processed.
+    RateLimited { retry_after_s: u64 },
+    /// Wait this long, then process and answer normally. The request is processed even if the
+    /// client gave up in the meantime (like a slow Stripe).
+    Hang(Duration),
+    /// Close the connection without answering. Not processed.
+    Drop,
+    /// Process the request (and save it for idempotent replay), then close the connection
+    /// without answering: Stripe did it but the client never heard back.
+    DropAfterProcessing,
+}
+
+/// The kind of a price added with [`FakeStripe::add_price`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PriceKind {
+    /// Recurring monthly, licensed (per seat), 20.00 usd.
+    Licensed,
+    /// Recurring monthly, metered on the given meter id, 0.2 cents per unit.
+    Metered(String),
+    /// One-time, 50.00 usd.
+    OneTime,
+}
+
+/// One request the fake received (idempotent replays are kept apart, see
+/// [`FakeStripe::replays`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub method: String,
+    /// Path without the query string.
+    pub path: String,
+    /// Decoded query and form pairs in the order sent, keys in bracket notation
+    /// (`payload[value]`).
+    pub params: Vec<(String, String)>,
+    pub idempotency_key: Option<String>,
+    /// The status answered; `None` when the connection was dropped.
+    pub status: Option<u16>,
+}
+
+/// A meter event Stripe accepted (deduplicated by identifier).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedEvent {
+    pub identifier: String,
+    pub event_name: String,
+    /// `payload[stripe_customer_id]` ("" when absent).
+    pub customer: String,
+    /// `payload[value]` as sent ("" when absent).
+    pub value: String,
+    pub timestamp: i64,
+}
+
+/// A running fake. Stops on [`FakeStripe::stop`] or when dropped.
+pub struct FakeStripe {
+    addr: SocketAddr,
+    inner: Arc<Inner>,
+    shutdown: watch::Sender<bool>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl FakeStripe {
+    /// Binds 127.0.0.1:0 and serves until stopped. Loads the spec and fixtures first (panics
+    /// with a clear message if they are missing).
+    pub async fn start() -> FakeStripe {
+        let _ = spec();
+        let _ = fixture("billing.meter_event");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State::default()),
+        });
+        inner.lock().meters.push(Meter {
+            id: DEFAULT_METER.into(),
+            event_name: DEFAULT_EVENT_NAME.into(),
+        });
+        let (shutdown, rx) = watch::channel(false);
+        let join = tokio::spawn(accept_loop(listener, inner.clone(), rx));
+        FakeStripe {
+            addr,
+            inner,
+            shutdown,
+            join: Some(join),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT/` (with the trailing slash the SDK needs).
+    pub fn base_url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn secret_key(&self) -> &'static str {
+        SECRET_KEY
+    }
+
+    /// Adds (or renames) a meter.
+    pub fn add_meter(&self, id: &str, event_name: &str) {
+        let mut st = self.inner.lock();
+        st.meters.retain(|m| m.id != id);
+        st.meters.push(Meter {
+            id: id.into(),
+            event_name: event_name.into(),
+        });
+    }
+
+    pub fn add_price(&self, id: &str, kind: PriceKind) {
+        let price = price_object(id, &kind);
+        self.inner.lock().prices.insert(id.into(), price);
+    }
+
+    /// A customer that exists without being created through the API.
+    pub fn add_customer(&self, id: &str, email: Option<&str>) {
+        let mut c = fixture("customer");
+        c["id"] = json!(id);
+        c["email"] = json!(email);
+        c["created"] = json!(now_unix());
+        c["discount"] = Value::Null;
+        let mut st = self.inner.lock();
+        st.customers.retain(|(cid, _)| cid != id);
+        st.customers.push((id.into(), c));
+    }
+
+    /// The next `n` requests fail.
+    pub fn fail_next(&self, n: usize, failure: Failure) {
+        self.push_rule(None, Some(n), None, failure);
+    }
+
+    /// The next `n` requests whose path starts with `path_prefix` fail.
+    pub fn fail_next_on(&self, path_prefix: &str, n: usize, failure: Failure) {
+        self.push_rule(Some(path_prefix), Some(n), None, failure);
+    }
+
+    /// Every request in the next `duration` fails.
+    pub fn fail_for(&self, duration: Duration, failure: Failure) {
+        self.push_rule(None, None, Some(Instant::now() + duration), failure);
+    }
+
+    /// Every request whose path starts with `path_prefix` in the next `duration` fails.
+    pub fn fail_for_on(&self, path_prefix: &str, duration: Duration, failure: Failure) {
+        self.push_rule(
+            Some(path_prefix),
+            None,
+            Some(Instant::now() + duration),
+            failure,
+        );
+    }
+
+    /// Removes every pending injected failure.
+    pub fn clear_failures(&self) {
+        self.inner.lock().rules.clear();
+    }
+
+    fn push_rule(
+        &self,
+        prefix: Option<&str>,
+        remaining: Option<usize>,
+        until: Option<Instant>,
+        failure: Failure,
+    ) {
+        self.inner.lock().rules.push(Rule {
+            prefix: prefix.map(String::from),
+            remaining,
+            until,
+            failure,
+        });
+    }
+
+    /// Every request received, in order (replays excluded).
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner.lock().requests.clone()
+    }
+
+    /// Requests answered from the idempotency cache.
+    pub fn replays(&self) -> Vec<Recorded> {
+        self.inner.lock().replays.clone()
+    }
+
+    /// How many requests (replays excluded) had exactly this path.
+    pub fn count(&self, path: &str) -> usize {
+        self.inner
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| r.path == path)
+            .count()
+    }
+
+    /// Accepted meter events, deduplicated, in arrival order.
+    pub fn meter_events(&self) -> Vec<AcceptedEvent> {
+        self.inner.lock().events.clone()
+    }
+
+    /// Customers as stored (created through the API or added).
+    pub fn customers(&self) -> Vec<Value> {
+        self.inner
+            .lock()
+            .customers
+            .iter()
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    /// One line per request the spec does not allow (unknown method or path, bad parameters).
+    pub fn spec_violations(&self) -> Vec<String> {
+        self.inner.lock().violations.clone()
+    }
+
+    /// Stops accepting and closes open connections.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(j) = self.join.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), j).await;
+        }
+    }
+}
+
+impl Drop for FakeStripe {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+async fn accept_loop(listener: TcpListener, inner: Arc<Inner>, shutdown: watch::Receiver<bool>) {
+    let mut stop = shutdown.clone();
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                if let Ok((stream, _)) = r {
+                    tokio::spawn(serve_conn(stream, inner.clone(), shutdown.clone()));
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+async fn serve_conn(
+    stream: tokio::net::TcpStream,
+    inner: Arc<Inner>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let kill = Arc::new(Notify::new());
+    let svc = {
+        let kill = kill.clone();
+        service_fn(move |req: Request<Incoming>| {
+            let inner = inner.clone();
+            let kill = kill.clone();
+            async move {
+                // In its own task, so a hung request is still processed after the client left.
+                match tokio::spawn(handle(inner, req)).await {
+                    Ok(Outcome::Respond(r)) => Ok::<_, Infallible>(r),
+                    _ => {
+                        kill.notify_one();
+                        std::future::pending().await
+                    }
+                }
+            }
+        })
+    };
+    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    // Dropping the connection future closes the socket without an answer.
+    tokio::select! {
+        _ = conn => {}
+        _ = kill.notified() => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
+enum Outcome {
+    Respond(Response<Full<Bytes>>),
+    Drop,
+}
+
+#[derive(Debug, Clone)]
+struct Reply {
+    status: u16,
+    body: Value,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    fn ok(body: Value) -> Reply {
+        Reply {
+            status: 200,
+            body,
+            headers: Vec::new(),
+        }
+    }
+
+    fn error(status: u16, kind: &str, message: &str) -> Reply {
+        Reply {
+            status,
+            body: json!({"error": {"type": kind, "message": message}}),
+            headers: Vec::new(),
+        }
+    }
+
+    fn invalid(status: u16, message: &str, param: Option<&str>, code: Option<&str>) -> Reply {
+        let mut r = Reply::error(status, "invalid_request_error", message);
+        if let Some(p) = param {
+            r.body["error"]["param"] = json!(p);
+        }
+        if let Some(c) = code {
+            r.body["error"]["code"] = json!(c);
+            r.body["error"]["doc_url"] = json!(format!(
+                "https://stripe.com/docs/error-codes/{}",
+                c.replace('_', "-")
+            ));
+        }
+        r
+    }
+
+    fn header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    fn into_response(self, request_id: u64, idem: Option<&str>) -> Response<Full<Bytes>> {
+        let body = serde_json::to_vec_pretty(&self.body).unwrap_or_default();
+        let mut b = Response::builder()
+            .status(StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+            .header("content-type", "application/json")
+            .header("request-id", format!("req_fake_{request_id}"));
+        if let Some(k) = idem {
+            b = b.header("idempotency-key", k);
+        }
+        for (k, v) in self.headers {
+            b = b.header(k, v);
+        }
+        b.body(Full::new(Bytes::from(body)))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+    }
+}
+
+async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Outcome {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let headers = req.headers().clone();
+    let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+        return Outcome::Drop;
+    };
+    let idem = header(&headers, "idempotency-key");
+    let parsed = parse_params(&method, &query, &body);
+    let mut rec = Recorded {
+        method: method.clone(),
+        path: path.clone(),
+        params: parsed.clone().unwrap_or_default(),
+        idempotency_key: idem.clone(),
+        status: None,
+    };
+
+    let failure = inner.lock().take_failure(&path);
+    let mut drop_after = false;
+    match failure {
+        Some(Failure::Drop) => {
+            inner.lock().requests.push(rec);
+            return Outcome::Drop;
+        }
+        Some(Failure::Status(code)) => {
+            let retry = code == 409 || code >= 500;
+            let kind = if code >= 500 {
+                "api_error"
+            } else {
+                "invalid_request_error"
+            };
+            let msg = format!(
+                "An unknown error occurred while processing this request (fake Stripe: injected {code})."
+            );
+            let reply = Reply::error(code, kind, &msg)
+                .header("stripe-should-retry", if retry { "true" } else { "false" });
+            return inner.respond(rec, reply, idem.as_deref());
+        }
+        Some(Failure::RateLimited { retry_after_s }) => {
+            let reply = Reply::invalid(
+                429,
+                "Request rate limit exceeded. Learn more about rate limits here https://stripe.com/docs/rate-limits.",
+                None,
+                Some("rate_limit"),
+            )
+            .header("retry-after", retry_after_s.to_string());
+            return inner.respond(rec, reply, idem.as_deref());
+        }
+        Some(Failure::Hang(d)) => tokio::time::sleep(d).await,
+        Some(Failure::DropAfterProcessing) => drop_after = true,
+        None => {}
+    }
+
+    let content_type = header(&headers, "content-type");
+    let auth = header(&headers, "authorization");
+    let (reply, replayed) = inner.lock().process(
+        &method,
+        &path,
+        parsed,
+        content_type.as_deref(),
+        auth.as_deref(),
+        idem.as_deref(),
+    );
+    if drop_after {
+        rec.status = None;
+        let mut st = inner.lock();
+        if replayed {
+            st.replays.push(rec);
+        } else {
+            st.requests.push(rec);
+        }
+        return Outcome::Drop;
+    }
+    rec.status = Some(reply.status);
+    let id = {
+        let mut st = inner.lock();
+        if replayed {
+            st.replays.push(rec);
+        } else {
+            st.requests.push(rec);
+        }
+        st.next_id()
+    };
+    let reply = if replayed {
+        reply.header("idempotent-replayed", "true")
+    } else {
+        reply
+    };
+    Outcome::Respond(reply.into_response(id, idem.as_deref()))
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+}
+
+/// Query pairs, then (for POST) form-body pairs.
+fn parse_params(method: &str, query: &str, body: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let mut pairs = parse_pairs(query)?;
+    if method == "POST" {
+        let text = std::str::from_utf8(body).map_err(|_| "The body is not UTF-8.".to_string())?;
+        pairs.extend(parse_pairs(text)?);
+    }
+    Ok(pairs)
+}
+
+fn parse_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Ok((decode(k)?, decode(v)?))
+        })
+        .collect()
+}
+
+/// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a byte.
+fn decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
+                match byte {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => return Err(format!("Invalid percent-encoding in `{s}`.")),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| format!("`{s}` does not decode to UTF-8."))
+}
+
+// ---------------------------------------------------------------------------------------------
+// State
+
+struct Inner {
+    state: Mutex<State>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn respond(&self, mut rec: Recorded, reply: Reply, idem: Option<&str>) -> Outcome {
+        rec.status = Some(reply.status);
+        let id = {
+            let mut st = self.lock();
+            st.requests.push(rec);
+            st.next_id()
+        };
+        Outcome::Respond(reply.into_response(id, idem))
+    }
+}
+
+struct Meter {
+    id: String,
+    event_name: String,
+}
+
+struct Rule {
+    prefix: Option<String>,
+    remaining: Option<usize>,
+    until: Option<Instant>,
+    failure: Failure,
+}
+
+struct Cached {
+    method: String,
+    path: String,
+    params: Vec<(String, String)>,
+    reply: Reply,
+}
+
+#[derive(Default)]
+struct State {
+    requests: Vec<Recorded>,
+    replays: Vec<Recorded>,
+    violations: Vec<String>,
+    events: Vec<AcceptedEvent>,
+    identifiers: HashMap<String, Instant>,
+    idempotency: HashMap<String, Cached>,
+    meters: Vec<Meter>,
+    prices: HashMap<String, Value>,
+    customers: Vec<(String, Value)>,
+    rules: Vec<Rule>,
+    counter: u64,
+}
+
+type Params = Vec<(String, Node)>;
+
+impl State {
+    fn next_id(&mut self) -> u64 {
+        self.counter += 1;
+        self.counter
+    }
+
+    fn take_failure(&mut self, path: &str) -> Option<Failure> {
+        let now = Instant::now();
+        self.rules
+            .retain(|r| r.remaining != Some(0) && r.until.is_none_or(|u| now < u));
+        let rule = self
+            .rules
+            .iter_mut()
+            .find(|r| r.prefix.as_deref().is_none_or(|p| path.starts_with(p)))?;
+        if let Some(n) = rule.remaining.as_mut() {
+            *n -= 1;
+        }
+        Some(rule.failure.clone())
+    }
+
+    fn violation(&mut self, method: &str, path: &str, reply: Reply) -> Reply {
+        let e = &reply.body["error"];
+        let param = e["param"]
+            .as_str()
+            .map(|p| format!(" (param {p})"))
+            .unwrap_or_default();
+        self.violations.push(format!(
+            "{method} {path}: {}{param}",
+            e["message"].as_str().unwrap_or("")
+        ));
+        reply
+    }
+
+    /// Auth, parsing, spec validation, idempotency, then the endpoint. Returns the reply and
+    /// whether it is an idempotent replay.
+    fn process(
+        &mut self,
+        method: &str,
+        path: &str,
+        parsed: Result<Vec<(String, String)>, String>,
+        content_type: Option<&str>,
+        auth: Option<&str>,
+        idem: Option<&str>,
+    ) -> (Reply, bool) {
+        match auth.and_then(|a| a.strip_prefix("Bearer ")) {
+            Some(SECRET_KEY) => {}
+            None => {
+                let msg = "You did not provide an API key. You need to provide your API key in the Authorization header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY'). See https://stripe.com/docs/api#authentication for details, or we can help at https://support.stripe.com/.";
+                return (Reply::invalid(401, msg, None, None), false);
+            }
+            Some(other) => {
+                let shown: String = other.chars().take(8).collect();
+                let msg = format!("Invalid API Key provided: {shown}****");
+                return (Reply::invalid(401, &msg, None, None), false);
+            }
+        }
+        let unrecognized = format!(
+            "Unrecognized request URL ({method}: {path}). Please see https://stripe.com/docs or we can help at https://support.stripe.com/."
+        );
+        let (template, op, path_params) = match match_operation(method, path) {
+            Ok(found) => found,
+            Err(why) => {
+                self.violations.push(format!("{method} {path}: {why}"));
+                return (Reply::invalid(404, &unrecognized, None, None), false);
+            }
+        };
+        let pairs = match parsed {
+            Ok(p) => p,
+            Err(msg) => {
+                let r = Reply::invalid(400, &msg, None, None);
+                return (self.violation(method, path, r), false);
+            }
+        };
+        if method == "POST"
+            && !pairs.is_empty()
+            && !content_type.is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"))
+        {
+            let msg = format!(
+                "Invalid request: the body must be application/x-www-form-urlencoded, not {}.",
+                content_type.unwrap_or("(none)")
+            );
+            let r = Reply::invalid(400, &msg, None, None);
+            return (self.violation(method, path, r), false);
+        }
+        let tree = match build_tree(&pairs).and_then(|t| {
+            validate_operation(method, op, &t, &path_params)?;
+            Ok(t)
+        }) {
+            Ok(t) => t,
+            Err(e) => {
+                let r = Reply::invalid(400, &e.message, e.param.as_deref(), None);
+                return (self.violation(method, path, r), false);
+            }
+        };
+
+        let idem = idem.filter(|_| method == "POST");
+        if let Some(key) = idem
+            && let Some(c) = self.idempotency.get(key)
+        {
+            let mut sorted = pairs.clone();
+            sorted.sort();
+            if c.method == method && c.path == path && c.params == sorted {
+                return (c.reply.clone(), true);
+            }
+            let msg = format!(
+                "Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other than '{key}' if you meant to execute a different request."
+            );
+            return (Reply::error(400, "idempotency_error", &msg), false);
+        }
+
+        let p = |name: &str| {
+            path_params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .unwrap_or("")
+        };
+        let reply = match (method, template.as_str()) {
+            ("POST", "/v1/billing/meter_events") => self.create_meter_event(&tree),
+            ("GET", "/v1/billing/meters") => self.list_meters(&tree),
+            ("GET", "/v1/billing/meters/{id}") => self.get_meter(p("id")),
+            ("GET", "/v1/billing/meters/{id}/event_summaries") => {
+                self.event_summaries(p("id"), &tree)
+            }
+            ("POST", "/v1/customers") => self.create_customer(&tree),
+            ("GET", "/v1/customers/{customer}") => self.get_customer(p("customer")),
+            ("POST", "/v1/checkout/sessions") => self.create_checkout_session(&tree),
+            ("POST", "/v1/billing_portal/sessions") => self.create_portal_session(&tree),
+            ("GET", "/v1/prices/{price}") => self.get_price(p("price")),
+            _ => Reply::invalid(404, &unrecognized, None, None),
+        };
+        if let Some(key) = idem {
+            let mut sorted = pairs;
+            sorted.sort();
+            self.idempotency.insert(
+                key.to_string(),
+                Cached {
+                    method: method.into(),
+                    path: path.into(),
+                    params: sorted,
+                    reply: reply.clone(),
+                },
+            );
+        }
+        (reply, false)
+    }
+
+    // ----- endpoints -------------------------------------------------------------------------
+
+    fn create_meter_event(&mut self, t: &Params) -> Reply {
+        let now = now_unix();
+        let event_name = leaf(t, "event_name").unwrap_or("").to_string();
+        let identifier = match leaf(t, "identifier") {
+            Some(i) => i.to_string(),
+            None => format!("fake_mev_{}_{:016x}", self.next_id(), rand::random::<u64>()),
+        };
+        let payload = get(t, "payload").map(to_json).unwrap_or_else(|| json!({}));
+        let payload = if payload.is_object() {
+            payload
+        } else {
+            json!({})
+        };
+        let timestamp = leaf(t, "timestamp")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(now);
+
+        let at = Instant::now();
+        self.identifiers
+            .retain(|_, seen| at.duration_since(*seen) < DEDUP_WINDOW);
+        if self.identifiers.contains_key(&identifier) {
+            let msg = format!("An event already exists with identifier {identifier}.");
+            return Reply::invalid(
+                400,
+                &msg,
+                Some("identifier"),
+                Some("resource_already_exists"),
+            )
+            .header("stripe-should-retry", "false");
+        }
+        self.identifiers.insert(identifier.clone(), at);
+        let field = |k: &str| payload[k].as_str().unwrap_or("").to_string();
+        self.events.push(AcceptedEvent {
+            identifier: identifier.clone(),
+            event_name: event_name.clone(),
+            customer: field("stripe_customer_id"),
+            value: field("value"),
+            timestamp,
+        });
+
+        let mut ev = fixture("billing.meter_event");
+        ev["created"] = json!(now);
+        ev["event_name"] = json!(event_name);
+        ev["identifier"] = json!(identifier);
+        ev["livemode"] = json!(false);
+        ev["payload"] = payload;
+        ev["timestamp"] = json!(timestamp);
+        Reply::ok(ev)
+    }
+
+    fn meter_object(m: &Meter) -> Value {
+        let mut o = fixture("billing.meter");
+        o["id"] = json!(m.id);
+        o["event_name"] = json!(m.event_name);
+        o["display_name"] = json!(m.event_name);
+        o["livemode"] = json!(false);
+        o["status"] = json!("active");
+        o["customer_mapping"] = json!({"event_payload_key": "stripe_customer_id", "type": "by_id"});
+        o["value_settings"] = json!({"event_payload_key": "value"});
+        o["default_aggregation"] = json!({"formula": "sum"});
+        o
+    }
+
+    fn list_meters(&self, t: &Params) -> Reply {
+        let status = leaf(t, "status");
+        let limit = leaf(t, "limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .unwrap_or(10);
+        let all: Vec<Value> = self
+            .meters
+            .iter()
+            .filter(|_| status.is_none_or(|s| s == "active"))
+            .map(Self::meter_object)
+            .collect();
+        let has_more = all.len() > limit;
+        let data: Vec<Value> = all.into_iter().take(limit).collect();
+        Reply::ok(list(data, has_more, "/v1/billing/meters"))
+    }
+
+    fn get_meter(&self, id: &str) -> Reply {
+        match self.meters.iter().find(|m| m.id == id) {
+            Some(m) => Reply::ok(Self::meter_object(m)),
+            None => missing("billing meter", id),
+        }
+    }
+
+    #[allow(clippy::float_arithmetic)] // aggregated_value is an f64 sum, as in Stripe
+    fn event_summaries(&mut self, id: &str, t: &Params) -> Reply {
+        let Some(meter) = self.meters.iter().find(|m| m.id == id) else {
+            return missing("billing meter", id);
+        };
+        let customer = leaf(t, "customer").unwrap_or("");
+        let int = |k: &str| leaf(t, k).and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+        let (start, end) = (int("start_time"), int("end_time"));
+        let windows: Vec<(i64, i64)> = if leaf(t, "value_grouping_window") == Some("hour") {
+            let mut w = Vec::new();
+            let mut s = start;
+            while s < end {
+                w.push((s, (s + 3600).min(end)));
+                s += 3600;
+            }
+            w
+        } else {
+            vec![(start, end)]
+        };
+        let mut data = Vec::new();
+        for (s, e) in windows {
+            let sum: f64 = self
+                .events
+                .iter()
+                .filter(|ev| {
+                    ev.event_name == meter.event_name
+                        && ev.customer == customer
+                        && ev.timestamp >= s
+                        && ev.timestamp < e
+                })
+                .filter_map(|ev| ev.value.parse::<f64>().ok())
+                .sum();
+            data.push((s, e, sum));
+        }
+        let meter_id = meter.id.clone();
+        let data: Vec<Value> = data
+            .into_iter()
+            .map(|(s, e, sum)| {
+                json!({
+                    "id": format!("mtrusg_test_{}", self.next_id()),
+                    "object": "billing.meter_event_summary",
+                    "aggregated_value": sum,
+                    "start_time": s,
+                    "end_time": e,
+                    "livemode": false,
+                    "meter": meter_id,
+                })
+            })
+            .collect();
+        Reply::ok(list(
+            data,
+            false,
+            &format!("/v1/billing/meters/{meter_id}/event_summaries"),
+        ))
+    }
+
+    fn create_customer(&mut self, t: &Params) -> Reply {
+        let n = self
+            .customers
+            .iter()
+            .filter(|(id, _)| id.starts_with("cus_test_"))
+            .count()
+            + 1;
+        let id = format!("cus_test_{n}");
+        let mut c = fixture("customer");
+        c["id"] = json!(id);
+        c["created"] = json!(now_unix());
+        c["discount"] = Value::Null;
+        for k in ["email", "name", "description", "phone"] {
+            if let Some(v) = leaf(t, k).filter(|v| !v.is_empty()) {
+                c[k] = json!(v);
+            }
+        }
+        c["metadata"] = metadata(t);
+        self.customers.push((id, c.clone()));
+        Reply::ok(c)
+    }
+
+    fn get_customer(&self, id: &str) -> Reply {
+        match self.customers.iter().find(|(cid, _)| cid == id) {
+            Some((_, c)) => Reply::ok(c.clone()),
+            None => missing("customer", id),
+        }
+    }
+
+    fn create_checkout_session(&mut self, t: &Params) -> Reply {
+        let now = now_unix();
+        let id = format!("cs_test_fake{}", self.next_id());
+        let mode = leaf(t, "mode").unwrap_or("payment");
+        let mut s = fixture("checkout.session");
+        s["id"] = json!(id);
+        s["created"] = json!(now);
+        s["expires_at"] = json!(now + 86_400);
+        s["livemode"] = json!(false);
+        s["mode"] = json!(mode);
+        s["status"] = json!("open");
+        s["payment_status"] = json!("unpaid");
+        s["payment_intent"] = Value::Null;
+        s["shipping_cost"] = Value::Null;
+        s["url"] = json!(format!("https://checkout.stripe.com/c/pay/{id}"));
+        for k in [
+            "customer",
+            "customer_email",
+            "client_reference_id",
+            "success_url",
+            "cancel_url",
+        ] {
+            s[k] = leaf(t, k).map_or(Value::Null, |v| json!(v));
+        }
+        s["metadata"] = metadata(t);
+        Reply::ok(s)
+    }
+
+    fn create_portal_session(&mut self, t: &Params) -> Reply {
+        let id = format!("bps_test_fake{}", self.next_id());
+        let mut s = fixture("billing_portal.session");
+        s["id"] = json!(id);
+        s["created"] = json!(now_unix());
+        s["livemode"] = json!(false);
+        s["customer"] = json!(leaf(t, "customer").unwrap_or(""));
+        s["return_url"] = leaf(t, "return_url").map_or(Value::Null, |v| json!(v));
+        s["configuration"] = json!(leaf(t, "configuration").unwrap_or("bpc_test_default"));
+        s["flow"] = Value::Null;
+        s["url"] = json!(format!("https://billing.stripe.com/p/session/test_{id}"));
+        Reply::ok(s)
+    }
+
+    fn get_price(&self, id: &str) -> Reply {
+        match self.prices.get(id) {
+            Some(p) => Reply::ok(p.clone()),
+            None => missing("price", id),
+        }
+    }
+}
+
+fn missing(what: &str, id: &str) -> Reply {
+    Reply::invalid(
+        404,
+        &format!("No such {what}: '{id}'"),
+        Some("id"),
+        Some("resource_missing"),
+    )
+}
+
+fn list(data: Vec<Value>, has_more: bool, url: &str) -> Value {
+    json!({"object": "list", "data": data, "has_more": has_more, "url": url})
+}
+
+fn metadata(t: &Params) -> Value {
+    match get(t, "metadata").map(to_json) {
+        Some(Value::Object(m)) => Value::Object(m),
+        _ => json!({}),
+    }
+}
+
+fn price_object(id: &str, kind: &PriceKind) -> Value {
+    let mut p = fixture("price");
+    p["id"] = json!(id);
+    p["livemode"] = json!(false);
+    p["created"] = json!(now_unix());
+    p["transform_quantity"] = Value::Null;
+    p["custom_unit_amount"] = Value::Null;
+    match kind {
+        PriceKind::Licensed => {
+            p["type"] = json!("recurring");
+            p["recurring"] = json!({"interval": "month", "interval_count": 1, "meter": null,
+                "usage_type": "licensed", "trial_period_days": null});
+            p["unit_amount"] = json!(2000);
+            p["unit_amount_decimal"] = json!("2000");
+        }
+        PriceKind::Metered(meter) => {
+            p["type"] = json!("recurring");
+            p["recurring"] = json!({"interval": "month", "interval_count": 1, "meter": meter,
+                "usage_type": "metered", "trial_period_days": null});
+            p["unit_amount"] = Value::Null;
+            p["unit_amount_decimal"] = json!("0.2");
+        }
+        PriceKind::OneTime => {
+            p["type"] = json!("one_time");
+            p["recurring"] = Value::Null;
+            p["unit_amount"] = json!(5000);
+            p["unit_amount_decimal"] = json!("5000");
+        }
+    }
+    p
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spec and fixtures
+
+fn data_file(name: &str) -> Value {
+    let near = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/stripe")
+        .join(name);
+    let path = if near.exists() {
+        near
+    } else {
+        PathBuf::from("/work/shared/stripe").join(name)
+    };
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("fake Stripe needs {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+struct Spec {
+    root: Value,
+    /// Every path template, split into segments (`{x}` = a parameter).
+    templates: Vec<(String, Vec<String>)>,
+}
+
+fn spec() -> &'static Spec {
+    static SPEC: OnceLock<Spec> = OnceLock::new();
+    SPEC.get_or_init(|| {
+        let root = data_file("spec3.json");
+        let templates = root["paths"]
+            .as_object()
+            .map(|m| {
+                m.keys()
+                    .map(|k| (k.clone(), k.split('/').map(String::from).collect()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Spec { root, templates }
+    })
+}
+
+/// A copy of `resources[name]` from fixtures3.latest.json.
+fn fixture(name: &str) -> Value {
+    static FIXTURES: OnceLock<Value> = OnceLock::new();
+    let f = FIXTURES.get_or_init(|| data_file("fixtures3.latest.json"));
+    let v = f["resources"][name].clone();
+    assert!(
+        v.is_object(),
+        "fixtures3.latest.json has no resource {name}"
+    );
+    v
+}
+
+fn is_param(seg: &str) -> bool {
+    seg.starts_with('{') && seg.ends_with('}')
+}
+
+/// (template, operation, decoded path parameters).
+type Operation = (String, &'static Value, Vec<(String, String)>);
+
+/// The spec operation for a method and concrete path: (template, operation, path params).
+/// Literal segments beat parameters (`/v1/customers/search` over `/v1/customers/{customer}`).
+fn match_operation(method: &str, path: &str) -> Result<Operation, String> {
+    let spec = spec();
+    let segs: Vec<&str> = path.split('/').collect();
+    let mut candidates: Vec<(usize, &String, &Vec<String>)> = spec
+        .templates
+        .iter()
+        .filter(|(_, t)| {
+            t.len() == segs.len()
+                && t.iter()
+                    .zip(&segs)
+                    .all(|(a, b)| if is_param(a) { !b.is_empty() } else { a == b })
+        })
+        .map(|(name, t)| (t.iter().filter(|s| !is_param(s)).count(), name, t))
+        .collect();
+    if candidates.is_empty() {
+        return Err(format!("no path in Stripe's spec matches {path}"));
+    }
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+    let lower = method.to_ascii_lowercase();
+    for (_, name, t) in candidates {
+        if let Some(op) = spec.root["paths"][name.as_str()].get(&lower) {
+            let params = t
+                .iter()
+                .zip(&segs)
+                .filter(|(a, _)| is_param(a))
+                .map(|(a, b)| {
+                    let v = decode(b).unwrap_or_else(|_| (*b).to_string());
+                    (a.trim_matches(['{', '}']).to_string(), v)
+                })
+                .collect();
+            return Ok((name.clone(), op, params));
+        }
+    }
+    Err(format!(
+        "Stripe's spec has no {method} operation for {path}"
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Form trees and the validator
+
+/// A decoded parameter: `a[b][0]=v` becomes `a -> {b -> {0 -> "v"}}`.
+#[derive(Debug, Clone)]
+enum Node {
+    Leaf(String),
+    Map(Params),
+}
+
+#[derive(Debug)]
+struct ParamError {
+    message: String,
+    param: Option<String>,
+}
+
+fn perr(message: impl Into<String>, param: &str) -> ParamError {
+    ParamError {
+        message: message.into(),
+        param: (!param.is_empty()).then(|| param.to_string()),
+    }
+}
+
+fn get<'a>(t: &'a Params, k: &str) -> Option<&'a Node> {
+    t.iter().find(|(key, _)| key == k).map(|(_, n)| n)
+}
+
+fn leaf<'a>(t: &'a Params, k: &str) -> Option<&'a str> {
+    match get(t, k) {
+        Some(Node::Leaf(v)) => Some(v),
+        _ => None,
+    }
+}
+
+fn to_json(n: &Node) -> Value {
+    match n {
+        Node::Leaf(v) => json!(v),
+        Node::Map(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.clone(), to_json(v)))
+                .collect::<Map<String, Value>>(),
+        ),
+    }
+}
+
+fn build_tree(pairs: &[(String, String)]) -> Result<Params, ParamError> {
+    let mut root = Vec::new();
+    for (k, v) in pairs {
+        let segs = split_key(k)?;
+        insert(&mut root, &segs, v, k)?;
+    }
+    Ok(root)
+}
+
+/// `a[b][0]` -> `["a", "b", "0"]`; `a[]` -> `["a", ""]` (append).
+fn split_key(k: &str) -> Result<Vec<String>, ParamError> {
+    let bad = || perr(format!("Invalid parameter name: {k}"), k);
+    let (name, mut rest) = match k.find('[') {
+        Some(i) => (&k[..i], &k[i..]),
+        None => (k, ""),
+    };
+    if name.is_empty() {
+        return Err(bad());
+    }
+    let mut segs = vec![name.to_string()];
+    while !rest.is_empty() {
+        let inner = rest.strip_prefix('[').ok_or_else(bad)?;
+        let end = inner.find(']').ok_or_else(bad)?;
+        segs.push(inner[..end].to_string());
+        rest = &inner[end + 1..];
+    }
+    Ok(segs)
+}
+
+fn insert(map: &mut Params, segs: &[String], value: &str, full: &str) -> Result<(), ParamError> {
+    let Some((first, tail)) = segs.split_first() else {
+        return Ok(());
+    };
+    let key = if first.is_empty() {
+        if !tail.is_empty() {
+            return Err(perr(format!("Invalid parameter name: {full}"), full));
+        }
+        map.len().to_string()
+    } else {
+        first.clone()
+    };
+    let pos = map.iter().position(|(k, _)| *k == key);
+    if tail.is_empty() {
+        if pos.is_some() {
+            return Err(perr(format!("Duplicate parameter: {full}"), full));
+        }
+        map.push((key, Node::Leaf(value.to_string())));
+        return Ok(());
+    }
+    match pos {
+        Some(i) => match &mut map[i].1 {
+            Node::Map(m) => insert(m, tail, value, full),
+            Node::Leaf(_) => Err(perr(
+                format!("Invalid parameter: {full} conflicts with a plain value for {key}"),
+                full,
+            )),
+        },
+        None => {
+            let mut m = Vec::new();
+            insert(&mut m, tail, value, full)?;
+            map.push((key, Node::Map(m)));
+            Ok(())
+        }
+    }
+}
+
+fn validate_operation(
+    method: &str,
+    op: &Value,
+    tree: &Params,
+    path_params: &[(String, String)],
+) -> Result<(), ParamError> {
+    let declared = op["parameters"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    for (name, value) in path_params {
+        if let Some(p) = declared
+            .iter()
+            .find(|p| p["in"] == "path" && p["name"] == name.as_str())
+        {
+            validate(&p["schema"], &Node::Leaf(value.clone()), name, false)?;
+        }
+    }
+    if method == "POST" {
+        let schema = &op["requestBody"]["content"]["application/x-www-form-urlencoded"]["schema"];
+        return validate(schema, &Node::Map(tree.clone()), "", false);
+    }
+    for (k, node) in tree {
+        let Some(p) = declared
+            .iter()
+            .find(|p| p["in"] == "query" && p["name"] == k.as_str())
+        else {
+            return Err(perr(format!("Received unknown parameter: {k}"), k));
+        };
+        validate(&p["schema"], node, k, false)?;
+    }
+    for p in declared {
+        let name = p["name"].as_str().unwrap_or("");
+        if p["in"] == "query" && p["required"] == true && get(tree, name).is_none() {
+            return Err(perr(format!("Missing required param: {name}."), name));
+        }
+    }
+    Ok(())
+}
+
+/// Validates one decoded value against a request-parameter schema. `name` is the parameter in
+/// bracket notation ("" for the top level). `may_be_empty`: map values (`metadata[k]=`) may be
+/// empty strings (they unset a key); named parameters may not, unless their enum allows "".
+fn validate(schema: &Value, node: &Node, name: &str, may_be_empty: bool) -> Result<(), ParamError> {
+    if let Some(branches) = schema["anyOf"].as_array() {
+        let mut best: Option<ParamError> = None;
+        for b in branches {
+            match validate(b, node, name, may_be_empty) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    // Report the error of the branch shaped like the value, if any.
+                    let shaped = matches!(
+                        (node, b["type"].as_str()),
+                        (Node::Map(_), Some("object" | "array"))
+                    );
+                    if best.is_none() || shaped {
+                        best = Some(e);
+                    }
+                }
+            }
+        }
+        return Err(best.unwrap_or_else(|| perr(format!("Invalid {name}"), name)));
+    }
+    let ty = schema["type"].as_str();
+    match (ty, node) {
+        (Some("object"), Node::Map(entries)) => validate_object(schema, entries, name),
+        (Some("object"), Node::Leaf(v)) if v.is_empty() => validate_object(schema, &[], name),
+        (Some("object"), Node::Leaf(_)) => Err(perr(
+            format!("Invalid object: {name} must be a hash (use {name}[key]=value)"),
+            name,
+        )),
+        (Some("array"), Node::Map(entries)) => {
+            for (k, item) in entries {
+                if k.parse::<usize>().is_err() {
+                    return Err(perr(
+                        format!("Invalid array: {name} has a non-numeric index {k}"),
+                        name,
+                    ));
+                }
+                validate(&schema["items"], item, &format!("{name}[{k}]"), false)?;
+            }
+            Ok(())
+        }
+        (Some("array"), Node::Leaf(v)) if v.is_empty() => Ok(()),
+        (Some("array"), Node::Leaf(_)) => Err(perr(
+            format!("Invalid array: {name} must be a list (use {name}[0]=value)"),
+            name,
+        )),
+        (Some(t), Node::Map(_)) => Err(perr(
+            format!("Invalid {t}: {name} must be a {t}, not a hash"),
+            name,
+        )),
+        (None, Node::Map(_)) => Ok(()),
+        (_, Node::Leaf(v)) => validate_scalar(schema, ty, v, name, may_be_empty),
+    }
+}
+
+fn validate_object(
+    schema: &Value,
+    entries: &[(String, Node)],
+    name: &str,
+) -> Result<(), ParamError> {
+    let props = schema["properties"].as_object();
+    let extra = &schema["additionalProperties"];
+    for (k, child) in entries {
+        let child_name = if name.is_empty() {
+            k.clone()
+        } else {
+            format!("{name}[{k}]")
+        };
+        if let Some(s) = props.and_then(|p| p.get(k)) {
+            validate(s, child, &child_name, false)?;
+        } else if extra.is_object() {
+            validate(extra, child, &child_name, true)?;
+        } else if *extra == Value::Bool(true) || (props.is_none() && extra.is_null()) {
+            // Free-form: nothing to check.
+        } else {
+            // `additionalProperties: false`, or a closed set of properties: Stripe rejects
+            // unknown keys at every level.
+            return Err(perr(
+                format!("Received unknown parameter: {child_name}"),
+                &child_name,
+            ));
+        }
+    }
+    for r in schema["required"].as_array().into_iter().flatten() {
+        let r = r.as_str().unwrap_or("");
+        if !entries.iter().any(|(k, _)| k == r) {
+            let full = if name.is_empty() {
+                r.to_string()
+            } else {
+                format!("{name}[{r}]")
+            };
+            return Err(perr(format!("Missing required param: {full}."), &full));
+        }
+    }
+    Ok(())
+}
+
+fn validate_scalar(
+    schema: &Value,
+    ty: Option<&str>,
+    v: &str,
+    name: &str,
+    may_be_empty: bool,
+) -> Result<(), ParamError> {
+    if let Some(allowed) = schema["enum"].as_array() {
+        if allowed.iter().any(|a| a.as_str() == Some(v)) {
+            return Ok(());
+        }
+        let names: Vec<&str> = allowed.iter().filter_map(Value::as_str).collect();
+        return Err(perr(
+            format!("Invalid {name}: must be one of {}", names.join(", ")),
+            name,
+        ));
+    }
+    if v.is_empty() {
+        if may_be_empty || ty.is_none() {
+            return Ok(());
+        }
+        return Err(perr(
+            format!(
+                "You passed an empty string for '{name}'. We assume empty values are an attempt to unset a parameter; however '{name}' cannot be unset. You should remove '{name}' from your request or supply a non-empty value."
+            ),
+            name,
+        ));
+    }
+    match ty {
+        Some("string") => {
+            if let Some(max) = schema["maxLength"].as_u64() {
+                let len = u64::try_from(v.chars().count()).unwrap_or(u64::MAX);
+                if len > max {
+                    return Err(perr(
+                        format!(
+                            "Invalid string: {name} must be at most {max} characters (got {len})"
+                        ),
+                        name,
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Some("integer") if v.parse::<i64>().is_err() => {
+            Err(perr(format!("Invalid integer: {v}"), name))
+        }
+        Some("number") if !v.parse::<f64>().is_ok_and(f64::is_finite) => {
+            Err(perr(format!("Invalid decimal: {v}"), name))
+        }
+        Some("boolean") if v != "true" && v != "false" => {
+            Err(perr(format!("Invalid boolean: {v}"), name))
+        }
+        _ => Ok(()),
+    }
+}
