@@ -270,3 +270,135 @@ async fn an_account_without_a_customer_waits_visibly() {
     assert_eq!(fake.meter_events()[0].customer, "cus_w");
     d.stop().await;
 }
+
+/// kill -9 of meterd at random moments while it sends: after restarts, every billable consume
+/// that was acknowledged reaches the fake exactly once, and nothing unacknowledged is billed
+/// beyond what its retry settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_mid_send_bills_every_acknowledged_unit_exactly_once() {
+    use rand::Rng;
+    use std::collections::BTreeMap;
+
+    use crate::support::BinDaemon;
+
+    let fake = FakeStripe::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"),
+    )
+    .unwrap();
+    let ours = shipped
+        .replace(
+            "api_base = \"https://api.stripe.com/\"",
+            &format!("api_base = \"{}\"", fake.base_url()),
+        )
+        .replace("poll_ms = 200", "poll_ms = 20")
+        .replace("base_backoff_ms = 500", "base_backoff_ms = 10")
+        .replace("max_backoff_s = 600", "max_backoff_s = 1");
+    assert_ne!(ours, shipped);
+    std::fs::write(&config, ours).unwrap();
+    let data = dir.path().join("data");
+    let env = [("STRIPE_SECRET_KEY", crate::support::fake_stripe::SECRET_KEY)];
+    let seed: u64 = rand::rng().random();
+    println!("seed {seed}");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    // key -> (seq, quantity) of every acknowledged consume.
+    let mut acked: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut unsure: Vec<(String, u64)> = Vec::new();
+    for round in 0..4u64 {
+        let d = BinDaemon::start_config(&config, &data, &env, true, None);
+        if round == 0 {
+            let r = d
+                .client
+                .put_account(
+                    "k9",
+                    json!({"plan": "payg", "stripe_customer_id": "cus_k9"}),
+                )
+                .await;
+            assert_eq!(r.status, 201);
+        }
+        // Settle what the last kill left unsure: the same key either replays or decides anew.
+        for (key, q) in unsure.drain(..) {
+            let r = d.client.consume("k9", q, &key).await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            acked.insert(key, (r.body["ledger_seq"].as_u64().unwrap(), q));
+        }
+        let kill_after = Duration::from_millis(rng.random_range(50..300));
+        let client = d.client.clone();
+        let load = tokio::spawn(async move {
+            let mut done = Vec::new();
+            for i in 0..2000u64 {
+                let key = format!("r{round}-{i}");
+                let q = i % 5 + 1;
+                let sent = client
+                    .http
+                    .post(format!("{}/v1/accounts/k9/consume", client.base))
+                    .bearer_auth(crate::support::APP_KEY)
+                    .json(&json!({"meter": "tokens", "quantity": q, "idempotency_key": key}))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status() == 200 => {
+                        let body: Value = r.json().await.unwrap();
+                        done.push((key, Some((body["ledger_seq"].as_u64().unwrap(), q))));
+                    }
+                    _ => {
+                        done.push((key, None));
+                        break;
+                    }
+                }
+            }
+            done
+        });
+        tokio::time::sleep(kill_after).await;
+        tokio::task::spawn_blocking(move || d.kill9())
+            .await
+            .unwrap();
+        for (key, r) in load.await.unwrap() {
+            match r {
+                Some(v) => {
+                    acked.insert(key, v);
+                }
+                None => unsure.push((key.clone(), key_quantity(&key))),
+            }
+        }
+    }
+    // Final run: settle, then let the outbox drain.
+    let d = BinDaemon::start_config(&config, &data, &env, true, None);
+    for (key, q) in unsure.drain(..) {
+        let r = d.client.consume("k9", q, &key).await;
+        assert_eq!(r.status, 200);
+        acked.insert(key, (r.body["ledger_seq"].as_u64().unwrap(), q));
+    }
+    let expected: BTreeMap<String, String> = acked
+        .values()
+        .map(|(seq, q)| (format!("k9:{seq}"), q.to_string()))
+        .collect();
+    eventually(Duration::from_secs(30), || async {
+        fake.meter_events().len() >= expected.len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let events = fake.meter_events();
+    let got: BTreeMap<String, String> = events
+        .iter()
+        .map(|e| (e.identifier.clone(), e.value.clone()))
+        .collect();
+    assert_eq!(got.len(), events.len(), "an identifier accepted twice");
+    assert_eq!(
+        got, expected,
+        "Stripe has exactly the acknowledged billable consumes"
+    );
+    assert!(fake.spec_violations().is_empty());
+    let status = tokio::task::spawn_blocking(move || d.sigterm(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The quantity the load loop used for a key (`i % 5 + 1`).
+fn key_quantity(key: &str) -> u64 {
+    let i: u64 = key.rsplit('-').next().unwrap().parse().unwrap();
+    i % 5 + 1
+}

@@ -318,10 +318,27 @@ impl BinDaemon {
         admin_key: bool,
         logs: Option<std::sync::Arc<std::sync::Mutex<String>>>,
     ) -> BinDaemon {
+        Self::start_config(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"),
+            data_dir,
+            extra_env,
+            admin_key,
+            logs,
+        )
+    }
+
+    /// As [`BinDaemon::start_opts`], with a config file of the test's own.
+    pub fn start_config(
+        config: &Path,
+        data_dir: &Path,
+        extra_env: &[(&str, &str)],
+        admin_key: bool,
+        logs: Option<std::sync::Arc<std::sync::Mutex<String>>>,
+    ) -> BinDaemon {
         let mut cmd = Command::new(meterd_bin());
         cmd.arg("serve")
             .arg("--config")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
+            .arg(config)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
