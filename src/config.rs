@@ -75,6 +75,7 @@ struct RawStripe {
     breaker_cooldown_s: u64,
     poll_ms: u64,
     batch: usize,
+    strict: bool,
     meters: BTreeMap<String, RawStripeMeter>,
 }
 
@@ -92,6 +93,7 @@ impl Default for RawStripe {
             breaker_cooldown_s: 30,
             poll_ms: 200,
             batch: 100,
+            strict: false,
             meters: BTreeMap::new(),
         }
     }
@@ -117,8 +119,20 @@ pub struct StripeConfig {
     pub breaker_cooldown: Duration,
     pub poll: Duration,
     pub batch: usize,
+    /// Refuse to start when the start-up checks against Stripe fail.
+    pub strict: bool,
     /// Meter → the Stripe meter's `event_name`.
     pub event_names: BTreeMap<String, String>,
+}
+
+impl StripeConfig {
+    /// The `event_name` meterd sends for `meter`.
+    pub fn event_name<'a>(&'a self, meter: &'a str) -> &'a str {
+        self.event_names
+            .get(meter)
+            .map(String::as_str)
+            .unwrap_or(meter)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -602,6 +616,7 @@ impl Config {
             breaker_cooldown: Duration::from_secs(st.breaker_cooldown_s),
             poll: Duration::from_millis(st.poll_ms),
             batch: st.batch,
+            strict: st.strict,
             event_names,
         };
         Ok(Config {

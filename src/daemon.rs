@@ -140,6 +140,37 @@ fn read_or_create_key_file(path: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// Start-up checks against Stripe: it answers, and every meter some plan bills has an active
+/// Stripe meter with the configured `event_name`. Returns the problems, each naming the
+/// config key to fix.
+pub async fn stripe_self_check(config: &Config, client: &StripeHttp) -> Vec<String> {
+    let active = match client.active_meter_event_names().await {
+        Ok(names) => names,
+        Err(e) => return vec![format!("stripe.api_base: Stripe did not answer: {e}")],
+    };
+    let mut billed: Vec<&String> = config
+        .catalog
+        .plans
+        .values()
+        .flat_map(|p| p.meters.iter())
+        .filter(|(_, r)| r.overage == meterd_actors::model::Overage::Bill)
+        .map(|(m, _)| m)
+        .collect();
+    billed.sort();
+    billed.dedup();
+    billed
+        .into_iter()
+        .filter_map(|meter| {
+            let name = config.stripe.event_name(meter);
+            (!active.iter().any(|a| a == name)).then(|| {
+                format!(
+                    "stripe.meters.{meter}.event_name: Stripe has no active meter with event_name `{name}`"
+                )
+            })
+        })
+        .collect()
+}
+
 /// Runs the daemon on `listener` until `shutdown` resolves, then stops in order.
 pub async fn run(
     config: Config,
@@ -205,6 +236,16 @@ pub async fn run_with_clock(
             let c = StripeHttp::new(&config.stripe.api_base, key, config.stripe.timeout)
                 .map_err(|e| anyhow::anyhow!("cannot build the Stripe client: {e}"))?;
             tracing::info!(api_base = %config.stripe.api_base, "Stripe: online; billable usage is sent to Billing Meters");
+            let problems = stripe_self_check(&config, &c).await;
+            for p in &problems {
+                tracing::error!(problem = %p, "Stripe self-check failed");
+            }
+            if config.stripe.strict && !problems.is_empty() {
+                anyhow::bail!(
+                    "Stripe self-check failed (stripe.strict = true): {}",
+                    problems.join("; ")
+                );
+            }
             Some(c)
         }
         None => {

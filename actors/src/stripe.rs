@@ -155,6 +155,20 @@ impl StripeHttp {
     }
 }
 
+impl StripeHttp {
+    /// The `event_name`s of the account's active Billing Meters (first 100).
+    pub async fn active_meter_event_names(&self) -> Result<Vec<String>, StripeCallError> {
+        use stripe_billing::BillingMeterStatus;
+        use stripe_billing::billing_meter::ListBillingMeter;
+        let list = ListBillingMeter::new()
+            .status(BillingMeterStatus::Active)
+            .limit(100)
+            .send(self)
+            .await?;
+        Ok(list.data.into_iter().map(|m| m.event_name).collect())
+    }
+}
+
 fn header_str<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }

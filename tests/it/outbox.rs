@@ -402,3 +402,53 @@ fn key_quantity(key: &str) -> u64 {
     let i: u64 = key.rsplit('-').next().unwrap().parse().unwrap();
     i % 5 + 1
 }
+
+#[tokio::test]
+async fn start_up_checks_name_a_missing_stripe_meter() {
+    let fake = FakeStripe::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::support::test_config(dir.path());
+    config.stripe.api_base = fake.base_url();
+    let client = meterd_actors::stripe::StripeHttp::new(
+        &config.stripe.api_base,
+        crate::support::fake_stripe::SECRET_KEY,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert!(
+        meterd::daemon::stripe_self_check(&config, &client)
+            .await
+            .is_empty()
+    );
+    config
+        .stripe
+        .event_names
+        .insert("tokens".into(), "tokens_v2".into());
+    let problems = meterd::daemon::stripe_self_check(&config, &client).await;
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("stripe.meters.tokens.event_name"),
+        "{problems:?}"
+    );
+    // With strict, the daemon refuses to start.
+    config.stripe.strict = true;
+    let mut secrets = crate::support::secrets();
+    secrets.stripe_key = Some(crate::support::fake_stripe::SECRET_KEY.into());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let run = meterd::daemon::run(config, secrets, listener, std::future::pending());
+    let r = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("start-up fails fast");
+    let err = format!("{:#}", r.unwrap_err());
+    assert!(err.contains("stripe.meters.tokens.event_name"), "{err}");
+    // A wrong key is reported too, naming where it points.
+    let bad = meterd_actors::stripe::StripeHttp::new(
+        &fake.base_url(),
+        "sk_test_wrong",
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let problems =
+        meterd::daemon::stripe_self_check(&crate::support::test_config(dir.path()), &bad).await;
+    assert!(problems[0].starts_with("stripe.api_base"), "{problems:?}");
+}
