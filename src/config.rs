@@ -77,6 +77,9 @@ struct RawStripe {
     batch: usize,
     strict: bool,
     meters: BTreeMap<String, RawStripeMeter>,
+    checkout_success_url: Option<String>,
+    checkout_cancel_url: Option<String>,
+    portal_return_url: Option<String>,
 }
 
 impl Default for RawStripe {
@@ -95,6 +98,9 @@ impl Default for RawStripe {
             batch: 100,
             strict: false,
             meters: BTreeMap::new(),
+            checkout_success_url: None,
+            checkout_cancel_url: None,
+            portal_return_url: None,
         }
     }
 }
@@ -123,6 +129,26 @@ pub struct StripeConfig {
     pub strict: bool,
     /// Meter → the Stripe meter's `event_name`.
     pub event_names: BTreeMap<String, String>,
+    /// Where Checkout sends the customer after paying (required for checkout).
+    pub checkout_success_url: Option<String>,
+    /// Where Checkout sends the customer on cancel (required for checkout).
+    pub checkout_cancel_url: Option<String>,
+    /// Where the customer portal's "return" link leads (else the portal configuration's).
+    pub portal_return_url: Option<String>,
+    /// Plan → its Stripe prices; every plan of the catalog has an entry.
+    pub plans: BTreeMap<String, StripePlan>,
+}
+
+/// The Stripe side of one plan (`[plans.<p>] stripe_price`, `stripe_metered_price`,
+/// `trial_days`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StripePlan {
+    /// The licensed base price (`price_…`); quantity = seats for seat plans, else 1.
+    pub stripe_price: Option<String>,
+    /// A metered price (`price_…`) added to the subscription without a quantity.
+    pub stripe_metered_price: Option<String>,
+    /// Free trial length of a new subscription.
+    pub trial_days: Option<u32>,
 }
 
 impl StripeConfig {
@@ -283,6 +309,12 @@ struct RawPlan {
     #[serde(default)]
     monthly_credits: u64,
     monthly_credits_rollover_cap: Option<u64>,
+    /// Stripe: the licensed base price of the plan's subscription.
+    stripe_price: Option<String>,
+    /// Stripe: the metered price of the plan's subscription.
+    stripe_metered_price: Option<String>,
+    /// Stripe: free trial days of a new subscription (1-730).
+    trial_days: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -599,6 +631,65 @@ impl Config {
             }
             event_names.insert(meter.clone(), m.event_name.clone());
         }
+        for (key, url) in [
+            ("stripe.checkout_success_url", &st.checkout_success_url),
+            ("stripe.checkout_cancel_url", &st.checkout_cancel_url),
+            ("stripe.portal_return_url", &st.portal_return_url),
+        ] {
+            if let Some(u) = url
+                && !valid_url(u)
+            {
+                return Err(invalid(key, format!("`{u}` is not an http(s) URL")));
+            }
+        }
+        if st.checkout_success_url.is_some() != st.checkout_cancel_url.is_some() {
+            return Err(invalid(
+                if st.checkout_success_url.is_none() {
+                    "stripe.checkout_success_url"
+                } else {
+                    "stripe.checkout_cancel_url"
+                },
+                "set both checkout_success_url and checkout_cancel_url, or neither".into(),
+            ));
+        }
+        let mut stripe_plans = BTreeMap::new();
+        for (name, p) in &raw.plans {
+            for (field, price) in [
+                ("stripe_price", &p.stripe_price),
+                ("stripe_metered_price", &p.stripe_metered_price),
+            ] {
+                if let Some(id) = price
+                    && !valid_price_id(id)
+                {
+                    return Err(invalid(
+                        &format!("plans.{name}.{field}"),
+                        format!("`{id}` is not a Stripe price id such as price_1AbC"),
+                    ));
+                }
+            }
+            if p.stripe_metered_price.is_some() && p.stripe_price.is_none() {
+                return Err(invalid(
+                    &format!("plans.{name}.stripe_price"),
+                    "stripe_metered_price needs a stripe_price (the licensed base price)".into(),
+                ));
+            }
+            if let Some(d) = p.trial_days
+                && !(1..=730).contains(&d)
+            {
+                return Err(invalid(
+                    &format!("plans.{name}.trial_days"),
+                    "must be from 1 to 730".into(),
+                ));
+            }
+            stripe_plans.insert(
+                name.clone(),
+                StripePlan {
+                    stripe_price: p.stripe_price.clone(),
+                    stripe_metered_price: p.stripe_metered_price.clone(),
+                    trial_days: p.trial_days,
+                },
+            );
+        }
         let api_base = if st.api_base.ends_with('/') {
             st.api_base.clone()
         } else {
@@ -618,6 +709,10 @@ impl Config {
             batch: st.batch,
             strict: st.strict,
             event_names,
+            checkout_success_url: st.checkout_success_url.clone(),
+            checkout_cancel_url: st.checkout_cancel_url.clone(),
+            portal_return_url: st.portal_return_url.clone(),
+            plans: stripe_plans,
         };
         Ok(Config {
             origin: origin.to_owned(),
@@ -680,6 +775,22 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
     } else {
         base.join(p)
     }
+}
+
+fn valid_url(u: &str) -> bool {
+    let rest = u
+        .strip_prefix("https://")
+        .or_else(|| u.strip_prefix("http://"));
+    rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
+        && !u
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+}
+
+fn valid_price_id(id: &str) -> bool {
+    id.strip_prefix("price_").is_some_and(|r| {
+        !r.is_empty() && r.len() <= 200 && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    })
 }
 
 fn valid_name(s: &str) -> bool {
@@ -958,6 +1069,90 @@ mod tests {
         ];
         for (from, to, key) in cases {
             assert!(EMBEDDED_DEFAULT.contains(from), "default lacks {from}");
+            let err = parse(&EMBEDDED_DEFAULT.replacen(from, to, 1))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        }
+    }
+
+    #[test]
+    fn stripe_checkout_keys_are_optional_and_validated() {
+        let c = parse(EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(c.stripe.checkout_success_url, None);
+        assert_eq!(c.stripe.portal_return_url, None);
+        assert_eq!(c.stripe.plans["team"], StripePlan::default());
+        let text = EMBEDDED_DEFAULT
+            .replacen(
+                "strict = false",
+                "strict = false\ncheckout_success_url = \"https://app.example.com/ok\"\ncheckout_cancel_url = \"https://app.example.com/no\"\nportal_return_url = \"https://app.example.com/billing\"",
+                1,
+            )
+            .replacen(
+                "min_seats = 2",
+                "min_seats = 2\nstripe_price = \"price_team\"\nstripe_metered_price = \"price_tokens\"\ntrial_days = 14",
+                1,
+            );
+        let c = parse(&text).unwrap();
+        assert_eq!(
+            c.stripe.checkout_success_url.as_deref(),
+            Some("https://app.example.com/ok")
+        );
+        assert_eq!(
+            c.stripe.portal_return_url.as_deref(),
+            Some("https://app.example.com/billing")
+        );
+        assert_eq!(
+            c.stripe.plans["team"],
+            StripePlan {
+                stripe_price: Some("price_team".into()),
+                stripe_metered_price: Some("price_tokens".into()),
+                trial_days: Some(14),
+            }
+        );
+        let cases = [
+            (
+                "strict = false",
+                "strict = false\ncheckout_success_url = \"ftp://x\"\ncheckout_cancel_url = \"https://x\"",
+                "stripe.checkout_success_url",
+            ),
+            (
+                "strict = false",
+                "strict = false\ncheckout_success_url = \"https://x\"",
+                "stripe.checkout_cancel_url",
+            ),
+            (
+                "strict = false",
+                "strict = false\nportal_return_url = \"nope\"",
+                "stripe.portal_return_url",
+            ),
+            (
+                "min_seats = 2",
+                "min_seats = 2\nstripe_price = \"prod_x\"",
+                "plans.team.stripe_price",
+            ),
+            (
+                "min_seats = 2",
+                "min_seats = 2\nstripe_metered_price = \"price_m\"",
+                "plans.team.stripe_price",
+            ),
+            (
+                "min_seats = 2",
+                "min_seats = 2\nstripe_price = \"price_a\"\nstripe_metered_price = \"x\"",
+                "plans.team.stripe_metered_price",
+            ),
+            (
+                "min_seats = 2",
+                "min_seats = 2\ntrial_days = 0",
+                "plans.team.trial_days",
+            ),
+            (
+                "min_seats = 2",
+                "min_seats = 2\nstripe_prices = \"price_a\"",
+                "stripe_prices",
+            ),
+        ];
+        for (from, to, key) in cases {
             let err = parse(&EMBEDDED_DEFAULT.replacen(from, to, 1))
                 .unwrap_err()
                 .to_string();

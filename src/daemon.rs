@@ -256,6 +256,7 @@ pub async fn run_with_clock(
             None
         }
     };
+    let stripe_for_http = client.clone();
     let s = &config.stripe;
     let (outbox, outbox_handle) = Outbox::spawn(OutboxArgs {
         store: store.clone(),
@@ -287,6 +288,9 @@ pub async fn run_with_clock(
         rate_limits: config.rate_limits,
         ready: ready.clone(),
         outbox: outbox.clone(),
+        stripe: stripe_for_http,
+        stripe_config: Arc::new(config.stripe.clone()),
+        catalog: Arc::new(config.catalog.clone()),
     });
     let addr = listener.local_addr()?;
     let acceptor = TcpAcceptor::from_tokio(listener)?;

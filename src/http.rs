@@ -7,6 +7,7 @@ pub mod accounts;
 pub mod admin;
 pub mod auth;
 pub mod batch;
+pub mod billing;
 pub mod body;
 pub mod error;
 pub mod ratelimit;
@@ -92,6 +93,10 @@ pub struct AppDeps {
     pub max_batch_body_bytes: usize,
     pub rate_limits: crate::config::RateLimits,
     pub ready: Arc<AtomicBool>,
+    /// `None`: offline (no Stripe key).
+    pub stripe: Option<meterd_actors::stripe::StripeHttp>,
+    pub stripe_config: Arc<crate::config::StripeConfig>,
+    pub catalog: Arc<meterd_actors::model::Catalog>,
 }
 
 /// The whole route tree: the API, `/openapi.json`, `/docs`, and the common error format.
@@ -109,6 +114,12 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
                 store: deps.store.clone(),
                 outbox: deps.outbox.clone(),
             },
+            billing::BillingApi::new(
+                deps.accounts.clone(),
+                deps.stripe,
+                deps.stripe_config,
+                deps.catalog,
+            ),
             usage::UsageApi {
                 accounts: deps.accounts.clone(),
                 store: deps.store.clone(),

@@ -169,6 +169,178 @@ impl StripeHttp {
     }
 }
 
+/// The mode of a Checkout Session meterd creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckoutMode {
+    Subscription,
+    Payment,
+}
+
+/// One line item of a Checkout Session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckoutLine {
+    /// An existing Stripe price; no quantity for a metered price.
+    Price {
+        price: String,
+        quantity: Option<u64>,
+    },
+    /// An inline one-time price (`price_data`).
+    Inline {
+        currency: String,
+        unit_amount: i64,
+        product_name: String,
+        quantity: u64,
+    },
+}
+
+/// A Checkout Session to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckoutRequest {
+    pub mode: CheckoutMode,
+    pub customer: String,
+    pub client_reference_id: String,
+    pub success_url: String,
+    pub cancel_url: String,
+    pub lines: Vec<CheckoutLine>,
+    pub metadata: Vec<(String, String)>,
+    /// `subscription_data[trial_period_days]` (subscription mode only).
+    pub trial_period_days: Option<u32>,
+    /// Sent as the `Idempotency-Key`.
+    pub idempotency_key: String,
+}
+
+/// A created Checkout Session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckoutCreated {
+    pub id: String,
+    pub url: String,
+}
+
+fn idempotency_key(key: &str) -> Result<stripe_client_core::IdempotencyKey, StripeCallError> {
+    stripe_client_core::IdempotencyKey::new(key).map_err(|e| StripeCallError::Decode(e.to_string()))
+}
+
+impl StripeHttp {
+    /// Creates the Stripe customer of meterd account `account_id` (with
+    /// `metadata[meterd_account_id]`) and returns its `cus_` id. The idempotency key
+    /// `meterd-customer-{account_id}` makes repeated or concurrent calls create one customer.
+    pub async fn create_customer(
+        &self,
+        account_id: &str,
+        email: Option<&str>,
+    ) -> Result<String, StripeCallError> {
+        use stripe_core::customer::CreateCustomer;
+        let key = idempotency_key(&format!("meterd-customer-{account_id}"))?;
+        let metadata = std::collections::HashMap::from([(
+            "meterd_account_id".to_owned(),
+            account_id.to_owned(),
+        )]);
+        let mut req = CreateCustomer::new().metadata(metadata);
+        if let Some(e) = email {
+            req = req.email(e);
+        }
+        let c = req
+            .customize()
+            .request_strategy(RequestStrategy::Idempotent(key))
+            .send(self)
+            .await?;
+        Ok(c.id.as_str().to_owned())
+    }
+
+    /// Creates a Checkout Session; returns its id and URL.
+    pub async fn create_checkout_session(
+        &self,
+        r: &CheckoutRequest,
+    ) -> Result<CheckoutCreated, StripeCallError> {
+        use stripe_checkout::CheckoutSessionMode;
+        use stripe_checkout::checkout_session::{
+            CreateCheckoutSession, CreateCheckoutSessionLineItems,
+            CreateCheckoutSessionLineItemsPriceData, CreateCheckoutSessionSubscriptionData,
+            ProductData,
+        };
+        let lines: Vec<CreateCheckoutSessionLineItems> = r
+            .lines
+            .iter()
+            .map(|l| {
+                let mut item = CreateCheckoutSessionLineItems::new();
+                match l {
+                    CheckoutLine::Price { price, quantity } => {
+                        item.price = Some(price.clone());
+                        item.quantity = *quantity;
+                    }
+                    CheckoutLine::Inline {
+                        currency,
+                        unit_amount,
+                        product_name,
+                        quantity,
+                    } => {
+                        item.price_data = Some(CreateCheckoutSessionLineItemsPriceData {
+                            currency: currency.parse().unwrap_or_else(|e| match e {}),
+                            product: None,
+                            product_data: Some(ProductData::new(product_name.clone())),
+                            recurring: None,
+                            tax_behavior: None,
+                            unit_amount: Some(*unit_amount),
+                            unit_amount_decimal: None,
+                        });
+                        item.quantity = Some(*quantity);
+                    }
+                }
+                item
+            })
+            .collect();
+        let mut req = CreateCheckoutSession::new()
+            .mode(match r.mode {
+                CheckoutMode::Subscription => CheckoutSessionMode::Subscription,
+                CheckoutMode::Payment => CheckoutSessionMode::Payment,
+            })
+            .customer(r.customer.clone())
+            .client_reference_id(r.client_reference_id.clone())
+            .success_url(r.success_url.clone())
+            .cancel_url(r.cancel_url.clone())
+            .line_items(lines)
+            .metadata(
+                r.metadata
+                    .iter()
+                    .cloned()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            );
+        if let Some(days) = r.trial_period_days {
+            let mut sd = CreateCheckoutSessionSubscriptionData::new();
+            sd.trial_period_days = Some(days);
+            req = req.subscription_data(sd);
+        }
+        let s = req
+            .customize()
+            .request_strategy(RequestStrategy::Idempotent(idempotency_key(
+                &r.idempotency_key,
+            )?))
+            .send(self)
+            .await?;
+        let url = s
+            .url
+            .ok_or_else(|| StripeCallError::Decode("the checkout session has no url".into()))?;
+        Ok(CheckoutCreated {
+            id: s.id.as_str().to_owned(),
+            url,
+        })
+    }
+
+    /// Creates a customer-portal session for `customer`; returns its URL.
+    pub async fn create_portal_session(
+        &self,
+        customer: &str,
+        return_url: Option<&str>,
+    ) -> Result<String, StripeCallError> {
+        use stripe_billing::billing_portal_session::CreateBillingPortalSession;
+        let mut req = CreateBillingPortalSession::new().customer(customer);
+        if let Some(u) = return_url {
+            req = req.return_url(u);
+        }
+        Ok(req.send(self).await?.url)
+    }
+}
+
 fn header_str<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }

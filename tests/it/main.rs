@@ -6,6 +6,7 @@
 mod alerts;
 mod api;
 mod batch;
+mod checkout;
 mod consume;
 mod crash;
 mod credits;

@@ -1,0 +1,217 @@
+//! Outbox benchmark: Stripe calls per billable consume, and how fast the outbox drains a
+//! backlog into a (counting) fake Stripe on 127.0.0.1.
+//!
+//! Run: `cargo bench --bench outbox` (release). Knobs: `OUTBOX_CONSUMES` (default 5000),
+//! `OUTBOX_CALLS_PER_SECOND` (the daemon's `stripe.calls_per_second`, default 1000).
+//!
+//! 1. A minimal fake Stripe (poem, its own runtime) answers `POST /v1/billing/meter_events`
+//!    with a complete meter event and counts requests and distinct identifiers.
+//! 2. The release `meterd` starts with its Stripe base URL pointing there, offline-free.
+//! 3. The bench consumes `OUTBOX_CONSUMES` billable units on `payg` accounts (64 concurrent
+//!    clients), then measures the time until the fake has every event.
+//!
+//! Prints: consumes/s while the outbox also sends, drain rate (events/s) from the last
+//! consume to the last event, Stripe calls per consume, duplicate deliveries (must be 0).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::cast_possible_truncation,
+    clippy::float_arithmetic
+)]
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use poem::web::{Data, Form};
+use poem::{EndpointExt, Route, handler, post};
+
+#[derive(Default)]
+struct Counts {
+    calls: AtomicU64,
+    ids: Mutex<HashSet<String>>,
+    duplicates: AtomicU64,
+}
+
+#[handler]
+fn meter_event(
+    Form(form): Form<Vec<(String, String)>>,
+    counts: Data<&Arc<Counts>>,
+) -> poem::web::Json<serde_json::Value> {
+    counts.calls.fetch_add(1, Ordering::Relaxed);
+    let get = |k: &str| {
+        form.iter()
+            .find(|(a, _)| a == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let id = get("identifier");
+    if !counts.ids.lock().unwrap().insert(id.clone()) {
+        counts.duplicates.fetch_add(1, Ordering::Relaxed);
+    }
+    poem::web::Json(serde_json::json!({
+        "object": "billing.meter_event",
+        "created": 1_700_000_000,
+        "event_name": get("event_name"),
+        "identifier": id,
+        "livemode": false,
+        "payload": {
+            "stripe_customer_id": get("payload[stripe_customer_id]"),
+            "value": get("payload[value]"),
+        },
+        "timestamp": get("timestamp").parse::<i64>().unwrap_or(0),
+    }))
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let consumes = env_num("OUTBOX_CONSUMES", 5000);
+    let cps = env_num("OUTBOX_CALLS_PER_SECOND", 1000);
+    let counts = Arc::new(Counts::default());
+
+    // The fake, on its own runtime.
+    let fake_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let fake_addr = fake_rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Route::new()
+            .at("/v1/billing/meter_events", post(meter_event))
+            .data(counts.clone());
+        let acceptor = poem::listener::TcpAcceptor::from_tokio(listener).unwrap();
+        tokio::spawn(poem::Server::new_with_acceptor(acceptor).run(app));
+        addr
+    });
+
+    // The daemon, configured to send there.
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shipped = std::fs::read_to_string(root.join("config.toml")).unwrap();
+    let config = shipped
+        .replace(
+            "api_base = \"https://api.stripe.com/\"",
+            &format!("api_base = \"http://{fake_addr}/\""),
+        )
+        .replace(
+            "calls_per_second = 25",
+            &format!("calls_per_second = {cps}"),
+        )
+        .replace("poll_ms = 200", "poll_ms = 10")
+        .replace("batch = 100", "batch = 1000");
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meterd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config_path)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("METERD_ADMIN_KEY", "bench-admin-key-0123456789")
+        .env("METERD_APP_KEY", "bench-app-key-0123456789ab")
+        .env("STRIPE_SECRET_KEY", "sk_test_bench")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut addr = String::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(a) = line.strip_prefix("meterd listening on ") {
+            addr = a.trim().to_owned();
+            break;
+        }
+    }
+    assert!(!addr.is_empty(), "meterd did not start");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (consumed_s, drained_s) = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let base = format!("http://{addr}");
+        let accounts = 64u64;
+        for a in 0..accounts {
+            let r = http
+                .put(format!("{base}/v1/accounts/b{a}"))
+                .bearer_auth("bench-admin-key-0123456789")
+                .json(
+                    &serde_json::json!({"plan": "payg", "stripe_customer_id": format!("cus_{a}")}),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+        }
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for a in 0..accounts {
+            let http = http.clone();
+            let base = base.clone();
+            let per = consumes / accounts + u64::from(a < consumes % accounts);
+            tasks.push(tokio::spawn(async move {
+                for i in 0..per {
+                    let r = http
+                        .post(format!("{base}/v1/accounts/b{a}/consume"))
+                        .bearer_auth("bench-app-key-0123456789ab")
+                        .json(&serde_json::json!({"meter": "tokens", "quantity": 1,
+                            "idempotency_key": format!("k{i}")}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let consumed = started.elapsed();
+        // Bounded wait for the outbox to drain.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while (counts.ids.lock().unwrap().len() as u64) < consumes {
+            assert!(Instant::now() < deadline, "outbox did not drain in 600 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (consumed.as_secs_f64(), started.elapsed().as_secs_f64())
+    });
+    let calls = counts.calls.load(Ordering::Relaxed);
+    let dups = counts.duplicates.load(Ordering::Relaxed);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    println!("## Outbox benchmark");
+    println!();
+    println!(
+        "| billable consumes | consumes/s (outbox sending meanwhile) | time to last Stripe event | drain rate | Stripe calls per consume | duplicate deliveries | calls_per_second |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {consumes} | {:.0} | {drained_s:.2} s | {:.0} events/s | {:.3} | {dups} | {cps} |",
+        consumes as f64 / consumed_s,
+        consumes as f64 / drained_s,
+        calls as f64 / consumes as f64,
+    );
+    println!();
+    println!("daemon exit: {status}");
+    assert_eq!(dups, 0, "duplicate deliveries");
+    assert!(status.success());
+    drop(fake_rt);
+}
