@@ -69,6 +69,22 @@ fn meter_event(
     }))
 }
 
+/// `GET /v1/billing/meters`: one active meter for `tokens`, from Stripe's own fixture.
+#[handler]
+fn meters() -> poem::web::Json<serde_json::Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/stripe/fixtures3.latest.json");
+    let mut meter = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .map(|f| f["resources"]["billing.meter"].clone())
+        .unwrap_or_default();
+    meter["event_name"] = serde_json::json!("tokens");
+    meter["status"] = serde_json::json!("active");
+    poem::web::Json(serde_json::json!({
+        "object": "list", "data": [meter], "has_more": false, "url": "/v1/billing/meters"
+    }))
+}
+
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -92,6 +108,7 @@ fn main() {
         let addr = listener.local_addr().unwrap();
         let app = Route::new()
             .at("/v1/billing/meter_events", post(meter_event))
+            .at("/v1/billing/meters", poem::get(meters))
             .data(counts.clone());
         let acceptor = poem::listener::TcpAcceptor::from_tokio(listener).unwrap();
         tokio::spawn(poem::Server::new_with_acceptor(acceptor).run(app));
