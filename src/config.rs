@@ -68,6 +68,7 @@ struct RawStripe {
     secret_key_env: String,
     timeout_ms: u64,
     calls_per_second: u32,
+    concurrency: usize,
     max_attempts: u32,
     base_backoff_ms: u64,
     max_backoff_s: u64,
@@ -89,6 +90,7 @@ impl Default for RawStripe {
             secret_key_env: "STRIPE_SECRET_KEY".into(),
             timeout_ms: 10_000,
             calls_per_second: 25,
+            concurrency: 8,
             max_attempts: 12,
             base_backoff_ms: 500,
             max_backoff_s: 600,
@@ -118,6 +120,8 @@ pub struct StripeConfig {
     pub secret_key_env: String,
     pub timeout: Duration,
     pub calls_per_second: u32,
+    /// Meter events in flight at once.
+    pub concurrency: usize,
     pub max_attempts: u32,
     pub base_backoff: Duration,
     pub max_backoff: Duration,
@@ -610,6 +614,7 @@ impl Config {
             ("stripe.breaker_failures", u64::from(st.breaker_failures)),
             ("stripe.poll_ms", st.poll_ms),
             ("stripe.batch", st.batch as u64),
+            ("stripe.concurrency", st.concurrency as u64),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1".into()));
@@ -700,6 +705,7 @@ impl Config {
             secret_key_env: st.secret_key_env.clone(),
             timeout: Duration::from_millis(st.timeout_ms),
             calls_per_second: st.calls_per_second,
+            concurrency: st.concurrency,
             max_attempts: st.max_attempts,
             base_backoff: Duration::from_millis(st.base_backoff_ms.max(1)),
             max_backoff: Duration::from_secs(st.max_backoff_s.max(1)),

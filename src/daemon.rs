@@ -271,6 +271,7 @@ pub async fn run_with_clock(
             base_backoff: s.base_backoff,
             max_backoff: s.max_backoff,
             calls_per_second: s.calls_per_second,
+            concurrency: s.concurrency,
             breaker_failures: s.breaker_failures,
             breaker_cooldown: s.breaker_cooldown,
         },

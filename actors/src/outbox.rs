@@ -9,7 +9,8 @@
 //! Stripe's 35-day window move it to the dead letters.
 //!
 //! It reads items, then waits for a group-commit barrier before sending: only durable entries
-//! are ever billed. Retries back off exponentially with full jitter and honour `Retry-After`;
+//! are ever billed. Up to `concurrency` events are in flight at once (each start paced).
+//! Retries back off exponentially with full jitter and honour `Retry-After`;
 //! a circuit breaker stops calls after consecutive failures and probes again after a cooldown;
 //! calls are spaced to stay under `calls_per_second`. Without a Stripe key it is offline:
 //! items wait. It never touches the ledger or account state.
@@ -47,6 +48,8 @@ pub struct OutboxSettings {
     pub base_backoff: Duration,
     pub max_backoff: Duration,
     pub calls_per_second: u32,
+    /// Meter events in flight at once.
+    pub concurrency: usize,
     pub breaker_failures: u32,
     pub breaker_cooldown: Duration,
 }
@@ -77,6 +80,7 @@ pub struct OutboxState {
     args: OutboxArgs,
     consecutive_failures: u32,
     breaker_open_until: Option<i64>,
+    /// The next free call slot.
     last_call: Option<tokio::time::Instant>,
     stats: OutboxStats,
 }
@@ -174,12 +178,13 @@ impl OutboxState {
         // Only durable entries are billed: everything read above is on disk after this.
         self.args.store.barrier().await?;
         let mut customers: HashMap<AccountId, Option<String>> = HashMap::new();
-        let mut probes = 0;
+        // What can be sent now, with its customer and event name.
+        let mut ready = Vec::new();
         for (account, seq, mut item) in items {
             if item.next_at_ms > now {
                 continue;
             }
-            if half_open && probes >= 1 {
+            if half_open && !ready.is_empty() {
                 break;
             }
             if item.at_ms < now - MAX_AGE_MS {
@@ -212,9 +217,6 @@ impl OutboxState {
                 self.args.store.update_outbox(&account, seq, &item)?;
                 continue;
             };
-            self.pace().await;
-            probes += 1;
-            self.stats.calls_total += 1;
             let event_name = self
                 .args
                 .settings
@@ -222,82 +224,138 @@ impl OutboxState {
                 .get(&item.meter)
                 .cloned()
                 .unwrap_or_else(|| item.meter.clone());
-            let id = identifier(&account, seq);
-            let result = client
-                .send_meter_event(&event_name, &customer, item.value, item.at_ms / 1000, &id)
-                .await;
-            let disposition = match &result {
-                Ok(()) => None,
-                Err(e) => Some(e.disposition()),
-            };
-            match disposition {
-                None | Some(Disposition::AlreadyDelivered) => {
-                    self.args.store.mark_sent(&account, seq, now)?;
-                    if disposition.is_some() {
-                        self.stats.already_total += 1;
-                    } else {
-                        self.stats.delivered_total += 1;
-                    }
-                    self.consecutive_failures = 0;
-                    self.breaker_open_until = None;
+            ready.push((account, seq, item, customer, event_name));
+        }
+        // Send up to `concurrency` at a time, each start paced; settle the results in order.
+        let width = self.args.settings.concurrency.max(1);
+        let mut ready = ready.into_iter().peekable();
+        while ready.peek().is_some() {
+            let chunk: Vec<_> = ready.by_ref().take(width).collect();
+            let mut sends = tokio::task::JoinSet::new();
+            for (i, (account, seq, item, customer, event_name)) in chunk.iter().enumerate() {
+                self.pace().await;
+                self.stats.calls_total += 1;
+                let client = client.clone();
+                let id = identifier(account, *seq);
+                let (customer, event_name) = (customer.clone(), event_name.clone());
+                let (value, ts) = (item.value, item.at_ms / 1000);
+                sends.spawn(async move {
+                    let r = client
+                        .send_meter_event(&event_name, &customer, value, ts, &id)
+                        .await;
+                    (i, r)
+                });
+            }
+            let mut results: Vec<Option<Result<(), crate::stripe::StripeCallError>>> =
+                (0..chunk.len()).map(|_| None).collect();
+            while let Some(joined) = sends.join_next().await {
+                if let Ok((i, r)) = joined
+                    && let Some(slot) = results.get_mut(i)
+                {
+                    *slot = Some(r);
                 }
-                Some(Disposition::Permanent) => {
-                    let reason = result.err().map(|e| e.to_string()).unwrap_or_default();
-                    tracing::warn!(account = %account, seq, error = %reason, "meter event refused by Stripe: dead-lettered");
-                    item.last_error = Some(reason);
-                    self.args.store.mark_dead(&account, seq, &item)?;
-                    self.stats.dead_total += 1;
-                }
-                Some(Disposition::Retry { after }) => {
-                    let reason = result.err().map(|e| e.to_string()).unwrap_or_default();
-                    self.stats.failed_total += 1;
-                    item.attempts += 1;
-                    item.last_error = Some(reason.clone());
-                    if item.attempts >= self.args.settings.max_attempts {
-                        item.last_error = Some(format!("max_attempts: {reason}"));
-                        self.args.store.mark_dead(&account, seq, &item)?;
-                        self.stats.dead_total += 1;
-                    } else {
-                        let wait = backoff(
-                            item.attempts,
-                            self.args.settings.base_backoff,
-                            self.args.settings.max_backoff,
-                        )
-                        .max(after.unwrap_or_default());
-                        item.next_at_ms =
-                            now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
-                        self.args.store.update_outbox(&account, seq, &item)?;
-                    }
-                    self.consecutive_failures += 1;
-                    if self.consecutive_failures >= self.args.settings.breaker_failures || half_open
-                    {
-                        let cooldown =
-                            i64::try_from(self.args.settings.breaker_cooldown.as_millis())
-                                .unwrap_or(i64::MAX / 2);
-                        self.breaker_open_until = Some(now + cooldown);
-                        tracing::warn!(
-                            failures = self.consecutive_failures,
-                            "Stripe circuit breaker open"
-                        );
-                        break;
-                    }
-                }
+            }
+            let mut opened = false;
+            for ((account, seq, item, _, _), result) in chunk.into_iter().zip(results) {
+                // A send task that did not finish counts as a network failure: retried.
+                let result = result.unwrap_or_else(|| {
+                    Err(crate::stripe::StripeCallError::Network(
+                        "send task failed".into(),
+                    ))
+                });
+                opened |= self.settle(&account, seq, item, result, now, half_open)?;
+            }
+            if opened {
+                break;
             }
         }
         Ok(())
     }
 
-    /// Spaces calls to stay under `calls_per_second`.
+    /// Records the outcome of one send. Returns true if the breaker opened.
+    fn settle(
+        &mut self,
+        account: &AccountId,
+        seq: u64,
+        mut item: OutboxItem,
+        result: Result<(), crate::stripe::StripeCallError>,
+        now: i64,
+        half_open: bool,
+    ) -> Result<bool, crate::store::StoreError> {
+        let disposition = match &result {
+            Ok(()) => None,
+            Err(e) => Some(e.disposition()),
+        };
+        match disposition {
+            None | Some(Disposition::AlreadyDelivered) => {
+                self.args.store.mark_sent(account, seq, now)?;
+                if disposition.is_some() {
+                    self.stats.already_total += 1;
+                } else {
+                    self.stats.delivered_total += 1;
+                }
+                self.consecutive_failures = 0;
+                self.breaker_open_until = None;
+            }
+            Some(Disposition::Permanent) => {
+                let reason = result.err().map(|e| e.to_string()).unwrap_or_default();
+                tracing::warn!(account = %account, seq, error = %reason, "meter event refused by Stripe: dead-lettered");
+                item.last_error = Some(reason);
+                self.args.store.mark_dead(account, seq, &item)?;
+                self.stats.dead_total += 1;
+            }
+            Some(Disposition::Retry { after }) => {
+                let reason = result.err().map(|e| e.to_string()).unwrap_or_default();
+                self.stats.failed_total += 1;
+                item.attempts += 1;
+                item.last_error = Some(reason.clone());
+                if item.attempts >= self.args.settings.max_attempts {
+                    item.last_error = Some(format!("max_attempts: {reason}"));
+                    self.args.store.mark_dead(account, seq, &item)?;
+                    self.stats.dead_total += 1;
+                } else {
+                    let wait = backoff(
+                        item.attempts,
+                        self.args.settings.base_backoff,
+                        self.args.settings.max_backoff,
+                    )
+                    .max(after.unwrap_or_default());
+                    item.next_at_ms = now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+                    self.args.store.update_outbox(account, seq, &item)?;
+                }
+                self.consecutive_failures += 1;
+                if self.consecutive_failures >= self.args.settings.breaker_failures || half_open {
+                    let cooldown = i64::try_from(self.args.settings.breaker_cooldown.as_millis())
+                        .unwrap_or(i64::MAX / 2);
+                    self.breaker_open_until = Some(now + cooldown);
+                    tracing::warn!(
+                        failures = self.consecutive_failures,
+                        "Stripe circuit breaker open"
+                    );
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Spaces call starts to stay under `calls_per_second` on average. Slots advance from the
+    /// scheduled time, not from when a sleep woke (timers overshoot), and up to `concurrency`
+    /// starts may go back to back.
     async fn pace(&mut self) {
         let per = self.args.settings.calls_per_second.max(1);
         let gap = Duration::from_secs(1) / per;
-        if let Some(last) = self.last_call {
-            let next = last + gap;
-            if next > tokio::time::Instant::now() {
-                tokio::time::sleep_until(next).await;
-            }
+        let burst = gap * u32::try_from(self.args.settings.concurrency.max(1)).unwrap_or(1);
+        let now = tokio::time::Instant::now();
+        let slot = match self.last_call {
+            // Never let unused slots pile up beyond one burst.
+            Some(next) => next.max(now.checked_sub(burst).unwrap_or(now)),
+            None => now,
+        };
+        if slot > now {
+            tokio::time::sleep_until(slot).await;
         }
-        self.last_call = Some(tokio::time::Instant::now());
+        self.last_call = Some(slot + gap);
     }
 }
 
