@@ -38,11 +38,18 @@ struct HealthApi {
     accounts: Accounts,
     store: Store,
     ready: Arc<AtomicBool>,
+    outbox: meterd_actors::outbox::Outbox,
 }
 
 #[derive(Object)]
 struct HealthBody {
     status: String,
+    /// `online`, or `offline` (no Stripe key: billable usage waits in the outbox).
+    #[oai(skip_serializing_if_is_none)]
+    stripe: Option<String>,
+    /// Billable entries waiting for Stripe.
+    #[oai(skip_serializing_if_is_none)]
+    outbox_queued: Option<u64>,
 }
 
 #[derive(ApiResponse)]
@@ -61,14 +68,21 @@ impl HealthApi {
     async fn healthz(&self) -> Json<HealthBody> {
         Json(HealthBody {
             status: "ok".into(),
+            stripe: None,
+            outbox_queued: None,
         })
     }
 
     /// Readiness: able to accept and durably record consumption.
     #[oai(path = "/readyz", method = "get")]
     async fn readyz(&self) -> ReadyResponse {
-        let not_ready =
-            |why: &str| ReadyResponse::NotReady(Json(HealthBody { status: why.into() }));
+        let not_ready = |why: &str| {
+            ReadyResponse::NotReady(Json(HealthBody {
+                status: why.into(),
+                stripe: None,
+                outbox_queued: None,
+            }))
+        };
         if !self.ready.load(Ordering::Acquire) {
             return not_ready("shutting_down");
         }
@@ -78,8 +92,11 @@ impl HealthApi {
         if self.accounts.stats().await.is_err() {
             return not_ready("actors_unavailable");
         }
+        let outbox = self.outbox.stats().await;
         ReadyResponse::Ready(Json(HealthBody {
             status: "ready".into(),
+            stripe: outbox.map(|s| if s.online { "online" } else { "offline" }.into()),
+            outbox_queued: outbox.map(|s| s.queued as u64),
         }))
     }
 }
@@ -128,6 +145,7 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
                 accounts: deps.accounts,
                 store: deps.store,
                 ready: deps.ready,
+                outbox: deps.outbox.clone(),
             },
         ),
         "meterd",

@@ -452,3 +452,19 @@ async fn start_up_checks_name_a_missing_stripe_meter() {
         meterd::daemon::stripe_self_check(&crate::support::test_config(dir.path()), &bad).await;
     assert!(problems[0].starts_with("stripe.api_base"), "{problems:?}");
 }
+
+#[tokio::test]
+async fn readyz_says_whether_stripe_is_online() {
+    let d = TestDaemon::start().await;
+    let (status, body) = d.client.get_noauth("/readyz").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["stripe"], "offline");
+    assert_eq!(body["outbox_queued"], 0);
+    d.stop().await;
+    let fake = FakeStripe::start().await;
+    let d = TestDaemon::start_stripe(tempfile::tempdir().unwrap(), &fake, |_| {}).await;
+    let (status, body) = d.client.get_noauth("/readyz").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["stripe"], "online");
+    d.stop().await;
+}
