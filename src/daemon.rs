@@ -144,10 +144,83 @@ fn read_or_create_key_file(path: &Path) -> anyhow::Result<String> {
 /// Stripe meter with the configured `event_name`. Returns the problems, each naming the
 /// config key to fix.
 pub async fn stripe_self_check(config: &Config, client: &StripeHttp) -> Vec<String> {
-    let active = match client.active_meter_event_names().await {
-        Ok(names) => names,
+    let meters = match client.active_meters().await {
+        Ok(m) => m,
         Err(e) => return vec![format!("stripe.api_base: Stripe did not answer: {e}")],
     };
+    let active: Vec<String> = meters.iter().map(|(_, name)| name.clone()).collect();
+    let mut problems = meter_problems(config, &active);
+    problems.extend(price_problems(config, client, &meters).await);
+    problems
+}
+
+/// Every plan's `stripe_price` is an active, recurring, licensed price; its
+/// `stripe_metered_price` is metered on an active meter recording one of the plan's billed
+/// meters.
+async fn price_problems(
+    config: &Config,
+    client: &StripeHttp,
+    meters: &[(String, String)],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (plan, sp) in &config.stripe.plans {
+        if let Some(id) = &sp.stripe_price {
+            let key = format!("plans.{plan}.stripe_price");
+            match client.price(id).await {
+                Err(e) => problems.push(format!("{key}: cannot read price `{id}`: {e}")),
+                Ok(p) if !p.active => problems.push(format!("{key}: price `{id}` is not active")),
+                Ok(p) if !p.recurring => {
+                    problems.push(format!("{key}: price `{id}` is not recurring"))
+                }
+                Ok(p) if p.metered => problems.push(format!(
+                    "{key}: price `{id}` is metered; the base price must be licensed"
+                )),
+                Ok(_) => {}
+            }
+        }
+        if let Some(id) = &sp.stripe_metered_price {
+            let key = format!("plans.{plan}.stripe_metered_price");
+            let billed: Vec<&str> = config
+                .catalog
+                .plans
+                .get(plan)
+                .map(|p| {
+                    p.meters
+                        .iter()
+                        .filter(|(_, r)| r.overage == meterd_actors::model::Overage::Bill)
+                        .map(|(m, _)| config.stripe.event_name(m))
+                        .collect()
+                })
+                .unwrap_or_default();
+            match client.price(id).await {
+                Err(e) => problems.push(format!("{key}: cannot read price `{id}`: {e}")),
+                Ok(p) if !p.active => problems.push(format!("{key}: price `{id}` is not active")),
+                Ok(p) if !p.metered => {
+                    problems.push(format!("{key}: price `{id}` is not a metered price"))
+                }
+                Ok(p) => {
+                    let event = p.meter.as_deref().and_then(|m| {
+                        meters
+                            .iter()
+                            .find(|(mid, _)| mid == m)
+                            .map(|(_, e)| e.as_str())
+                    });
+                    if !event.is_some_and(|e| billed.contains(&e)) {
+                        problems.push(format!(
+                            "{key}: price `{id}` is metered on {}, not on an active meter recording {}",
+                            p.meter.as_deref().unwrap_or("no meter"),
+                            billed.join(", ")
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    problems
+}
+
+/// Every meter some plan bills has an active Stripe meter with its `event_name`.
+fn meter_problems(config: &Config, active: &[String]) -> Vec<String> {
     let mut billed: Vec<&String> = config
         .catalog
         .plans

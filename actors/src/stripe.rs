@@ -158,6 +158,16 @@ impl StripeHttp {
 impl StripeHttp {
     /// The `event_name`s of the account's active Billing Meters (first 100).
     pub async fn active_meter_event_names(&self) -> Result<Vec<String>, StripeCallError> {
+        Ok(self
+            .active_meters()
+            .await?
+            .into_iter()
+            .map(|(_, name)| name)
+            .collect())
+    }
+
+    /// The account's active Billing Meters (first 100): `(id, event_name)`.
+    pub async fn active_meters(&self) -> Result<Vec<(String, String)>, StripeCallError> {
         use stripe_billing::BillingMeterStatus;
         use stripe_billing::billing_meter::ListBillingMeter;
         let list = ListBillingMeter::new()
@@ -165,7 +175,25 @@ impl StripeHttp {
             .limit(100)
             .send(self)
             .await?;
-        Ok(list.data.into_iter().map(|m| m.event_name).collect())
+        Ok(list
+            .data
+            .into_iter()
+            .map(|m| (m.id.to_string(), m.event_name))
+            .collect())
+    }
+
+    /// What meterd needs to know about a price.
+    pub async fn price(&self, id: &str) -> Result<PriceInfo, StripeCallError> {
+        use stripe_product::price::RetrievePrice;
+        let p = RetrievePrice::new(id).send(self).await?;
+        let recurring = p.recurring.as_ref();
+        Ok(PriceInfo {
+            active: p.active,
+            recurring: recurring.is_some(),
+            metered: recurring
+                .is_some_and(|r| r.usage_type == stripe_shared::RecurringUsageType::Metered),
+            meter: recurring.and_then(|r| r.meter.clone()),
+        })
     }
 }
 
@@ -339,6 +367,17 @@ impl StripeHttp {
         }
         Ok(req.send(self).await?.url)
     }
+}
+
+/// A price, as far as the start-up checks care.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriceInfo {
+    pub active: bool,
+    pub recurring: bool,
+    /// `usage_type = metered`.
+    pub metered: bool,
+    /// The meter id a metered price bills.
+    pub meter: Option<String>,
 }
 
 fn header_str<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {

@@ -468,3 +468,56 @@ async fn readyz_says_whether_stripe_is_online() {
     assert_eq!(body["stripe"], "online");
     d.stop().await;
 }
+
+#[tokio::test]
+async fn start_up_checks_prices_of_plans() {
+    use crate::support::fake_stripe::PriceKind;
+    let fake = FakeStripe::start().await;
+    fake.add_price("price_base", PriceKind::Licensed);
+    fake.add_price("price_use", PriceKind::Metered("mtr_test_tokens".into()));
+    fake.add_price("price_once", PriceKind::OneTime);
+    fake.add_meter("mtr_other", "other_event");
+    fake.add_price("price_other", PriceKind::Metered("mtr_other".into()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::support::test_config(dir.path());
+    config.stripe.api_base = fake.base_url();
+    let client = meterd_actors::stripe::StripeHttp::new(
+        &config.stripe.api_base,
+        crate::support::fake_stripe::SECRET_KEY,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let set =
+        |config: &mut meterd::config::Config, plan: &str, base: &str, metered: Option<&str>| {
+            let p = config.stripe.plans.get_mut(plan).unwrap();
+            p.stripe_price = Some(base.into());
+            p.stripe_metered_price = metered.map(str::to_owned);
+        };
+    set(&mut config, "payg", "price_base", Some("price_use"));
+    let problems = meterd::daemon::stripe_self_check(&config, &client).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    set(&mut config, "team", "price_use", None);
+    set(&mut config, "pro", "price_once", None);
+    set(&mut config, "enterprise", "price_missing", None);
+    set(&mut config, "payg", "price_base", Some("price_other"));
+    let problems = meterd::daemon::stripe_self_check(&config, &client).await;
+    let has = |key: &str, what: &str| {
+        problems
+            .iter()
+            .any(|p| p.starts_with(key) && p.contains(what))
+    };
+    assert!(has("plans.team.stripe_price", "metered"), "{problems:?}");
+    assert!(
+        has("plans.pro.stripe_price", "not recurring"),
+        "{problems:?}"
+    );
+    assert!(
+        has("plans.enterprise.stripe_price", "cannot read"),
+        "{problems:?}"
+    );
+    assert!(
+        has("plans.payg.stripe_metered_price", "mtr_other"),
+        "{problems:?}"
+    );
+    assert_eq!(problems.len(), 4, "{problems:?}");
+}
