@@ -615,6 +615,32 @@ fn queue_billable(
     )
 }
 
+/// The ledger record of a consume decision (a check builds the same, unwritten).
+fn consume_record(
+    cmd: ConsumeCmd,
+    digest: [u8; 32],
+    d: ConsumeDecision,
+    alerts: Vec<crate::ledger::Alert>,
+) -> ConsumeRecord {
+    ConsumeRecord {
+        meter: cmd.meter,
+        quantity: cmd.quantity,
+        idempotency_key: cmd.idempotency_key.as_str().to_owned(),
+        digest,
+        metadata: cmd.metadata.into_iter().collect(),
+        outcome: d.outcome,
+        billable: d.billable,
+        credits_spent: d.credits_spent,
+        burns: d.burns,
+        included: d.included,
+        limit: d.limit,
+        used_after: d.used_after,
+        billable_after: d.billable_after,
+        credits_after: d.credits_after,
+        alerts,
+    }
+}
+
 fn corrupt(id: &AccountId, err: FoldError) -> StoreError {
     StoreError::Corrupt {
         tree: "ledger",
@@ -1121,23 +1147,7 @@ impl AccountState {
                 );
             }
         }
-        let record = ConsumeRecord {
-            alerts,
-            meter: cmd.meter,
-            quantity: cmd.quantity,
-            idempotency_key: cmd.idempotency_key.as_str().to_owned(),
-            digest,
-            metadata: cmd.metadata.into_iter().collect(),
-            outcome: d.outcome,
-            billable: d.billable,
-            credits_spent: d.credits_spent,
-            burns: d.burns,
-            included: d.included,
-            limit: d.limit,
-            used_after: d.used_after,
-            billable_after: d.billable_after,
-            credits_after: d.credits_after,
-        };
+        let record = consume_record(cmd, digest, d, alerts);
         let entry = self.append(EntryKind::Consume(record), now)?;
         if let EntryKind::Consume(rec) = &entry.kind {
             self.queue_alerts(entry.seq, now, &rec.alerts)?;
@@ -1177,25 +1187,10 @@ impl AccountState {
                 active,
                 now,
             );
+            let digest = cmd.digest();
             Ok(ConsumeReply {
                 seq: None,
-                record: ConsumeRecord {
-                    digest: cmd.digest(),
-                    meter: cmd.meter,
-                    quantity: cmd.quantity,
-                    idempotency_key: cmd.idempotency_key.as_str().to_owned(),
-                    metadata: cmd.metadata.into_iter().collect(),
-                    outcome: d.outcome,
-                    billable: d.billable,
-                    credits_spent: d.credits_spent,
-                    burns: d.burns,
-                    included: d.included,
-                    limit: d.limit,
-                    used_after: d.used_after,
-                    billable_after: d.billable_after,
-                    credits_after: d.credits_after,
-                    alerts: Vec::new(),
-                },
+                record: consume_record(cmd, digest, d, Vec::new()),
                 replayed: false,
             })
         })();

@@ -391,15 +391,6 @@ impl Outbox {
     }
 }
 
-/// The dead or queued items of the outbox, for the admin API.
-pub fn list(
-    store: &Store,
-    dead: bool,
-    limit: usize,
-) -> Result<Vec<(AccountId, u64, OutboxItem)>, crate::store::StoreError> {
-    store.outbox_items(dead, None, limit)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

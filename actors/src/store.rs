@@ -22,7 +22,7 @@
 mod codec;
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -121,7 +121,6 @@ pub struct FlushStats {
 }
 
 struct Inner {
-    db: sled::Db,
     ledger: sled::Tree,
     accounts: sled::Tree,
     idem: sled::Tree,
@@ -198,7 +197,6 @@ impl Store {
                 outbox: db.open_tree("outbox")?,
                 sent: db.open_tree("sent")?,
                 dead: db.open_tree("dead")?,
-                db,
                 flush_tx,
                 failed,
                 stats,
@@ -254,10 +252,6 @@ impl Store {
             let _ = h.join();
         }
         r
-    }
-
-    pub fn path_hint(path: &Path) -> PathBuf {
-        path.join("db")
     }
 
     // ---- ledger ----
@@ -600,15 +594,6 @@ impl Store {
         });
         Ok((deleted, next))
     }
-
-    pub fn idem_len(&self) -> usize {
-        self.inner.idem.len()
-    }
-
-    /// Disk space sled uses, in bytes.
-    pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
-    }
 }
 
 /// Opens sled, waiting (bounded) for the directory lock: a previous owner of the directory
@@ -690,7 +675,7 @@ mod tests {
     use crate::ledger::{EntryKind, LedgerEntry};
     use crate::model::Period;
 
-    fn open(dir: &Path) -> Store {
+    fn open(dir: &std::path::Path) -> Store {
         Store::open(&StoreConfig {
             path: dir.to_path_buf(),
             sync: SyncMode::Fdatasync,

@@ -125,12 +125,11 @@ impl AdminApi {
             .await
             .ok_or_else(|| unavailable("the outbox did not answer"))?;
         let store = self.store.clone();
-        let items = tokio::task::spawn_blocking(move || {
-            meterd_actors::outbox::list(&store, dead, limit as usize)
-        })
-        .await
-        .map_err(unavailable)?
-        .map_err(unavailable)?;
+        let items =
+            tokio::task::spawn_blocking(move || store.outbox_items(dead, None, limit as usize))
+                .await
+                .map_err(unavailable)?
+                .map_err(unavailable)?;
         Ok(Json(OutboxView {
             online: stats.online,
             breaker_open: stats.breaker_open,

@@ -31,16 +31,7 @@ async fn raw(
     if let Some(b) = body {
         req = req.body(b);
     }
-    let r = req.send().await.expect("request");
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let text = r.text().await.unwrap_or_default();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Resp {
-        status,
-        body,
-        headers,
-    }
+    Resp::read(req.send().await.expect("request")).await
 }
 
 /// A JSON request (`application/json`) with extra headers.

@@ -154,6 +154,19 @@ pub struct Resp {
 }
 
 impl Resp {
+    /// Status, headers, and the body as JSON (or as a string if it is not JSON).
+    pub async fn read(r: reqwest::Response) -> Resp {
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Resp {
+            status,
+            body,
+            headers,
+        }
+    }
+
     pub fn code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
     }
@@ -189,16 +202,7 @@ impl Client {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let r = req.send().await.expect("request");
-        let status = r.status().as_u16();
-        let headers = r.headers().clone();
-        let text = r.text().await.unwrap_or_default();
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Resp {
-            status,
-            body,
-            headers,
-        }
+        Resp::read(req.send().await.expect("request")).await
     }
 
     pub async fn get_noauth(&self, path: &str) -> (u16, Value) {
