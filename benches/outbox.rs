@@ -1,17 +1,21 @@
 //! Outbox benchmark: Stripe calls per billable consume, and how fast the outbox drains a
-//! backlog into a (counting) fake Stripe on 127.0.0.1.
+//! backlog into a (counting) fake Stripe on 127.0.0.1, without and with aggregation windows.
 //!
 //! Run: `cargo bench --bench outbox` (release). Knobs: `OUTBOX_CONSUMES` (default 5000),
-//! `OUTBOX_CALLS_PER_SECOND` (the daemon's `stripe.calls_per_second`, default 1000).
+//! `OUTBOX_CALLS_PER_SECOND` (the daemon's `stripe.calls_per_second`, default 1000),
+//! `OUTBOX_AGGREGATE_S` (comma-separated `stripe.aggregate_s` values, one run each; default
+//! `0,1`: off, then one-second windows in real time).
 //!
 //! 1. A minimal fake Stripe (poem, its own runtime) answers `POST /v1/billing/meter_events`
-//!    with a complete meter event and counts requests and distinct identifiers.
+//!    with a complete meter event and counts requests, distinct identifiers and the units
+//!    under them.
 //! 2. The release `meterd` starts with its Stripe base URL pointing there, offline-free.
 //! 3. The bench consumes `OUTBOX_CONSUMES` billable units on `payg` accounts (64 concurrent
-//!    clients), then measures the time until the fake has every event.
+//!    clients), then measures the time until the fake has every unit.
 //!
-//! Prints: consumes/s while the outbox also sends, drain rate (events/s) from the last
-//! consume to the last event, Stripe calls per consume, duplicate deliveries (must be 0).
+//! Prints: consumes/s while the outbox also sends, drain rate (units/s) from the start to
+//! the last unit, Stripe calls per consume, duplicate deliveries (must be 0), and with
+//! aggregation the batches formed. Fails unless Stripe ends with exactly the units consumed.
 
 #![allow(
     clippy::unwrap_used,
@@ -37,6 +41,8 @@ struct Counts {
     calls: AtomicU64,
     ids: Mutex<HashSet<String>>,
     duplicates: AtomicU64,
+    /// Units under distinct identifiers.
+    units: AtomicU64,
 }
 
 #[handler]
@@ -52,7 +58,10 @@ fn meter_event(
             .unwrap_or_default()
     };
     let id = get("identifier");
-    if !counts.ids.lock().unwrap().insert(id.clone()) {
+    if counts.ids.lock().unwrap().insert(id.clone()) {
+        let units = get("payload[value]").parse::<u64>().unwrap_or(0);
+        counts.units.fetch_add(units, Ordering::Relaxed);
+    } else {
         counts.duplicates.fetch_add(1, Ordering::Relaxed);
     }
     poem::web::Json(serde_json::json!({
@@ -92,9 +101,54 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// One run's figures.
+struct Row {
+    aggregate_s: u64,
+    consumes_per_s: f64,
+    drained_s: f64,
+    calls: u64,
+    dups: u64,
+    batches: u64,
+    batched_entries: u64,
+}
+
 fn main() {
     let consumes = env_num("OUTBOX_CONSUMES", 5000);
     let cps = env_num("OUTBOX_CALLS_PER_SECOND", 1000);
+    let windows: Vec<u64> = std::env::var("OUTBOX_AGGREGATE_S")
+        .unwrap_or_else(|_| "0,1".into())
+        .split(',')
+        .map(|w| {
+            w.trim()
+                .parse()
+                .expect("OUTBOX_AGGREGATE_S: seconds, comma-separated")
+        })
+        .collect();
+    let rows: Vec<Row> = windows.into_iter().map(|w| run(consumes, cps, w)).collect();
+    println!("## Outbox benchmark");
+    println!();
+    println!(
+        "| billable consumes | stripe.aggregate_s | consumes/s (outbox sending meanwhile) | time to last unit at Stripe | drain rate | Stripe calls per consume | batches (entries) | duplicate deliveries | calls_per_second |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {consumes} | {} | {:.0} | {:.2} s | {:.0} units/s | {:.3} | {} ({}) | {} | {cps} |",
+            r.aggregate_s,
+            r.consumes_per_s,
+            r.drained_s,
+            consumes as f64 / r.drained_s,
+            r.calls as f64 / consumes as f64,
+            r.batches,
+            r.batched_entries,
+            r.dups,
+        );
+    }
+}
+
+/// Starts a fake and a daemon with `stripe.aggregate_s = aggregate_s`, consumes, and waits
+/// until Stripe has every unit.
+fn run(consumes: u64, cps: u64, aggregate_s: u64) -> Row {
     let counts = Arc::new(Counts::default());
 
     // The fake, on its own runtime.
@@ -129,7 +183,9 @@ fn main() {
             &format!("calls_per_second = {cps}"),
         )
         .replace("poll_ms = 200", "poll_ms = 10")
-        .replace("batch = 100", "batch = 1000");
+        .replace("batch = 100", "batch = 1000")
+        .replace("aggregate_s = 0", &format!("aggregate_s = {aggregate_s}"));
+    assert!(config.contains(&format!("aggregate_s = {aggregate_s}")));
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, config).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_meterd"))
@@ -137,7 +193,7 @@ fn main() {
         .arg(&config_path)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
-        .env("METERD_ADMIN_KEY", "bench-admin-key-0123456789")
+        .env("METERD_ADMIN_KEY", ADMIN)
         .env("METERD_APP_KEY", "bench-app-key-0123456789ab")
         .env("STRIPE_SECRET_KEY", "sk_test_bench")
         .env("RUST_LOG", "warn")
@@ -160,14 +216,14 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let (consumed_s, drained_s) = rt.block_on(async {
+    let (consumed_s, drained_s, batches, batched_entries) = rt.block_on(async {
         let http = reqwest::Client::new();
         let base = format!("http://{addr}");
         let accounts = 64u64;
         for a in 0..accounts {
             let r = http
                 .put(format!("{base}/v1/accounts/b{a}"))
-                .bearer_auth("bench-admin-key-0123456789")
+                .bearer_auth(ADMIN)
                 .json(
                     &serde_json::json!({"plan": "payg", "stripe_customer_id": format!("cus_{a}")}),
                 )
@@ -200,35 +256,51 @@ fn main() {
             t.await.unwrap();
         }
         let consumed = started.elapsed();
-        // Bounded wait for the outbox to drain.
+        // Bounded wait for the outbox to drain: every unit at Stripe.
         let deadline = Instant::now() + Duration::from_secs(600);
-        while (counts.ids.lock().unwrap().len() as u64) < consumes {
+        while counts.units.load(Ordering::Relaxed) < consumes {
             assert!(Instant::now() < deadline, "outbox did not drain in 600 s");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        (consumed.as_secs_f64(), started.elapsed().as_secs_f64())
+        let drained = started.elapsed();
+        let o: serde_json::Value = http
+            .get(format!("{base}/v1/admin/outbox"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (
+            consumed.as_secs_f64(),
+            drained.as_secs_f64(),
+            o["batches_total"].as_u64().unwrap_or(0),
+            o["batched_entries_total"].as_u64().unwrap_or(0),
+        )
     });
+    // Nothing more arrives: Stripe has exactly the units consumed.
+    std::thread::sleep(Duration::from_millis(300));
     let calls = counts.calls.load(Ordering::Relaxed);
     let dups = counts.duplicates.load(Ordering::Relaxed);
+    let units = counts.units.load(Ordering::Relaxed);
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
     let status = child.wait().unwrap();
-    println!("## Outbox benchmark");
-    println!();
-    println!(
-        "| billable consumes | consumes/s (outbox sending meanwhile) | time to last Stripe event | drain rate | Stripe calls per consume | duplicate deliveries | calls_per_second |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    println!(
-        "| {consumes} | {:.0} | {drained_s:.2} s | {:.0} events/s | {:.3} | {dups} | {cps} |",
-        consumes as f64 / consumed_s,
-        consumes as f64 / drained_s,
-        calls as f64 / consumes as f64,
-    );
-    println!();
-    println!("daemon exit: {status}");
     assert_eq!(dups, 0, "duplicate deliveries");
-    assert!(status.success());
+    assert_eq!(units, consumes, "Stripe has exactly the units consumed");
+    assert!(status.success(), "daemon exit: {status}");
     drop(fake_rt);
+    Row {
+        aggregate_s,
+        consumes_per_s: consumes as f64 / consumed_s,
+        drained_s,
+        calls,
+        dups,
+        batches,
+        batched_entries,
+    }
 }
+
+const ADMIN: &str = "bench-admin-key-0123456789";

@@ -59,6 +59,58 @@ struct RawConfig {
     credit_packages: Vec<RawCreditPackage>,
     #[serde(default)]
     stripe: RawStripe,
+    #[serde(default)]
+    webhooks: RawWebhooks,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawWebhooks {
+    secret_env: String,
+    tolerance_s: u64,
+    max_body_bytes: usize,
+    max_attempts: u32,
+    base_backoff_ms: u64,
+    max_backoff_s: u64,
+    retention_days: u64,
+    fallback_plan: String,
+    backfill_on_start: bool,
+    backfill_days: u64,
+}
+
+impl Default for RawWebhooks {
+    fn default() -> Self {
+        Self {
+            secret_env: "STRIPE_WEBHOOK_SECRET".into(),
+            tolerance_s: 300,
+            max_body_bytes: 1024 * 1024,
+            max_attempts: 10,
+            base_backoff_ms: 1000,
+            max_backoff_s: 3600,
+            retention_days: 35,
+            fallback_plan: "free".into(),
+            backfill_on_start: true,
+            backfill_days: 30,
+        }
+    }
+}
+
+/// Stripe webhooks (`[webhooks]`): receiving, the event log, applying.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// Environment variable with the signing secret(s), comma-separated during a rotation.
+    pub secret_env: String,
+    pub tolerance_s: u64,
+    pub max_body_bytes: usize,
+    pub max_attempts: u32,
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Event ids (and payloads of settled events) are kept at least this long.
+    pub retention: Duration,
+    /// The plan an account falls back to when its subscription ends.
+    pub fallback_plan: String,
+    pub backfill_on_start: bool,
+    pub backfill_days: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +133,11 @@ struct RawStripe {
     checkout_success_url: Option<String>,
     checkout_cancel_url: Option<String>,
     portal_return_url: Option<String>,
+    refetch_on_webhook: bool,
+    /// Aggregation window of every meter without its own (seconds; 0: off).
+    aggregate_s: u64,
+    /// Account id → meter → aggregation window (seconds).
+    aggregate_accounts: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 impl Default for RawStripe {
@@ -103,6 +160,9 @@ impl Default for RawStripe {
             checkout_success_url: None,
             checkout_cancel_url: None,
             portal_return_url: None,
+            refetch_on_webhook: false,
+            aggregate_s: 0,
+            aggregate_accounts: BTreeMap::new(),
         }
     }
 }
@@ -110,7 +170,12 @@ impl Default for RawStripe {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStripeMeter {
-    event_name: String,
+    /// Default: the meter's own name.
+    #[serde(default)]
+    event_name: Option<String>,
+    /// Aggregation window of this meter (seconds; 0: off); default `stripe.aggregate_s`.
+    #[serde(default)]
+    aggregate_s: Option<u64>,
 }
 
 /// Stripe settings (the secret itself comes from the environment variable named here).
@@ -141,6 +206,11 @@ pub struct StripeConfig {
     pub portal_return_url: Option<String>,
     /// Plan → its Stripe prices; every plan of the catalog has an entry.
     pub plans: BTreeMap<String, StripePlan>,
+    /// Read the subscription from Stripe again before applying a subscription webhook.
+    pub refetch_on_webhook: bool,
+    /// Aggregation windows of the outbox (`stripe.aggregate_s`, `[stripe.meters.<m>]
+    /// aggregate_s`, `[stripe.aggregate_accounts."<account>"] <meter> = <s>`).
+    pub aggregation: meterd_actors::outbox::Aggregation,
 }
 
 /// The Stripe side of one plan (`[plans.<p>] stripe_price`, `stripe_metered_price`,
@@ -449,6 +519,7 @@ pub struct Config {
     pub rate_limits: RateLimits,
     pub catalog: Catalog,
     pub stripe: StripeConfig,
+    pub webhooks: WebhookConfig,
 }
 
 impl Config {
@@ -628,14 +699,17 @@ impl Config {
                     format!("no meter `{meter}` is declared under [meters]"),
                 ));
             }
-            if m.event_name.is_empty() || m.event_name.len() > 100 {
-                return Err(invalid(
-                    &format!("stripe.meters.{meter}.event_name"),
-                    "must be 1 to 100 characters".into(),
-                ));
+            if let Some(name) = &m.event_name {
+                if name.is_empty() || name.len() > 100 {
+                    return Err(invalid(
+                        &format!("stripe.meters.{meter}.event_name"),
+                        "must be 1 to 100 characters".into(),
+                    ));
+                }
+                event_names.insert(meter.clone(), name.clone());
             }
-            event_names.insert(meter.clone(), m.event_name.clone());
         }
+        let aggregation = build_aggregation(&raw, &invalid)?;
         for (key, url) in [
             ("stripe.checkout_success_url", &st.checkout_success_url),
             ("stripe.checkout_cancel_url", &st.checkout_cancel_url),
@@ -719,7 +793,10 @@ impl Config {
             checkout_cancel_url: st.checkout_cancel_url.clone(),
             portal_return_url: st.portal_return_url.clone(),
             plans: stripe_plans,
+            refetch_on_webhook: st.refetch_on_webhook,
+            aggregation,
         };
+        let webhooks = build_webhooks(&raw, &stripe, &invalid)?;
         Ok(Config {
             origin: origin.to_owned(),
             listen,
@@ -745,8 +822,151 @@ impl Config {
             rate_limits,
             catalog,
             stripe,
+            webhooks,
         })
     }
+}
+
+/// The outbox's aggregation windows from `[stripe]`: each one 0 (off) or a divisor of 86,400 s
+/// (a window never straddles a UTC day), on meters declared under `[meters]` and valid account
+/// ids. An error names the key.
+fn build_aggregation(
+    raw: &RawConfig,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<meterd_actors::outbox::Aggregation, ConfigError> {
+    use meterd_actors::outbox::Aggregation;
+    let st = &raw.stripe;
+    let check = |key: &str, s: u64| {
+        if Aggregation::valid_window_s(s) {
+            Ok(s)
+        } else {
+            Err(invalid(
+                key,
+                format!(
+                    "{s} is not an aggregation window: use 0 (off) or a number of seconds that divides 86400, such as 60, 300 or 3600"
+                ),
+            ))
+        }
+    };
+    let mut agg = Aggregation {
+        default_s: check("stripe.aggregate_s", st.aggregate_s)?,
+        ..Aggregation::default()
+    };
+    for (meter, m) in &st.meters {
+        if let Some(s) = m.aggregate_s {
+            let s = check(&format!("stripe.meters.{meter}.aggregate_s"), s)?;
+            agg.meters.insert(meter.clone(), s);
+        }
+    }
+    for (account, meters) in &st.aggregate_accounts {
+        let base = format!("stripe.aggregate_accounts.\"{account}\"");
+        if let Err(e) = meterd_actors::model::AccountId::parse(account) {
+            return Err(invalid(&base, format!("not an account id: {e}")));
+        }
+        let mut per = BTreeMap::new();
+        for (meter, s) in meters {
+            let key = format!("{base}.{meter}");
+            if !raw.meters.contains_key(meter) {
+                return Err(invalid(
+                    &key,
+                    format!("no meter `{meter}` is declared under [meters]"),
+                ));
+            }
+            per.insert(meter.clone(), check(&key, *s)?);
+        }
+        agg.accounts.insert(account.clone(), per);
+    }
+    Ok(agg)
+}
+
+fn build_webhooks(
+    raw: &RawConfig,
+    stripe: &StripeConfig,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<WebhookConfig, ConfigError> {
+    let w = &raw.webhooks;
+    if w.secret_env.is_empty()
+        || !w
+            .secret_env
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(invalid(
+            "webhooks.secret_env",
+            "not an environment variable name".into(),
+        ));
+    }
+    if !(1..=3600).contains(&w.tolerance_s) {
+        return Err(invalid(
+            "webhooks.tolerance_s",
+            "must be from 1 to 3600 seconds".into(),
+        ));
+    }
+    if !(1024..=16 * 1024 * 1024).contains(&w.max_body_bytes) {
+        return Err(invalid(
+            "webhooks.max_body_bytes",
+            "must be from 1024 to 16777216".into(),
+        ));
+    }
+    if w.max_attempts == 0 {
+        return Err(invalid(
+            "webhooks.max_attempts",
+            "must be at least 1".into(),
+        ));
+    }
+    if w.retention_days < 30 {
+        return Err(invalid(
+            "webhooks.retention_days",
+            "must be at least 30 (Stripe retries for 3 days; its events list covers 30)".into(),
+        ));
+    }
+    if !(1..=30).contains(&w.backfill_days) {
+        return Err(invalid(
+            "webhooks.backfill_days",
+            "must be from 1 to 30 (Stripe lists events of the last 30 days)".into(),
+        ));
+    }
+    if !raw.plans.contains_key(&w.fallback_plan) {
+        return Err(invalid(
+            "webhooks.fallback_plan",
+            format!("no plan `{}` is declared under [plans]", w.fallback_plan),
+        ));
+    }
+    // A licensed price must mean one plan, or a subscription webhook could not name its
+    // plan. (Plans may share a metered price: the licensed item decides.)
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (plan, sp) in &stripe.plans {
+        if let Some(price) = &sp.stripe_price
+            && let Some(other) = seen.insert(price, plan)
+        {
+            return Err(invalid(
+                &format!("plans.{plan}.stripe_price"),
+                format!("price `{price}` is also the stripe_price of plan `{other}`"),
+            ));
+        }
+    }
+    for (plan, sp) in &stripe.plans {
+        if let Some(price) = &sp.stripe_metered_price
+            && let Some(other) = seen.get(price.as_str())
+        {
+            return Err(invalid(
+                &format!("plans.{plan}.stripe_metered_price"),
+                format!("price `{price}` is the licensed stripe_price of plan `{other}`"),
+            ));
+        }
+    }
+    Ok(WebhookConfig {
+        secret_env: w.secret_env.clone(),
+        tolerance_s: w.tolerance_s,
+        max_body_bytes: w.max_body_bytes,
+        max_attempts: w.max_attempts,
+        base_backoff: Duration::from_millis(w.base_backoff_ms.max(1)),
+        max_backoff: Duration::from_secs(w.max_backoff_s.max(1)),
+        retention: Duration::from_secs(w.retention_days * 86_400),
+        fallback_plan: w.fallback_plan.clone(),
+        backfill_on_start: w.backfill_on_start,
+        backfill_days: w.backfill_days,
+    })
 }
 
 /// Checks one `[rate_limits.<scope>]` table; an error carries the full key it concerns.
@@ -1075,6 +1295,160 @@ mod tests {
         ];
         for (from, to, key) in cases {
             assert!(EMBEDDED_DEFAULT.contains(from), "default lacks {from}");
+            let err = parse(&EMBEDDED_DEFAULT.replacen(from, to, 1))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        }
+    }
+
+    #[test]
+    fn webhook_settings_default_and_bad_ones_name_their_key() {
+        let c = parse(EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(c.webhooks.secret_env, "STRIPE_WEBHOOK_SECRET");
+        assert_eq!(c.webhooks.tolerance_s, 300);
+        assert_eq!(c.webhooks.fallback_plan, "free");
+        assert_eq!(c.webhooks.retention, Duration::from_secs(35 * 86_400));
+        assert!(!c.stripe.refetch_on_webhook);
+        let cases = [
+            (
+                "tolerance_s = 300",
+                "tolerance_s = 0",
+                "webhooks.tolerance_s",
+            ),
+            (
+                "retention_days = 35",
+                "retention_days = 7",
+                "webhooks.retention_days",
+            ),
+            (
+                "backfill_days = 30",
+                "backfill_days = 90",
+                "webhooks.backfill_days",
+            ),
+            (
+                "fallback_plan = \"free\"",
+                "fallback_plan = \"gratis\"",
+                "webhooks.fallback_plan",
+            ),
+            (
+                "secret_env = \"STRIPE_WEBHOOK_SECRET\"",
+                "secret_env = \"not a var\"",
+                "webhooks.secret_env",
+            ),
+            (
+                "max_body_bytes = 1048576",
+                "max_body_bytes = 10",
+                "webhooks.max_body_bytes",
+            ),
+            (
+                "backfill_days = 30",
+                "backfill_days = 30\nsecret = \"whsec_x\"",
+                "secret",
+            ),
+        ];
+        for (from, to, key) in cases {
+            assert!(EMBEDDED_DEFAULT.contains(from), "default lacks {from}");
+            let err = parse(&EMBEDDED_DEFAULT.replacen(from, to, 1))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        }
+        // One licensed price cannot belong to two plans; plans may share a metered price.
+        let two = EMBEDDED_DEFAULT
+            .replacen(
+                "# stripe_price = \"price_...\"",
+                "stripe_price = \"price_1Team\"\nstripe_metered_price = \"price_1Meter\"",
+                1,
+            )
+            .replacen(
+                "[plans.enterprise]",
+                "[plans.enterprise]\nstripe_price = \"price_1Team\"",
+                1,
+            );
+        let err = parse(&two).unwrap_err().to_string();
+        assert!(err.contains("plans.team.stripe_price"), "{err}");
+        let shared = EMBEDDED_DEFAULT
+            .replacen(
+                "# stripe_price = \"price_...\"",
+                "stripe_price = \"price_1Team\"\nstripe_metered_price = \"price_1Meter\"",
+                1,
+            )
+            .replacen(
+                "[plans.enterprise]",
+                "[plans.enterprise]\nstripe_price = \"price_1Ent\"\nstripe_metered_price = \"price_1Meter\"",
+                1,
+            );
+        assert!(parse(&shared).is_ok());
+    }
+
+    #[test]
+    fn aggregation_windows_default_off_resolve_and_name_the_bad_key() {
+        let c = parse(EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(
+            c.stripe.aggregation,
+            meterd_actors::outbox::Aggregation::default()
+        );
+        assert_eq!(c.stripe.aggregation.window_s("a", "tokens"), 0);
+        let text = EMBEDDED_DEFAULT
+            .replacen("aggregate_s = 0", "aggregate_s = 3600", 1)
+            .replacen("# aggregate_s = 60", "aggregate_s = 60", 1)
+            .replacen(
+                "[stripe.meters.tokens]",
+                "[stripe.aggregate_accounts.\"team_1.x\"]\ntokens = 300\n\n[stripe.meters.tokens]",
+                1,
+            );
+        let c = parse(&text).unwrap();
+        let agg = &c.stripe.aggregation;
+        assert_eq!(agg.default_s, 3600);
+        assert_eq!(agg.window_s("someone", "tokens"), 60);
+        assert_eq!(agg.window_s("team_1.x", "tokens"), 300);
+        assert_eq!(agg.window_s("someone", "other"), 3600);
+        // event_name stays as configured; a meter table may set only aggregate_s.
+        assert_eq!(c.stripe.event_name("tokens"), "tokens");
+        let only_window = EMBEDDED_DEFAULT.replacen(
+            "event_name = \"tokens\"\n# aggregate_s = 60",
+            "aggregate_s = 300",
+            1,
+        );
+        let c = parse(&only_window).unwrap();
+        assert_eq!(c.stripe.aggregation.window_s("a", "tokens"), 300);
+        assert_eq!(c.stripe.event_name("tokens"), "tokens");
+        let cases = [
+            ("aggregate_s = 0", "aggregate_s = 7", "stripe.aggregate_s"),
+            (
+                "aggregate_s = 0",
+                "aggregate_s = 172800",
+                "stripe.aggregate_s",
+            ),
+            (
+                "# aggregate_s = 60",
+                "aggregate_s = 90000",
+                "stripe.meters.tokens.aggregate_s",
+            ),
+            (
+                "[stripe.meters.tokens]",
+                "[stripe.aggregate_accounts.\"a\"]\ntokens = 61\n\n[stripe.meters.tokens]",
+                "stripe.aggregate_accounts.\"a\".tokens",
+            ),
+            (
+                "[stripe.meters.tokens]",
+                "[stripe.aggregate_accounts.\"a\"]\nimages = 60\n\n[stripe.meters.tokens]",
+                "stripe.aggregate_accounts.\"a\".images",
+            ),
+            (
+                "[stripe.meters.tokens]",
+                "[stripe.aggregate_accounts.\"not valid!\"]\ntokens = 60\n\n[stripe.meters.tokens]",
+                "stripe.aggregate_accounts.\"not valid!\"",
+            ),
+            (
+                "# aggregate_s = 60",
+                "aggregate_seconds = 60",
+                "aggregate_seconds",
+            ),
+        ];
+        for (from, to, key) in cases {
+            assert!(EMBEDDED_DEFAULT.contains(from), "{from}");
             let err = parse(&EMBEDDED_DEFAULT.replacen(from, to, 1))
                 .unwrap_err()
                 .to_string();

@@ -10,14 +10,17 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use meterd_actors::account::{AccountDeps, Accounts};
+use meterd_actors::billing::PriceMap;
 use meterd_actors::janitor::{JanitorActor, JanitorArgs};
 use meterd_actors::model::Clock;
 use meterd_actors::outbox::{Outbox, OutboxArgs, OutboxSettings};
 use meterd_actors::store::{Store, StoreConfig};
 use meterd_actors::stripe::StripeHttp;
+use meterd_actors::webhook::{WebhookArgs, WebhookSettings, Webhooks};
 use poem::Server;
 use poem::listener::TcpAcceptor;
 
@@ -31,6 +34,8 @@ pub struct Secrets {
     pub app_key: Option<String>,
     /// `None`: offline (no Stripe key).
     pub stripe_key: Option<String>,
+    /// Webhook signing secrets (several during a rotation); empty: webhooks are refused.
+    pub webhook_secrets: Vec<String>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -66,12 +71,33 @@ impl Secrets {
             ),
             Err(_) => None,
         };
+        let var = &config.webhooks.secret_env;
+        let webhook_secrets = match std::env::var(var) {
+            Ok(v) => parse_webhook_secrets(&v)
+                .map_err(|e| anyhow::anyhow!("environment variable {var}: {e}"))?,
+            Err(_) => Vec::new(),
+        };
         Ok(Secrets {
             admin_key: read(&config.admin_key_env)?,
             app_key: read(&config.app_key_env)?,
             stripe_key,
+            webhook_secrets,
         })
     }
+}
+
+/// Splits a comma-separated list of webhook signing secrets (`whsec_…`).
+pub fn parse_webhook_secrets(v: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for s in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !s.starts_with("whsec_") || s.len() < 16 {
+            return Err(
+                "holds a value that is not a Stripe webhook signing secret (whsec_...)".into(),
+            );
+        }
+        out.push(s.to_owned());
+    }
+    Ok(out)
 }
 
 /// Where the admin key came from.
@@ -244,6 +270,22 @@ fn meter_problems(config: &Config, active: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Stripe price → meterd plan, from the plans' `stripe_price` and `stripe_metered_price`.
+fn price_map(config: &Config) -> PriceMap {
+    let mut m = PriceMap::default();
+    for (plan, sp) in &config.stripe.plans {
+        if let Some(p) = &sp.stripe_price {
+            m.plans.insert(p.clone(), plan.clone());
+        }
+        if let Some(p) = &sp.stripe_metered_price {
+            // Shared metered prices name the first plan; the licensed item decides anyway.
+            m.plans.entry(p.clone()).or_insert_with(|| plan.clone());
+            m.metered.insert(p.clone());
+        }
+    }
+    m
+}
+
 /// Runs the daemon on `listener` until `shutdown` resolves, then stops in order.
 pub async fn run(
     config: Config,
@@ -281,6 +323,7 @@ pub async fn run_with_clock(
     }
     let keys = load_keys(&config, &secrets)?;
     let clock_for_outbox = clock.clone();
+    let clock_for_webhooks = clock.clone();
     let deps = AccountDeps {
         store: store.clone(),
         catalog: Arc::new(config.catalog.clone()),
@@ -347,10 +390,53 @@ pub async fn run_with_clock(
             concurrency: s.concurrency,
             breaker_failures: s.breaker_failures,
             breaker_cooldown: s.breaker_cooldown,
+            aggregation: s.aggregation.clone(),
         },
     })
     .await
     .map_err(|e| anyhow::anyhow!("cannot start the outbox: {e}"))?;
+
+    let w = &config.webhooks;
+    if secrets.webhook_secrets.is_empty() {
+        if config.stripe.strict {
+            anyhow::bail!(
+                "no Stripe webhook signing secret: {} is not set (stripe.strict = true refuses to start without one)",
+                w.secret_env
+            );
+        }
+        tracing::warn!(
+            "Stripe webhooks are NOT received: {} is not set, so POST /webhooks/stripe answers 503 and Stripe's events (subscriptions, payments, top-ups) do not reach meterd",
+            w.secret_env
+        );
+    }
+    let (webhooks, webhooks_handle) = Webhooks::spawn(WebhookArgs {
+        store: store.clone(),
+        accounts: accounts.clone(),
+        clock: clock_for_webhooks.clone(),
+        settings: WebhookSettings {
+            client: stripe_for_http.clone(),
+            prices: price_map(&config),
+            fallback_plan: w.fallback_plan.clone(),
+            max_attempts: w.max_attempts,
+            base_backoff: w.base_backoff,
+            max_backoff: w.max_backoff,
+            retention: w.retention,
+            refetch: config.stripe.refetch_on_webhook,
+            poll: Duration::from_millis(200),
+            backfill_on_start: w.backfill_on_start,
+            backfill_days: w.backfill_days,
+        },
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot start the webhook actor: {e}"))?;
+    let receiver = Arc::new(crate::http::webhooks::Receiver {
+        store: store.clone(),
+        webhooks: webhooks.clone(),
+        secrets: secrets.webhook_secrets.clone(),
+        tolerance_s: w.tolerance_s,
+        max_body_bytes: w.max_body_bytes,
+        clock: clock_for_webhooks,
+    });
 
     let ready = Arc::new(AtomicBool::new(true));
     let app = crate::http::app(crate::http::AppDeps {
@@ -365,6 +451,8 @@ pub async fn run_with_clock(
         stripe: stripe_for_http,
         stripe_config: Arc::new(config.stripe.clone()),
         catalog: Arc::new(config.catalog.clone()),
+        webhooks: webhooks.clone(),
+        receiver,
     });
     let addr = listener.local_addr()?;
     let acceptor = TcpAcceptor::from_tokio(listener)?;
@@ -384,6 +472,8 @@ pub async fn run_with_clock(
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("HTTP stopped; draining account actors");
 
+    webhooks.stop();
+    let _ = webhooks_handle.await;
     outbox.stop();
     let _ = outbox_handle.await;
     let drained = accounts.shutdown(config.shutdown_timeout).await;

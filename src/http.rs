@@ -13,6 +13,7 @@ pub mod error;
 pub mod ratelimit;
 pub mod usage;
 pub mod views;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,6 +115,8 @@ pub struct AppDeps {
     pub stripe: Option<meterd_actors::stripe::StripeHttp>,
     pub stripe_config: Arc<crate::config::StripeConfig>,
     pub catalog: Arc<meterd_actors::model::Catalog>,
+    pub webhooks: meterd_actors::webhook::Webhooks,
+    pub receiver: Arc<webhooks::Receiver>,
 }
 
 /// The whole route tree: the API, `/openapi.json`, `/docs`, and the common error format.
@@ -137,6 +140,11 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
                 deps.stripe_config,
                 deps.catalog,
             ),
+            webhooks::WebhooksApi {
+                store: deps.store.clone(),
+                webhooks: deps.webhooks.clone(),
+                accounts: deps.accounts.clone(),
+            },
             usage::UsageApi {
                 accounts: deps.accounts.clone(),
                 store: deps.store.clone(),
@@ -159,6 +167,10 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
     let routes = Route::new()
+        .at(
+            "/webhooks/stripe",
+            poem::post(webhooks::receive).data(deps.receiver),
+        )
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .nest("/", api);

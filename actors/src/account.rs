@@ -11,6 +11,7 @@
 //! flush itself, and never reply to a state-revealing request before a flush.
 
 pub mod directory;
+mod stripe;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ use crate::pricing::{PeriodCost, projected};
 use crate::store::{AccountSnapshot, CommitError, IdemOp, IdemRecord, Store, StoreError};
 
 pub use directory::{Accounts, DirectoryActor, DirectoryMsg, DirectoryStats};
+pub use stripe::{StripeCmd, StripeReply};
 
 /// Messages an account actor understands. Callers never build these: they use [`Accounts`].
 pub enum AccountMsg {
@@ -58,6 +60,11 @@ pub enum AccountMsg {
         u64,
         Option<u64>,
         RpcReplyPort<Result<SettleReply, AccountError>>,
+    ),
+    /// Apply a Stripe event (durable, idempotent on the event id).
+    Stripe(
+        Box<StripeCmd>,
+        RpcReplyPort<Result<StripeReply, AccountError>>,
     ),
     /// The account's current state.
     Get(RpcReplyPort<Result<AccountView, AccountError>>),
@@ -89,6 +96,9 @@ impl AccountMsg {
                 let _ = r.send(Err(err));
             }
             AccountMsg::Get(r) => {
+                let _ = r.send(Err(err));
+            }
+            AccountMsg::Stripe(_, r) => {
                 let _ = r.send(Err(err));
             }
             AccountMsg::IdleTick | AccountMsg::Crash => {}
@@ -257,6 +267,7 @@ pub(crate) fn idem_of(kind: &EntryKind) -> Option<(IdemOp, String)> {
         EntryKind::Credit(c) => Some((IdemOp::Credit, c.idempotency_key.clone())),
         EntryKind::Reserved(h) => Some((IdemOp::Reserve, h.idempotency_key.clone())),
         EntryKind::Settled(r) => Some((IdemOp::Settle, r.rid.to_string())),
+        EntryKind::Stripe(r) => Some((IdemOp::Stripe, r.event_id.clone())),
         _ => None,
     }
 }
@@ -344,6 +355,8 @@ pub struct AccountView {
     /// Credit grants by id, and the time the view was taken (for `live_at`).
     pub grants: BTreeMap<u64, crate::ledger::Grant>,
     pub as_of_ms: i64,
+    /// What Stripe said about the account (subscription, invoices, transactions).
+    pub billing: crate::billing::BillingState,
 }
 
 impl AccountView {
@@ -450,6 +463,10 @@ impl Actor for AccountActor {
             AccountMsg::TopUp(cmd, reply) => state.top_up(cmd, reply)?,
             AccountMsg::Reserve(cmd, reply) => state.reserve(cmd, reply)?,
             AccountMsg::Settle(rid, qty, reply) => state.settle(rid, qty, reply)?,
+            AccountMsg::Stripe(cmd, reply) => {
+                let r = state.apply_stripe(*cmd)?;
+                state.reply_after_commit(reply, r);
+            }
             AccountMsg::Get(reply) => {
                 let r = state.view();
                 state.reply_after_commit(reply, r);
@@ -477,6 +494,7 @@ fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64), StoreErr
         fold = AccountFold {
             profile: Some(s.profile),
             balances: Some(s.balances),
+            billing: s.billing,
             last_seq: s.last_seq,
         };
     }
@@ -490,6 +508,7 @@ fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64), StoreErr
             let alerts = match &e.kind {
                 EntryKind::Consume(c) => c.alerts.as_slice(),
                 EntryKind::Settled(r) => r.alerts.as_slice(),
+                EntryKind::Stripe(r) => r.alerts.as_slice(),
                 _ => &[],
             };
             for (i, a) in alerts.iter().enumerate() {
@@ -505,6 +524,16 @@ fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64), StoreErr
                 store.put_idem(id, op, &key, rec)?;
             }
         }
+    }
+    // The customer index is written before the entry that links a customer; a crash in
+    // between, or data from before the index existed, is repaired here.
+    if let Some(c) = fold
+        .profile
+        .as_ref()
+        .and_then(|p| p.stripe_customer_id.as_ref())
+        && store.customer_account(c)?.as_ref() != Some(id)
+    {
+        store.link_customer(c, id)?;
     }
     Ok((fold, snapshot_seq))
 }
@@ -722,6 +751,18 @@ impl AccountState {
     }
 
     fn append(&mut self, kind: EntryKind, at_ms: i64) -> Result<LedgerEntry, StoreError> {
+        // Index a newly linked Stripe customer before the entry (webhooks find accounts by it).
+        if let EntryKind::AccountUpserted(p) = &kind
+            && let Some(c) = &p.stripe_customer_id
+            && self
+                .fold
+                .profile
+                .as_ref()
+                .and_then(|x| x.stripe_customer_id.as_ref())
+                != Some(c)
+        {
+            self.deps.store.link_customer(c, &self.id)?;
+        }
         let entry = LedgerEntry {
             seq: self.fold.last_seq + 1,
             at_ms,
@@ -749,6 +790,7 @@ impl AccountState {
                 &AccountSnapshot {
                     profile: profile.clone(),
                     balances: balances.clone(),
+                    billing: self.fold.billing.clone(),
                     last_seq: self.fold.last_seq,
                 },
             )?;
@@ -1415,6 +1457,15 @@ impl AccountState {
         cmd: TopUpCmd,
         reply: RpcReplyPort<Result<CreditReply, AccountError>>,
     ) -> Result<(), StoreError> {
+        let r = self.write_top_up(cmd)?;
+        self.reply_after_commit(reply, r);
+        Ok(())
+    }
+
+    fn write_top_up(
+        &mut self,
+        cmd: TopUpCmd,
+    ) -> Result<Result<CreditReply, AccountError>, StoreError> {
         let Some(package) = self
             .deps
             .catalog
@@ -1430,17 +1481,15 @@ impl AccountState {
                 .iter()
                 .map(|p| p.name.as_str())
                 .collect();
-            let _ = reply.send(Err(ValidationError::new(format!(
+            return Ok(Err(ValidationError::new(format!(
                 "unknown package `{}`; configured packages: {}",
                 cmd.package,
                 known.join(", ")
             ))
             .into()));
-            return Ok(());
         };
         let Ok(amount) = i64::try_from(package.credits) else {
-            let _ = reply.send(Err(ValidationError::new("package too large").into()));
-            return Ok(());
+            return Ok(Err(ValidationError::new("package too large").into()));
         };
         let now = self.deps.clock.now_ms();
         let terms = GrantTerms {
@@ -1452,14 +1501,13 @@ impl AccountState {
             package: Some(package.name.clone()),
         };
         let digest = cmd.digest();
-        self.apply_credit(
+        self.write_credit(
             IdemOp::Topup,
             cmd.external_id.as_str(),
             digest,
             amount,
             format!("top-up {}", package.name),
             Some(terms),
-            reply,
         )
     }
 
@@ -1476,18 +1524,32 @@ impl AccountState {
         terms: Option<GrantTerms>,
         reply: RpcReplyPort<Result<CreditReply, AccountError>>,
     ) -> Result<(), StoreError> {
+        let r = self.write_credit(op, key, digest, amount, reason, terms)?;
+        self.reply_after_commit(reply, r);
+        Ok(())
+    }
+
+    /// [`Self::apply_credit`] without the reply: the answer (a replay, a refusal or the new
+    /// entry), to be sent only after a commit.
+    fn write_credit(
+        &mut self,
+        op: IdemOp,
+        key: &str,
+        digest: [u8; 32],
+        amount: i64,
+        reason: String,
+        terms: Option<GrantTerms>,
+    ) -> Result<Result<CreditReply, AccountError>, StoreError> {
         if self.fold.profile.is_none() {
-            let _ = reply.send(Err(AccountError::UnknownAccount(self.id.clone())));
-            return Ok(());
+            return Ok(Err(AccountError::UnknownAccount(self.id.clone())));
         }
         if let Some(r) = self.credit_replay(op, key, digest)? {
-            self.reply_after_commit(reply, r);
-            return Ok(());
+            return Ok(r);
         }
         let now = self.deps.clock.now_ms();
         self.catch_up(now)?;
         let Some(balances) = &self.fold.balances else {
-            return Ok(());
+            return Ok(Err(AccountError::UnknownAccount(self.id.clone())));
         };
         let balance = balances.live_credits(now);
         let (burns, credits_after) = if amount > 0 {
@@ -1499,18 +1561,16 @@ impl AccountState {
                 Some(balance)
             };
             let Some(after) = after else {
-                let _ = reply.send(Err(
+                return Ok(Err(
                     ValidationError::new("credit balance would overflow").into()
                 ));
-                return Ok(());
             };
             (Vec::new(), after)
         } else {
             match balances.burn_plan(now, amount.unsigned_abs()) {
                 Some(b) => (b, balance - amount.unsigned_abs()),
                 None => {
-                    let _ = reply.send(Err(AccountError::CreditBalanceTooLow { balance, amount }));
-                    return Ok(());
+                    return Ok(Err(AccountError::CreditBalanceTooLow { balance, amount }));
                 }
             }
         };
@@ -1524,17 +1584,14 @@ impl AccountState {
             credits_after,
         };
         let entry = self.record_keyed(EntryKind::Credit(record), now, op, key)?;
-        if let EntryKind::Credit(record) = entry.kind {
-            self.reply_after_commit(
-                reply,
-                Ok(CreditReply {
-                    seq: entry.seq,
-                    record,
-                    replayed: false,
-                }),
-            );
-        }
-        Ok(())
+        let EntryKind::Credit(record) = entry.kind else {
+            return Ok(Err(AccountError::Storage("credit entry expected".into())));
+        };
+        Ok(Ok(CreditReply {
+            seq: entry.seq,
+            record,
+            replayed: false,
+        }))
     }
 
     fn reserve(
@@ -1865,6 +1922,7 @@ impl AccountState {
             grants: balances.grants.clone(),
             alerts: balances.alerts.clone(),
             as_of_ms: now,
+            billing: self.fold.billing.clone(),
             plan_kind: plan.kind.as_str(),
             features: plan.features.clone(),
             period: balances.period,

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use bincode::{Decode, Encode};
 
+use crate::billing::{BillingState, StripeRecord};
 use crate::model::{MeterRule, Overage, Period, SpendCap, UnixMs};
 use crate::plan::{MeterOverride, SubscriptionStatus};
 
@@ -103,6 +104,18 @@ pub enum AlertKind {
     Spend,
     /// The live credit balance dropped below `threshold` credits.
     LowCredits,
+    /// Stripe: the trial ends soon (`meter`: the subscription; `value`: the end, unix s).
+    TrialEnding,
+    /// Stripe: an invoice payment failed (`meter`: the invoice; `threshold`: the attempt;
+    /// `value`: the amount due).
+    PaymentFailed,
+    /// Stripe: metered charges are due on an invoice (`meter`: the invoice or `upcoming`;
+    /// `value`: the metered amount; `limit`: the total).
+    InvoiceDue,
+    /// Stripe: the customer's last payment method was removed (`meter`: the method).
+    PaymentMethodRemoved,
+    /// Stripe reported invalid meter events (`meter`: the Stripe meter; `value`: the count).
+    MeterErrors,
 }
 
 impl AlertKind {
@@ -111,6 +124,11 @@ impl AlertKind {
             AlertKind::Usage => "usage",
             AlertKind::Spend => "spend",
             AlertKind::LowCredits => "low_credits",
+            AlertKind::TrialEnding => "trial_ending",
+            AlertKind::PaymentFailed => "payment_failed",
+            AlertKind::InvoiceDue => "invoice_due",
+            AlertKind::PaymentMethodRemoved => "payment_method_removed",
+            AlertKind::MeterErrors => "meter_errors",
         }
     }
 }
@@ -223,6 +241,8 @@ pub enum EntryKind {
         amount: u64,
         credits_after: u64,
     },
+    /// A Stripe event applied to (or recorded as stale for) the account.
+    Stripe(Box<StripeRecord>),
 }
 
 impl EntryKind {
@@ -236,6 +256,7 @@ impl EntryKind {
             EntryKind::CreditExpired { .. } => "credit_expired",
             EntryKind::Reserved(_) => "reserved",
             EntryKind::Settled(_) => "settled",
+            EntryKind::Stripe(_) => "stripe",
         }
     }
 }
@@ -674,6 +695,7 @@ impl Balances {
                 g.remaining = 0;
                 check_credits(self, *credits_after)?;
             }
+            EntryKind::Stripe(r) => self.record_alerts(seq, at, &r.alerts)?,
         }
         Ok(())
     }
@@ -687,6 +709,8 @@ pub struct AccountFold {
     pub profile: Option<AccountProfile>,
     /// `None` until the account is created.
     pub balances: Option<Balances>,
+    /// What Stripe said about the account.
+    pub billing: BillingState,
     pub last_seq: u64,
 }
 
@@ -710,6 +734,10 @@ impl AccountFold {
                 self.profile = Some(p.clone());
             }
             (_, None) => return Err(FoldError::NotCreated { seq: entry.seq }),
+            (EntryKind::Stripe(r), Some(b)) => {
+                b.apply(entry)?;
+                self.billing.apply(r);
+            }
             (_, Some(b)) => b.apply(entry)?,
         }
         self.last_seq = entry.seq;

@@ -11,12 +11,15 @@
 //! [`model::Catalog`] and HTTP requests into calls on [`account::Accounts`].
 
 pub mod account;
+pub mod billing;
 pub mod janitor;
 pub mod ledger;
 pub mod model;
 pub mod outbox;
 pub mod plan;
 pub mod pricing;
+pub mod signature;
 pub mod store;
 pub mod stripe;
 pub mod verify;
+pub mod webhook;

@@ -12,6 +12,20 @@
 //! - `notify`:   `at_ms_be account_id 0x00 seq_be idx_be` → [`StoredNotification`]: alerts
 //!   queued for outgoing notification, in time order. Derived, written lazily, rebuilt from
 //!   the ledger tail; a notifier (a later component) deletes what it delivered.
+//! - `webhooks`: `event id` → [`WebhookRecord`]: the durable log of Stripe events (status,
+//!   attempts, next retry), written before the webhook is acknowledged. Pruned after the
+//!   retention period.
+//! - `webhook_bodies`: `event id` → the raw, verified body (parsed only when applied).
+//! - `customers`: `Stripe customer id` → account id. Written before the ledger entry that
+//!   links the customer; checked again at account recovery.
+//! - `meter_errors`: `account_id 0x00 seq_be64` → [`MeterErrorRecord`]: meter events Stripe
+//!   accepted but then reported invalid (`v1.billing.meter.error_report_triggered`).
+//! - `outbox`, `dead`: `account_id 0x00 seq_be64` → [`OutboxRecord`]: billable entries (or
+//!   batches of them, keyed by the first) on their way to Stripe, and the dead letters.
+//! - `sent`:     same key → delivery time: what Stripe has (recovery skips it).
+//! - `batched`:  same key → the batch's first seq and formation time: entries merged into a
+//!   batch (recovery skips them). `sent` and `batched` are pruned after 40 days once the
+//!   account's snapshot covers the entry.
 //! - `meta`:     `format` → store format version.
 //!
 //! Durability: sled 0.34.7 deadlocks when several threads call `flush_async` at once (upstream
@@ -20,6 +34,7 @@
 //! also calls `fdatasync` on sled's log file after each flush.
 
 mod codec;
+mod events;
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -27,7 +42,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 
+pub use codec::{OutboxBatch, OutboxRecord};
 pub use codec::{OutboxItem, StoredEntry, StoredIdem, StoredNotification, StoredSnapshot};
+pub use events::{EventSource, MeterErrorRecord, WebhookRecord, WebhookStatus};
 
 use crate::ledger::{AccountProfile, Balances, LedgerEntry};
 use crate::model::{AccountId, UnixMs};
@@ -89,6 +106,8 @@ pub enum IdemOp {
     Reserve = 4,
     /// The settlement (commit or release) of a reservation, keyed by the reservation's seq.
     Settle = 5,
+    /// A Stripe event applied to the account, keyed by the event id.
+    Stripe = 6,
 }
 
 /// Where an idempotency key points: the ledger entry that answered it first.
@@ -103,6 +122,7 @@ pub struct IdemRecord {
 pub struct AccountSnapshot {
     pub profile: AccountProfile,
     pub balances: Balances,
+    pub billing: crate::billing::BillingState,
     pub last_seq: u64,
 }
 
@@ -128,6 +148,11 @@ struct Inner {
     outbox: sled::Tree,
     sent: sled::Tree,
     dead: sled::Tree,
+    batched: sled::Tree,
+    webhooks: sled::Tree,
+    webhook_bodies: sled::Tree,
+    customers: sled::Tree,
+    meter_errors: sled::Tree,
     flush_tx: mpsc::Sender<FlushCmd>,
     failed: Arc<AtomicBool>,
     stats: Arc<FlushStats>,
@@ -197,6 +222,11 @@ impl Store {
                 outbox: db.open_tree("outbox")?,
                 sent: db.open_tree("sent")?,
                 dead: db.open_tree("dead")?,
+                batched: db.open_tree("batched")?,
+                webhooks: db.open_tree("webhooks")?,
+                webhook_bodies: db.open_tree("webhook_bodies")?,
+                customers: db.open_tree("customers")?,
+                meter_errors: db.open_tree("meter_errors")?,
                 flush_tx,
                 failed,
                 stats,
@@ -363,8 +393,12 @@ impl Store {
     // ---- Stripe outbox ----
 
     /// Queues billable entry `seq` for Stripe. A `fresh` entry (just appended) is inserted
-    /// directly: the outbox only ever sends durable entries, so a fresh seq cannot have been
-    /// sent. Otherwise (recovery) it is skipped if already queued, sent or dead.
+    /// directly: the outbox only ever sends or merges durable entries, so a fresh seq cannot
+    /// have been sent or batched. Otherwise (recovery) it is skipped if already queued, sent,
+    /// dead, or merged into a batch (pending, sent or dead alike: its `batched` mark stays).
+    /// A recovery racing with the batch that takes the entry can still insert it just after
+    /// the batch removed it; the outbox deletes such a marked single instead of sending it
+    /// ([`Store::is_batched`]).
     pub fn queue_outbox(
         &self,
         account: &AccountId,
@@ -373,31 +407,33 @@ impl Store {
         fresh: bool,
     ) -> Result<(), StoreError> {
         let key = codec::ledger_key(account, seq);
+        let value = codec::encode_fresh_outbox(item)?;
         if fresh {
-            self.inner
-                .outbox
-                .insert(&key, codec::encode_outbox(item)?)?;
+            self.inner.outbox.insert(&key, value)?;
             return Ok(());
         }
-        if self.inner.sent.contains_key(&key)? || self.inner.dead.contains_key(&key)? {
+        if self.inner.sent.contains_key(&key)?
+            || self.inner.dead.contains_key(&key)?
+            || self.inner.batched.contains_key(&key)?
+        {
             return Ok(());
         }
-        let _ = self.inner.outbox.compare_and_swap(
-            &key,
-            None as Option<&[u8]>,
-            Some(codec::encode_outbox(item)?),
-        )?;
+        let _ = self
+            .inner
+            .outbox
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(value))?;
         Ok(())
     }
 
-    /// Up to `limit` queued items, oldest key first, starting after `after` (exclusive).
+    /// Up to `limit` queued (or dead) records, oldest key first, starting after `after`
+    /// (exclusive).
     #[allow(clippy::type_complexity)]
     pub fn outbox_items(
         &self,
         dead: bool,
         after: Option<(AccountId, u64)>,
         limit: usize,
-    ) -> Result<Vec<(AccountId, u64, OutboxItem)>, StoreError> {
+    ) -> Result<Vec<(AccountId, u64, OutboxRecord)>, StoreError> {
         let tree = if dead {
             &self.inner.dead
         } else {
@@ -420,20 +456,50 @@ impl Store {
         Ok(out)
     }
 
-    /// Updates a queued item (after a failed attempt).
+    /// One page of the queue for the outbox actor: up to `limit` records from `from`
+    /// (inclusive; `None`: the start), with their stored bytes for [`Store::form_batch`].
+    /// The bool is true when the end of the queue was reached.
+    pub fn outbox_page(
+        &self,
+        from: Option<&(AccountId, u64)>,
+        limit: usize,
+    ) -> Result<(Vec<QueuedRecord>, bool), StoreError> {
+        let from = match from {
+            Some((a, s)) => codec::ledger_key(a, *s),
+            None => Vec::new(),
+        };
+        let mut out = Vec::new();
+        let mut iter = self.inner.outbox.range(from..);
+        for item in iter.by_ref().take(limit) {
+            let (k, v) = item?;
+            let (account, seq) = codec::split_ledger_key(&k)?;
+            out.push(QueuedRecord {
+                account,
+                seq,
+                record: codec::decode_outbox(&v)?,
+                raw: v,
+            });
+        }
+        let end = out.len() < limit || iter.next().is_none();
+        Ok((out, end))
+    }
+
+    /// Updates a queued record (a failed attempt, a wait, the attempted flag).
     pub fn update_outbox(
         &self,
         account: &AccountId,
         seq: u64,
-        item: &OutboxItem,
+        record: &OutboxRecord,
     ) -> Result<(), StoreError> {
-        self.inner
-            .outbox
-            .insert(codec::ledger_key(account, seq), codec::encode_outbox(item)?)?;
+        self.inner.outbox.insert(
+            codec::ledger_key(account, seq),
+            codec::encode_outbox(record)?,
+        )?;
         Ok(())
     }
 
-    /// Marks a queued item delivered: it leaves the queue for good.
+    /// Marks a queued record (an entry or a whole batch) delivered: it leaves the queue for
+    /// good.
     pub fn mark_sent(
         &self,
         account: &AccountId,
@@ -446,41 +512,220 @@ impl Store {
         Ok(())
     }
 
-    /// Moves a queued item to the dead letters, with the reason in `last_error`.
+    /// Moves a queued record (an entry or a whole batch) to the dead letters, with the reason
+    /// in `last_error`.
     pub fn mark_dead(
         &self,
         account: &AccountId,
         seq: u64,
-        item: &OutboxItem,
+        record: &OutboxRecord,
     ) -> Result<(), StoreError> {
         let key = codec::ledger_key(account, seq);
-        self.inner.dead.insert(&key, codec::encode_outbox(item)?)?;
+        self.inner
+            .dead
+            .insert(&key, codec::encode_outbox(record)?)?;
         self.inner.outbox.remove(&key)?;
         Ok(())
     }
 
-    /// Moves a dead letter back to the queue, due now. False if there is no such dead letter.
+    /// Moves a dead letter back to the queue, due now (a batch stays the same batch, under
+    /// the same identifier). Due at `now` or the usage's own time, whichever is earlier, so it
+    /// is due at once even if the caller's clock runs ahead of the outbox's. False if there is
+    /// no such dead letter.
     pub fn revive(&self, account: &AccountId, seq: u64, now: UnixMs) -> Result<bool, StoreError> {
         let key = codec::ledger_key(account, seq);
         let Some(v) = self.inner.dead.remove(&key)? else {
             return Ok(false);
         };
-        let mut item = codec::decode_outbox(&v)?;
-        item.attempts = 0;
-        item.next_at_ms = now;
+        let mut record = codec::decode_outbox(&v)?;
+        record.item.attempts = 0;
+        record.item.next_at_ms = now.min(record.item.at_ms);
         self.inner
             .outbox
-            .insert(&key, codec::encode_outbox(&item)?)?;
+            .insert(&key, codec::encode_outbox(&record)?)?;
         Ok(true)
     }
 
-    /// (queued, dead, sent) counts.
+    /// (queued, dead, sent) counts: records, so a batch counts once.
     pub fn outbox_counts(&self) -> (usize, usize, usize) {
         (
             self.inner.outbox.len(),
             self.inner.dead.len(),
             self.inner.sent.len(),
         )
+    }
+
+    /// Merges queued entries (`members`, in seq order, at least two, all of `account`) into
+    /// one batch record keyed by the first, in one atomic sled transaction: each member is
+    /// removed and marked in `batched`, and the batch record is inserted. Nothing happens
+    /// (false) if a member changed or is already marked since it was read. The caller makes
+    /// the members durable before (a barrier) and the batch durable before sending it.
+    ///
+    /// sled runs a transaction under its global write lock, so it is atomic with respect to
+    /// every other operation; the first transaction switches sled to taking that lock's read
+    /// side on every operation, for the rest of the process (only when aggregation is used).
+    pub fn form_batch(
+        &self,
+        account: &AccountId,
+        members: &[QueuedRecord],
+        item: OutboxItem,
+        window_ms: i64,
+        now: UnixMs,
+    ) -> Result<bool, StoreError> {
+        use sled::Transactional;
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let (Some(first), Some(last)) = (members.first(), members.last()) else {
+            return Ok(false);
+        };
+        let record = OutboxRecord {
+            item,
+            batch: Some(OutboxBatch {
+                last_seq: last.seq,
+                members: u32::try_from(members.len()).unwrap_or(u32::MAX),
+                window_ms,
+            }),
+            attempted: false,
+        };
+        let value = codec::encode_outbox(&record)?;
+        let first_key = codec::ledger_key(account, first.seq);
+        let mark = codec::encode_mark(first.seq, now);
+        let keys: Vec<(Vec<u8>, &sled::IVec)> = members
+            .iter()
+            .map(|m| (codec::ledger_key(account, m.seq), &m.raw))
+            .collect();
+        let r: Result<(), TransactionError<()>> = (&self.inner.outbox, &self.inner.batched)
+            .transaction(|(o, b)| {
+                for (key, raw) in &keys {
+                    if o.get(key)?.as_ref() != Some(*raw) || b.get(key)?.is_some() {
+                        return Err(ConflictableTransactionError::Abort(()));
+                    }
+                    o.remove(key.as_slice())?;
+                    b.insert(key.as_slice(), &mark[..])?;
+                }
+                o.insert(first_key.as_slice(), value.as_slice())?;
+                Ok(())
+            });
+        match r {
+            Ok(()) => Ok(true),
+            Err(TransactionError::Abort(())) => Ok(false),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// True if entry `seq` was merged into a batch: a queued single with this key is a
+    /// re-queued member (recovery raced with the batch) and must never be sent.
+    pub fn is_batched(&self, account: &AccountId, seq: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .inner
+            .batched
+            .contains_key(codec::ledger_key(account, seq))?)
+    }
+
+    /// Deletes a queued record if it still holds exactly what was read. True if deleted.
+    pub fn drop_queued(&self, q: &QueuedRecord) -> Result<bool, StoreError> {
+        Ok(self
+            .inner
+            .outbox
+            .compare_and_swap(
+                codec::ledger_key(&q.account, q.seq),
+                Some(&q.raw),
+                None as Option<&[u8]>,
+            )?
+            .is_ok())
+    }
+
+    /// Reads one page (up to `max` keys of each tree, from `cursor`) of what may be pruned:
+    /// `sent` records delivered before `cutoff_ms` and `batched` marks of batches formed before
+    /// it, whose entry the account's snapshot covers. Recovery replays only entries after the
+    /// snapshot, so such an entry can never be queued again. Make the snapshots durable (a
+    /// barrier) before [`Store::prune`]: then a crash cannot bring back an older snapshot.
+    pub fn prune_candidates(
+        &self,
+        cursor: &PruneCursor,
+        cutoff_ms: UnixMs,
+        max: usize,
+    ) -> Result<(PrunePlan, PruneCursor), StoreError> {
+        let mut plan = PrunePlan::default();
+        let mut next = PruneCursor::default();
+        // The snapshot's last seq of the account last looked at (keys come sorted by account).
+        let mut covered: Option<(AccountId, u64)> = None;
+        for (tree, from, to, out, is_mark) in [
+            (
+                &self.inner.sent,
+                &cursor.sent,
+                &mut next.sent,
+                &mut plan.sent,
+                false,
+            ),
+            (
+                &self.inner.batched,
+                &cursor.batched,
+                &mut next.batched,
+                &mut plan.batched,
+                true,
+            ),
+        ] {
+            let mut last = None;
+            for item in tree.range(from.clone()..).take(max) {
+                let (k, v) = item?;
+                let at = if is_mark {
+                    codec::decode_mark(&v)?.1
+                } else {
+                    codec::decode_sent_at(&v)?
+                };
+                last = Some(k.clone());
+                if at >= cutoff_ms {
+                    continue;
+                }
+                let (account, seq) = codec::split_ledger_key(&k)?;
+                let snap = match &covered {
+                    Some((a, s)) if *a == account => *s,
+                    _ => {
+                        let s = self.get_snapshot(&account)?.map_or(0, |s| s.last_seq);
+                        covered = Some((account, s));
+                        s
+                    }
+                };
+                if seq <= snap {
+                    out.push((k, v));
+                }
+            }
+            // Continue after the last key read; wrap around at the end.
+            *to = match last {
+                Some(k) => {
+                    let mut n = k.to_vec();
+                    n.push(0);
+                    n
+                }
+                None => Vec::new(),
+            };
+        }
+        Ok((plan, next))
+    }
+
+    /// Deletes what [`Store::prune_candidates`] found (each only if unchanged). Returns how
+    /// many records were deleted.
+    pub fn prune(&self, plan: &PrunePlan) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for (tree, records) in [
+            (&self.inner.sent, &plan.sent),
+            (&self.inner.batched, &plan.batched),
+        ] {
+            for (k, v) in records {
+                if tree
+                    .compare_and_swap(k, Some(v), None as Option<&[u8]>)?
+                    .is_ok()
+                {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Records in the `batched` tree (entries merged into batches and not yet pruned).
+    pub fn batched_count(&self) -> usize {
+        self.inner.batched.len()
     }
 
     // ---- notification queue ----
@@ -593,6 +838,43 @@ impl Store {
             n
         });
         Ok((deleted, next))
+    }
+}
+
+/// A queued outbox record as the outbox actor reads it, with its stored bytes (so a batch
+/// only forms from exactly what was read).
+#[derive(Debug, Clone)]
+pub struct QueuedRecord {
+    pub account: AccountId,
+    pub seq: u64,
+    pub record: OutboxRecord,
+    raw: sled::IVec,
+}
+
+/// Where pruning of the `sent` and `batched` trees continues.
+#[derive(Debug, Clone, Default)]
+pub struct PruneCursor {
+    sent: Vec<u8>,
+    batched: Vec<u8>,
+}
+
+impl PruneCursor {
+    /// True when both trees wrapped around (a full pass ended).
+    pub fn at_start(&self) -> bool {
+        self.sent.is_empty() && self.batched.is_empty()
+    }
+}
+
+/// Records [`Store::prune`] may delete.
+#[derive(Debug, Default)]
+pub struct PrunePlan {
+    sent: Vec<(sled::IVec, sled::IVec)>,
+    batched: Vec<(sled::IVec, sled::IVec)>,
+}
+
+impl PrunePlan {
+    pub fn is_empty(&self) -> bool {
+        self.sent.is_empty() && self.batched.is_empty()
     }
 }
 
@@ -813,6 +1095,165 @@ mod tests {
         assert_eq!(total, 5);
         assert!(store.get_idem(&a, IdemOp::Consume, "k4").unwrap().is_none());
         assert!(store.get_idem(&a, IdemOp::Consume, "k5").unwrap().is_some());
+        store.close().unwrap();
+    }
+
+    fn billable(meter: &str, value: u64, at_ms: i64) -> OutboxItem {
+        OutboxItem {
+            meter: meter.into(),
+            value,
+            at_ms,
+            attempts: 0,
+            next_at_ms: at_ms,
+            last_error: None,
+        }
+    }
+
+    fn queued_seqs(store: &Store) -> Vec<(u64, Option<u64>)> {
+        store
+            .outbox_items(false, None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(_, s, r)| (s, r.batch.map(|b| b.last_seq)))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_replaces_its_members_atomically_and_recovery_never_queues_them_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let a = AccountId::parse("acct").unwrap();
+        for seq in 1..=4 {
+            store
+                .queue_outbox(&a, seq, &billable("tokens", seq * 10, 1_000), true)
+                .unwrap();
+        }
+        store
+            .queue_outbox(&a, 5, &billable("images", 7, 1_000), true)
+            .unwrap();
+        let (page, end) = store.outbox_page(None, 100).unwrap();
+        assert!(end);
+        assert_eq!(page.len(), 5);
+        assert!(page.iter().all(|q| !q.record.attempted));
+        // Members 1, 2 and 4 (3 belongs elsewhere, 5 is another meter).
+        let members: Vec<QueuedRecord> = page
+            .iter()
+            .filter(|q| [1, 2, 4].contains(&q.seq))
+            .cloned()
+            .collect();
+        let batch = billable("tokens", 70, 0);
+        assert!(store.form_batch(&a, &members, batch, 60_000, 9).unwrap());
+        assert_eq!(
+            queued_seqs(&store),
+            vec![(1, Some(4)), (3, None), (5, None)]
+        );
+        let (_, _, rec) = store.outbox_items(false, None, 1).unwrap().remove(0);
+        assert_eq!(rec.item.value, 70);
+        assert_eq!(rec.batch.as_ref().unwrap().members, 3);
+        // The same members cannot form a batch twice.
+        assert!(
+            !store
+                .form_batch(&a, &members, billable("tokens", 70, 0), 60_000, 9)
+                .unwrap()
+        );
+        // Recovery queues every entry again: members stay merged, the others stay single.
+        for seq in 1..=4 {
+            store
+                .queue_outbox(&a, seq, &billable("tokens", seq * 10, 1_000), false)
+                .unwrap();
+        }
+        assert_eq!(
+            queued_seqs(&store),
+            vec![(1, Some(4)), (3, None), (5, None)]
+        );
+        assert!(store.is_batched(&a, 2).unwrap());
+        assert!(!store.is_batched(&a, 3).unwrap());
+        // Sent as a unit: recovery still skips every member, and nothing else is touched.
+        store.mark_sent(&a, 1, 10).unwrap();
+        for seq in 1..=4 {
+            store
+                .queue_outbox(&a, seq, &billable("tokens", seq * 10, 1_000), false)
+                .unwrap();
+        }
+        assert_eq!(queued_seqs(&store), vec![(3, None), (5, None)]);
+        // A recovery that raced with the batch re-inserted a member: it is found and dropped.
+        store
+            .queue_outbox(&a, 2, &billable("tokens", 20, 1_000), true)
+            .unwrap();
+        let (page, _) = store.outbox_page(Some(&(a.clone(), 2)), 1).unwrap();
+        assert_eq!(page[0].seq, 2);
+        assert!(store.is_batched(&a, 2).unwrap());
+        assert!(store.drop_queued(&page[0]).unwrap());
+        assert_eq!(queued_seqs(&store), vec![(3, None), (5, None)]);
+        store.barrier().await.unwrap();
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn dead_batches_revive_as_the_same_batch_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::parse("acct").unwrap();
+        {
+            let store = open(dir.path());
+            for seq in [3, 8] {
+                store
+                    .queue_outbox(&a, seq, &billable("tokens", 5, 1_000), true)
+                    .unwrap();
+            }
+            let (page, _) = store.outbox_page(None, 10).unwrap();
+            assert!(
+                store
+                    .form_batch(&a, &page, billable("tokens", 10, 0), 60_000, 1)
+                    .unwrap()
+            );
+            let (_, _, mut rec) = store.outbox_items(false, None, 1).unwrap().remove(0);
+            rec.attempted = true;
+            rec.item.last_error = Some("refused".into());
+            store.mark_dead(&a, 3, &rec).unwrap();
+            assert_eq!(store.outbox_counts(), (0, 1, 0));
+            store.barrier().await.unwrap();
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        assert!(store.revive(&a, 3, 50).unwrap());
+        let (_, seq, rec) = store.outbox_items(false, None, 10).unwrap().remove(0);
+        assert_eq!(seq, 3);
+        assert_eq!(rec.batch.unwrap().last_seq, 8);
+        assert!(rec.attempted, "a revived batch keeps its identifier");
+        assert_eq!(
+            rec.item.next_at_ms, 0,
+            "the batch's own time, earlier than 50"
+        );
+        // Recovery cannot split it up again.
+        store
+            .queue_outbox(&a, 8, &billable("tokens", 5, 1_000), false)
+            .unwrap();
+        assert_eq!(store.outbox_counts().0, 1);
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_what_recovery_could_still_need() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let a = AccountId::parse("acct").unwrap();
+        for seq in 1..=3 {
+            store
+                .queue_outbox(&a, seq, &billable("tokens", 1, 0), true)
+                .unwrap();
+            store.mark_sent(&a, seq, 100).unwrap();
+        }
+        // Old enough, but no snapshot covers the entries: recovery could replay them.
+        let (plan, next) = store
+            .prune_candidates(&PruneCursor::default(), 1_000, 100)
+            .unwrap();
+        assert!(plan.is_empty());
+        assert!(!next.at_start(), "the cursor moved past what it read");
+        let (plan, next) = store.prune_candidates(&next, 1_000, 100).unwrap();
+        assert!(plan.is_empty());
+        assert!(next.at_start(), "wrapped around");
+        assert_eq!(store.prune(&plan).unwrap(), 0);
+        assert_eq!(store.outbox_counts().2, 3);
         store.close().unwrap();
     }
 

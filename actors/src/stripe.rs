@@ -121,6 +121,43 @@ impl StripeHttp {
         })
     }
 
+    /// GETs `path` (relative to the API base: `v2/core/events/evt_…`, `v1/subscriptions/sub_…`)
+    /// as untyped JSON: for endpoints async-stripe lacks (v2) and for objects meterd reads
+    /// tolerantly (a field or type it does not know must never make an event unprocessable).
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, StripeCallError> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.secret)
+            .header("Stripe-Version", stripe_shared::version::VERSION.as_str());
+        let bytes = send(r).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| StripeCallError::deserialize_err(format!("GET {path}: {e}")))
+    }
+
+    /// One page of the events Stripe failed to deliver, created at or after `since_s`, of
+    /// `types`, newest first: `(events, has_more)`.
+    pub async fn undelivered_events(
+        &self,
+        since_s: i64,
+        types: &[&str],
+        starting_after: Option<&str>,
+    ) -> Result<(Vec<serde_json::Value>, bool), StripeCallError> {
+        let mut q =
+            format!("v1/events?created%5Bgte%5D={since_s}&delivery_success=false&limit=100");
+        for t in types {
+            q.push_str("&types%5B%5D=");
+            q.push_str(t);
+        }
+        if let Some(a) = starting_after {
+            q.push_str("&starting_after=");
+            q.push_str(a);
+        }
+        let v = self.get_json(&q).await?;
+        let data = v["data"].as_array().cloned().unwrap_or_default();
+        Ok((data, v["has_more"].as_bool().unwrap_or(false)))
+    }
+
     /// Sends a Billing Meter event. `identifier` is also the idempotency key. Success means
     /// Stripe answered 200 with a meter event echoing `identifier`.
     pub async fn send_meter_event(
@@ -418,39 +455,37 @@ impl StripeClient for StripeHttp {
                 .header("Content-Type", "application/x-www-form-urlencoded")
                 .body(body);
         }
-        async move {
-            let resp = r.send().await.map_err(|e| {
-                if e.is_timeout() {
-                    StripeCallError::Timeout
-                } else {
-                    StripeCallError::Network(e.to_string())
-                }
-            })?;
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let bytes = resp.bytes().await.map_err(|e| {
-                if e.is_timeout() {
-                    StripeCallError::Timeout
-                } else {
-                    StripeCallError::Network(e.to_string())
-                }
-            })?;
-            if (200..300).contains(&status) {
-                return Ok(bytes);
-            }
-            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            let err = &body["error"];
-            Err(StripeCallError::Api {
-                status,
-                code: err["code"].as_str().map(str::to_owned),
-                message: err["message"].as_str().unwrap_or("(no message)").to_owned(),
-                should_retry: header_str(&headers, "stripe-should-retry").map(|v| v == "true"),
-                retry_after: header_str(&headers, "retry-after")
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs),
-            })
-        }
+        send(r)
     }
+}
+
+/// Sends a request and maps Stripe's answer: the body of a 2xx, else a classified error.
+async fn send(r: reqwest::RequestBuilder) -> Result<Bytes, StripeCallError> {
+    let net = |e: reqwest::Error| {
+        if e.is_timeout() {
+            StripeCallError::Timeout
+        } else {
+            StripeCallError::Network(e.to_string())
+        }
+    };
+    let resp = r.send().await.map_err(net)?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.map_err(net)?;
+    if (200..300).contains(&status) {
+        return Ok(bytes);
+    }
+    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let err = &body["error"];
+    Err(StripeCallError::Api {
+        status,
+        code: err["code"].as_str().map(str::to_owned),
+        message: err["message"].as_str().unwrap_or("(no message)").to_owned(),
+        should_retry: header_str(&headers, "stripe-should-retry").map(|v| v == "true"),
+        retry_after: header_str(&headers, "retry-after")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs),
+    })
 }
 
 #[cfg(test)]

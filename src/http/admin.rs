@@ -26,18 +26,31 @@ pub struct AdminApi {
     pub outbox: Outbox,
 }
 
-/// One billable ledger entry on its way to Stripe.
+/// One billable ledger entry, or a batch of them (aggregation), on its way to Stripe.
 #[derive(Debug, Object)]
 pub struct OutboxItemView {
     /// `ob_{seq}_{account_id}`: pass to `/v1/admin/outbox/{id}/retry`.
     pub id: String,
     pub account_id: String,
+    /// The ledger entry; of a batch, its first entry.
     pub ledger_seq: u64,
+    /// A batch: its last ledger entry (the range may hold entries of other meters).
+    #[oai(skip_serializing_if_is_none)]
+    pub last_ledger_seq: Option<u64>,
+    /// A batch: how many ledger entries it merges.
+    #[oai(skip_serializing_if_is_none)]
+    pub entries: Option<u32>,
+    /// The meter event's `identifier` (and idempotency key): `{account}:{seq}`, or
+    /// `{account}:{first}-{last}` for a batch.
+    pub identifier: String,
     pub meter: String,
-    /// Billable units.
+    /// Billable units (of a batch: the sum).
     pub value: u64,
-    /// When the usage happened.
+    /// When the usage happened (the event's timestamp; of a batch: its window's start).
     pub at: String,
+    /// An entry waiting for its aggregation window: when it is merged into its batch.
+    #[oai(skip_serializing_if_is_none)]
+    pub merged_at: Option<String>,
     pub attempts: u32,
     pub next_attempt_at: String,
     #[oai(skip_serializing_if_is_none)]
@@ -59,6 +72,15 @@ pub struct OutboxView {
     pub failed_attempts_total: u64,
     pub dead_total: u64,
     pub calls_total: u64,
+    /// Queued entries waiting for their aggregation window (as of the last full pass).
+    pub waiting_window: u64,
+    /// Batches formed by aggregation, and the ledger entries merged into them.
+    pub batches_total: u64,
+    pub batched_entries_total: u64,
+    /// Entries recovery queued again after they had joined a batch (dropped, never sent).
+    pub requeued_members_dropped: u64,
+    /// Old `sent` records and batch marks pruned (kept 40 days).
+    pub pruned_total: u64,
     pub items: Vec<OutboxItemView>,
 }
 
@@ -141,18 +163,30 @@ impl AdminApi {
             failed_attempts_total: stats.failed_total,
             dead_total: stats.dead_total,
             calls_total: stats.calls_total,
+            waiting_window: stats.waiting_window as u64,
+            batches_total: stats.batches_total,
+            batched_entries_total: stats.batched_entries_total,
+            requeued_members_dropped: stats.requeued_members_dropped,
+            pruned_total: stats.pruned_total,
             items: items
                 .into_iter()
-                .map(|(a, seq, i)| OutboxItemView {
+                .map(|(a, seq, r)| OutboxItemView {
                     id: item_id(&a, seq),
+                    identifier: meterd_actors::outbox::record_identifier(&a, seq, &r),
+                    merged_at: (!dead)
+                        .then(|| self.outbox.merged_at(&a, &r))
+                        .flatten()
+                        .map(format_rfc3339),
                     account_id: a.to_string(),
                     ledger_seq: seq,
-                    meter: i.meter,
-                    value: i.value,
-                    at: format_rfc3339(i.at_ms),
-                    attempts: i.attempts,
-                    next_attempt_at: format_rfc3339(i.next_at_ms),
-                    last_error: i.last_error,
+                    last_ledger_seq: r.batch.as_ref().map(|b| b.last_seq),
+                    entries: r.batch.as_ref().map(|b| b.members),
+                    meter: r.item.meter,
+                    value: r.item.value,
+                    at: format_rfc3339(r.item.at_ms),
+                    attempts: r.item.attempts,
+                    next_attempt_at: format_rfc3339(r.item.next_at_ms),
+                    last_error: r.item.last_error,
                 })
                 .collect(),
         }))

@@ -3,6 +3,7 @@
 //! Domain and storage types are never serialized directly: this module is the API's own
 //! vocabulary, so the ledger format can change without changing the API.
 
+use meterd_actors::billing::StripeOutcome;
 use std::collections::BTreeMap;
 
 use poem_openapi::Object;
@@ -472,6 +473,108 @@ pub struct AccountResult {
     /// A flat plan that would cost less than this period's pay-as-you-go spend.
     #[oai(skip_serializing_if_is_none)]
     pub suggested_plan: Option<String>,
+    /// What Stripe's webhooks told about the account; absent until the first one.
+    #[oai(skip_serializing_if_is_none)]
+    pub stripe: Option<StripeStateView>,
+}
+
+/// An account's state as Stripe's webhooks described it.
+#[derive(Debug, Object)]
+pub struct StripeStateView {
+    #[oai(skip_serializing_if_is_none)]
+    pub subscription: Option<SubscriptionView>,
+    /// Subscriptions Stripe deleted (never brought back by a late event).
+    pub ended_subscriptions: Vec<String>,
+    /// Stripe Entitlements features (lookup keys) of the customer.
+    pub features: Vec<String>,
+    pub delinquent: bool,
+    #[oai(skip_serializing_if_is_none)]
+    pub default_payment_method: Option<String>,
+    /// Payment methods attached to the customer.
+    pub payment_methods: Vec<String>,
+    /// Invalid meter events Stripe reported for the account.
+    pub meter_errors: u64,
+    /// Stripe events applied.
+    pub events_applied: u64,
+}
+
+#[derive(Debug, Object)]
+pub struct SubscriptionView {
+    pub id: String,
+    /// Stripe's status.
+    pub status: String,
+    #[oai(skip_serializing_if_is_none)]
+    pub plan: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    pub seats: Option<u64>,
+    #[oai(skip_serializing_if_is_none)]
+    pub current_period_start: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    pub current_period_end: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    pub trial_end: Option<String>,
+    pub cancel_at_period_end: bool,
+    pub items: Vec<SubscriptionItemView>,
+}
+
+#[derive(Debug, Object)]
+pub struct SubscriptionItemView {
+    pub id: String,
+    pub price: String,
+    /// `licensed` or `metered`.
+    pub usage_type: String,
+    #[oai(skip_serializing_if_is_none)]
+    pub quantity: Option<u64>,
+    #[oai(skip_serializing_if_is_none)]
+    pub meter: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    pub plan: Option<String>,
+}
+
+fn unix_s(s: Option<i64>) -> Option<String> {
+    s.and_then(|s| s.checked_mul(1000)).map(format_rfc3339)
+}
+
+pub fn stripe_state_view(b: &meterd_actors::billing::BillingState) -> Option<StripeStateView> {
+    if b.events_applied == 0 {
+        return None;
+    }
+    Some(StripeStateView {
+        subscription: b.subscription.as_ref().map(|s| SubscriptionView {
+            id: s.id.clone(),
+            status: s.status.clone(),
+            plan: s.plan.clone(),
+            seats: s.seats,
+            current_period_start: unix_s(s.period.map(|p| p.0)),
+            current_period_end: unix_s(s.period.map(|p| p.1)),
+            trial_end: unix_s(s.trial_end_s),
+            cancel_at_period_end: s.cancel_at_period_end,
+            items: s
+                .items
+                .iter()
+                .map(|i| SubscriptionItemView {
+                    id: i.id.clone(),
+                    price: i.price.clone(),
+                    usage_type: i.usage_type.clone(),
+                    quantity: i.quantity,
+                    meter: i.meter.clone(),
+                    plan: i.plan.clone(),
+                })
+                .collect(),
+        }),
+        ended_subscriptions: b.ended_subscriptions.clone(),
+        features: b.features.clone(),
+        delinquent: b.delinquent,
+        default_payment_method: b.default_payment_method.clone(),
+        payment_methods: b
+            .payment_methods
+            .iter()
+            .filter(|p| p.attached)
+            .map(|p| p.id.clone())
+            .collect(),
+        meter_errors: b.meter_errors,
+        events_applied: b.events_applied,
+    })
 }
 
 fn meter_view(m: &MeterView) -> AccountMeterView {
@@ -547,6 +650,7 @@ pub fn account_result(v: &AccountView) -> AccountResult {
             }
         }),
         suggested_plan: v.suggested_plan.clone(),
+        stripe: stripe_state_view(&v.billing),
         spend_cap: meterd_actors::plan::effective_spend_cap(&v.plan, &v.profile).map(|c| {
             SpendCapView {
                 amount: c.amount,
@@ -754,6 +858,16 @@ pub fn ledger_entry_view(e: &LedgerEntry) -> LedgerEntryView {
             v.credits_delta = Some(-i64::try_from(*amount).unwrap_or(i64::MAX));
             v.credits_after = Some(*credits_after);
             v.reason = Some(format!("grant {grant_id} expired"));
+        }
+        EntryKind::Stripe(r) => {
+            v.decision = Some(r.outcome.as_str().to_owned());
+            v.idempotency_key = Some(r.event_id.clone());
+            v.reason = Some(match &r.outcome {
+                StripeOutcome::Applied => r.event_type.clone(),
+                StripeOutcome::Stale(why) | StripeOutcome::Ignored(why) => {
+                    format!("{}: {why}", r.event_type)
+                }
+            });
         }
     }
     v

@@ -651,3 +651,394 @@ async fn fake_stripe_stop_closes_the_port() {
         .expect("connect returns");
     assert!(r.is_err(), "nothing listens after stop");
 }
+
+// ----- v1 events, subscriptions, v2 events ---------------------------------------------------
+
+fn shared_events_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/stripe/events")
+}
+
+fn shared_event(name: &str) -> Value {
+    let p = shared_events_dir().join(name);
+    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
+}
+
+/// Every v1 `event` envelope in shared/stripe/events, in file-name order.
+fn shared_v1_events() -> Vec<Value> {
+    let mut names: Vec<String> = std::fs::read_dir(shared_events_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|n| shared_event(n))
+        .filter(|e| e["object"] == "event")
+        .collect()
+}
+
+async fn get_with(fake: &FakeStripe, path: &str, headers: &[(&str, &str)]) -> Resp {
+    let mut req = client(Duration::from_secs(10))
+        .get(format!(
+            "{}{}",
+            fake.base_url(),
+            path.trim_start_matches('/')
+        ))
+        .bearer_auth(SECRET_KEY);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn ids(r: &Resp) -> Vec<String> {
+    r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn fake_stripe_v2_event_fetch() {
+    let fake = FakeStripe::start().await;
+    let fetched = shared_event("billing.meter.error_report_triggered.fetched.json");
+    let id = fetched["id"].as_str().unwrap().to_string();
+    fake.add_v2_event(fetched.clone());
+    let path = format!("/v2/core/events/{id}");
+
+    let r = get_with(&fake, &path, &[("stripe-version", "2026-10-28.endive")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, fetched);
+    let r = get(&fake, &path).await;
+    assert_eq!(r.status, 200, "Stripe-Version is optional");
+    let recs = fake.requests();
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[0].method, "GET");
+    assert_eq!(recs[0].path, path);
+    assert_eq!(recs[0].status, Some(200));
+    assert_eq!(recs[0].stripe_version.as_deref(), Some("2026-10-28.endive"));
+    assert_eq!(recs[1].stripe_version, None);
+
+    let r = get(&fake, "/v2/core/events/evt_test_nope").await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.body["error"]["type"], "invalid_request_error");
+    assert_eq!(r.body["error"]["code"], "resource_missing");
+    assert!(
+        fake.spec_violations().is_empty(),
+        "a 404 is not a violation"
+    );
+
+    let http = client(Duration::from_secs(10));
+    for key in [None, Some("sk_test_wrong")] {
+        let r = send_with(&http, &fake, reqwest::Method::GET, &path, None, None, key)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401);
+    }
+
+    // Refused and recorded as violations: a query, a malformed version, other v2 routes.
+    let r = get(&fake, &format!("{path}?expand[]=data")).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["param"], "expand[]");
+    let r = get_with(&fake, &path, &[("stripe-version", "latest")]).await;
+    assert_eq!(r.status, 400);
+    let r = send(&fake, reqwest::Method::POST, &path, Some("a=b"), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(get(&fake, "/v2/core/events").await.status, 404);
+    assert_eq!(get(&fake, "/v2/core/events/").await.status, 404);
+    let v = fake.spec_violations();
+    assert_eq!(v.len(), 5, "{v:?}");
+    assert!(v[0].contains("expand[]"), "{v:?}");
+    assert_eq!(fake.count(&path), 7);
+}
+
+#[tokio::test]
+async fn fake_stripe_subscriptions_get() {
+    let fake = FakeStripe::start().await;
+    let sub = shared_event("customer.subscription.created.json")["data"]["object"].clone();
+    let id = sub["id"].as_str().unwrap().to_string();
+    fake.put_subscription(sub.clone());
+    let r = get(&fake, &format!("/v1/subscriptions/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, sub);
+    let r = get(
+        &fake,
+        &format!("/v1/subscriptions/{id}?expand[]=latest_invoice"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // put_subscription replaces.
+    let mut canceled = sub.clone();
+    canceled["status"] = "canceled".into();
+    fake.put_subscription(canceled);
+    let r = get(&fake, &format!("/v1/subscriptions/{id}")).await;
+    assert_eq!(r.body["status"], "canceled");
+
+    let r = get(&fake, "/v1/subscriptions/sub_nope").await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.body["error"]["code"], "resource_missing");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sub_nope")
+    );
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+    let r = get(&fake, &format!("/v1/subscriptions/{id}?colour=red")).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["param"], "colour");
+    assert_eq!(fake.spec_violations().len(), 1);
+    assert_eq!(fake.count(&format!("/v1/subscriptions/{id}")), 4);
+}
+
+#[tokio::test]
+async fn fake_stripe_v1_events_newest_first_and_paginated() {
+    let fake = FakeStripe::start().await;
+    let events = shared_v1_events();
+    assert_eq!(events.len(), 17);
+    for e in &events {
+        fake.add_event(e.clone());
+    }
+    // Expected: newest `created` first; within a second, the one added later first
+    // (invoice.paid and invoice.payment_succeeded share 1792137610).
+    let mut order: Vec<(i64, usize, String)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            (
+                e["created"].as_i64().unwrap(),
+                i,
+                e["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    order.sort_by_key(|a| std::cmp::Reverse((a.0, a.1)));
+    let expected: Vec<String> = order.into_iter().map(|(_, _, id)| id).collect();
+
+    let r = get(&fake, "/v1/events").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["object"], "list");
+    assert_eq!(r.body["url"], "/v1/events");
+    assert_eq!(r.body["has_more"], true);
+    assert_eq!(ids(&r), expected[..10], "default limit 10");
+    let newest = events.iter().find(|e| e["id"] == expected[0].as_str());
+    assert_eq!(Some(&r.body["data"][0]), newest, "served as registered");
+
+    let r = get(&fake, "/v1/events?limit=100").await;
+    assert_eq!(ids(&r), expected);
+    assert_eq!(r.body["has_more"], false);
+
+    // Walk with starting_after.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("/v1/events?limit=5&starting_after={c}"),
+            None => "/v1/events?limit=5".to_string(),
+        };
+        let r = get(&fake, &q).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let page = ids(&r);
+        pages += 1;
+        seen.extend(page.clone());
+        if r.body["has_more"] == false {
+            break;
+        }
+        cursor = page.last().cloned();
+        assert!(pages < 10);
+    }
+    assert_eq!(pages, 4);
+    assert_eq!(seen, expected);
+
+    // ending_before: the page just newer than the cursor.
+    let r = get(
+        &fake,
+        &format!("/v1/events?limit=5&ending_before={}", expected[10]),
+    )
+    .await;
+    assert_eq!(ids(&r), expected[5..10]);
+    assert_eq!(r.body["has_more"], true);
+    let r = get(
+        &fake,
+        &format!("/v1/events?limit=5&ending_before={}", expected[3]),
+    )
+    .await;
+    assert_eq!(ids(&r), expected[..3]);
+    assert_eq!(r.body["has_more"], false);
+
+    // A cursor naming no event: Stripe's 400, not a spec violation.
+    let r = get(&fake, "/v1/events?starting_after=evt_nope").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["code"], "resource_missing");
+    assert_eq!(r.body["error"]["param"], "starting_after");
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+}
+
+#[tokio::test]
+async fn fake_stripe_v1_events_filters() {
+    let fake = FakeStripe::start().await;
+    for e in shared_v1_events() {
+        if e["type"] == "invoice.payment_failed" {
+            fake.add_event_undelivered(e);
+        } else {
+            fake.add_event(e);
+        }
+    }
+    let types = |r: &Resp| -> Vec<String> {
+        r.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["type"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let created = |r: &Resp| -> Vec<i64> {
+        r.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["created"].as_i64().unwrap())
+            .collect()
+    };
+
+    // created ranges (bounds inclusive/exclusive as named), and an exact value.
+    let r = get(
+        &fake,
+        "/v1/events?limit=100&created[gte]=1792137600&created[lte]=1792137610",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        created(&r),
+        [1792137610, 1792137610, 1792137604, 1792137602, 1792137600]
+    );
+    let r = get(
+        &fake,
+        "/v1/events?limit=100&created%5Bgt%5D=1792137600&created%5Blt%5D=1792137610",
+    )
+    .await;
+    assert_eq!(created(&r), [1792137604, 1792137602]);
+    let r = get(&fake, "/v1/events?created=1790845203").await;
+    assert_eq!(types(&r), ["customer.subscription.created"]);
+
+    // type with a wildcard, types[] (both index styles).
+    let r = get(&fake, "/v1/events?limit=100&type=customer.subscription.*").await;
+    let t = types(&r);
+    assert_eq!(t.len(), 5, "{t:?}");
+    assert!(t.iter().all(|t| t.starts_with("customer.subscription.")));
+    let r = get(&fake, "/v1/events?type=invoice.paid").await;
+    assert_eq!(types(&r), ["invoice.paid"]);
+    let r = get(&fake, "/v1/events?type=*.updated&limit=100").await;
+    assert_eq!(types(&r).len(), 4, "{:?}", types(&r));
+    let r = get(
+        &fake,
+        "/v1/events?types[]=invoice.paid&types[]=customer.updated",
+    )
+    .await;
+    assert_eq!(types(&r), ["invoice.paid", "customer.updated"]);
+    let r = get(&fake, "/v1/events?types[0]=invoice.created").await;
+    assert_eq!(types(&r), ["invoice.created"]);
+
+    // delivery_success.
+    let r = get(&fake, "/v1/events?delivery_success=false").await;
+    assert_eq!(types(&r), ["invoice.payment_failed"]);
+    let r = get(&fake, "/v1/events?delivery_success=true&limit=100").await;
+    assert_eq!(types(&r).len(), 16);
+
+    // Filters combine, and pagination runs over the filtered list.
+    let r = get(
+        &fake,
+        "/v1/events?type=invoice.*&limit=2&created[lt]=1792137610",
+    )
+    .await;
+    assert_eq!(types(&r), ["invoice.payment_failed", "invoice.finalized"]);
+    assert_eq!(r.body["has_more"], true);
+    let last = ids(&r)[1].clone();
+    let r = get(
+        &fake,
+        &format!("/v1/events?type=invoice.*&limit=2&created[lt]=1792137610&starting_after={last}"),
+    )
+    .await;
+    assert_eq!(types(&r), ["invoice.created"]);
+    assert_eq!(r.body["has_more"], false);
+    let r = get(&fake, "/v1/events?type=nothing.like.this").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["data"], serde_json::json!([]));
+    assert_eq!(r.body["has_more"], false);
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+}
+
+#[tokio::test]
+async fn fake_stripe_v1_events_spec_violations() {
+    let fake = FakeStripe::start().await;
+    fake.add_event(shared_event("invoice.paid.json"));
+    let cases = [
+        ("colour=red", "colour"),
+        ("created[since]=1", "created[since]"),
+        ("created=yesterday", "created"),
+        ("created[gte]=soon", "created[gte]"),
+        ("limit=ten", "limit"),
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("delivery_success=maybe", "delivery_success"),
+        ("types=invoice.paid", "types"),
+        ("type=invoice.paid&types[]=invoice.paid", "types"),
+        ("starting_after=a&ending_before=b", "ending_before"),
+        ("type=a&type=b", "type"),
+    ];
+    for (i, (q, param)) in cases.iter().enumerate() {
+        let r = get(&fake, &format!("/v1/events?{q}")).await;
+        assert_eq!(r.status, 400, "{q}: {}", r.body);
+        assert_eq!(r.body["error"]["type"], "invalid_request_error", "{q}");
+        assert_eq!(r.body["error"]["param"], *param, "{q}: {}", r.body);
+        let v = fake.spec_violations();
+        assert_eq!(v.len(), i + 1, "{q}: {v:?}");
+        assert!(v[i].starts_with("GET /v1/events: "), "{v:?}");
+    }
+    let many: String = (0..21).map(|i| format!("types[]=t{i}&")).collect();
+    let r = get(&fake, &format!("/v1/events?{many}")).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(fake.spec_violations().len(), cases.len() + 1);
+    assert_eq!(fake.count("/v1/events"), cases.len() + 1);
+    assert!(fake.requests().iter().all(|r| r.status == Some(400)));
+    // The boundaries are fine.
+    let twenty: String = (0..20).map(|i| format!("types[]=t{i}&")).collect();
+    for q in [
+        "limit=1",
+        "limit=100",
+        "expand[]=data.object",
+        twenty.as_str(),
+    ] {
+        let r = get(&fake, &format!("/v1/events?{q}")).await;
+        assert_eq!(r.status, 200, "{q}: {}", r.body);
+    }
+    assert_eq!(fake.spec_violations().len(), cases.len() + 1);
+}

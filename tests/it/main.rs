@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
+mod aggregation;
 mod alerts;
 mod api;
 mod batch;
@@ -20,3 +21,4 @@ mod reservations;
 mod shutdown;
 mod support;
 mod usage;
+mod webhooks;

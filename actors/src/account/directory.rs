@@ -376,6 +376,16 @@ impl Accounts {
             .await
     }
 
+    /// Applies a Stripe event to account `id` (idempotent on the event id).
+    pub async fn stripe(
+        &self,
+        id: &AccountId,
+        cmd: super::StripeCmd,
+    ) -> Result<super::StripeReply, AccountError> {
+        self.call(id, |p| AccountMsg::Stripe(Box::new(cmd), p))
+            .await
+    }
+
     pub async fn get(&self, id: &AccountId) -> Result<AccountView, AccountError> {
         self.call(id, AccountMsg::Get).await
     }

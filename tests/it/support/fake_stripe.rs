@@ -12,6 +12,11 @@
 //! answer with `Idempotent-Replayed: true`; other parameters: 400 `idempotency_error`), and
 //! injected failures that are not saved for replay. References to other objects (`customer`,
 //! `price`) in created objects are not checked, and meter-event timestamps are not range-checked.
+//!
+//! Objects the test registers are served as given: v1 events (`GET /v1/events`, newest first,
+//! with the spec's filters and cursor pagination), subscriptions (`GET /v1/subscriptions/{id}`)
+//! and v2 events (`GET /v2/core/events/{id}`; v2 is not in the spec, so that route is checked
+//! by hand: Bearer auth, no query parameters, an optional well-formed `Stripe-Version`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -81,6 +86,8 @@ pub struct Recorded {
     /// (`payload[value]`).
     pub params: Vec<(String, String)>,
     pub idempotency_key: Option<String>,
+    /// The `Stripe-Version` header, if sent.
+    pub stripe_version: Option<String>,
     /// The status answered; `None` when the connection was dropped.
     pub status: Option<u16>,
 }
@@ -170,6 +177,33 @@ impl FakeStripe {
         let mut st = self.inner.lock();
         st.customers.retain(|(cid, _)| cid != id);
         st.customers.push((id.into(), c));
+    }
+
+    /// A v1 event (a full `event` envelope with a string `id` and an integer `created`) for
+    /// `GET /v1/events`, whose webhooks all succeeded (`delivery_success=true`). Re-adding an id
+    /// replaces the event in place.
+    pub fn add_event(&self, event: Value) {
+        self.inner.lock().put_event(event, true);
+    }
+
+    /// As [`FakeStripe::add_event`], for an event whose webhook delivery is still pending or
+    /// failed: listed by `GET /v1/events?delivery_success=false`.
+    pub fn add_event_undelivered(&self, event: Value) {
+        self.inner.lock().put_event(event, false);
+    }
+
+    /// A v2 event (`object: v2.core.event`, string `id`) for `GET /v2/core/events/{id}`, e.g.
+    /// `shared/stripe/events/billing.meter.error_report_triggered.fetched.json`.
+    pub fn add_v2_event(&self, event: Value) {
+        let id = object_id(&event, "add_v2_event");
+        self.inner.lock().v2_events.insert(id, event);
+    }
+
+    /// A subscription (string `id`) for `GET /v1/subscriptions/{id}`, replacing one with the same
+    /// id.
+    pub fn put_subscription(&self, sub: Value) {
+        let id = object_id(&sub, "put_subscription");
+        self.inner.lock().subscriptions.insert(id, sub);
     }
 
     /// The next `n` requests fail.
@@ -396,12 +430,14 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Outcome {
         return Outcome::Drop;
     };
     let idem = header(&headers, "idempotency-key");
+    let version = header(&headers, "stripe-version");
     let parsed = parse_params(&method, &query, &body);
     let mut rec = Recorded {
         method: method.clone(),
         path: path.clone(),
         params: parsed.clone().unwrap_or_default(),
         idempotency_key: idem.clone(),
+        stripe_version: version.clone(),
         status: None,
     };
 
@@ -441,16 +477,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Outcome {
         None => {}
     }
 
-    let content_type = header(&headers, "content-type");
-    let auth = header(&headers, "authorization");
-    let (reply, replayed) = inner.lock().process(
-        &method,
-        &path,
-        parsed,
-        content_type.as_deref(),
-        auth.as_deref(),
-        idem.as_deref(),
-    );
+    let (reply, replayed) = inner.lock().process(&method, &path, parsed, &headers);
     if drop_after {
         rec.status = None;
         let mut st = inner.lock();
@@ -587,8 +614,28 @@ struct State {
     meters: Vec<Meter>,
     prices: HashMap<String, Value>,
     customers: Vec<(String, Value)>,
+    /// v1 events for `GET /v1/events`, in the order added.
+    v1_events: Vec<StoredEvent>,
+    v2_events: HashMap<String, Value>,
+    subscriptions: HashMap<String, Value>,
     rules: Vec<Rule>,
     counter: u64,
+}
+
+struct StoredEvent {
+    id: String,
+    created: i64,
+    /// Order of addition: among events created in the same second, the later one is newer.
+    seq: u64,
+    delivered: bool,
+    event: Value,
+}
+
+impl StoredEvent {
+    /// Newest first: larger keys come first in a list.
+    fn key(&self) -> (i64, u64) {
+        (self.created, self.seq)
+    }
 }
 
 type Params = Vec<(String, Node)>;
@@ -633,11 +680,16 @@ impl State {
         method: &str,
         path: &str,
         parsed: Result<Vec<(String, String)>, String>,
-        content_type: Option<&str>,
-        auth: Option<&str>,
-        idem: Option<&str>,
+        headers: &HeaderMap,
     ) -> (Reply, bool) {
-        match auth.and_then(|a| a.strip_prefix("Bearer ")) {
+        let content_type = header(headers, "content-type");
+        let content_type = content_type.as_deref();
+        let auth = header(headers, "authorization");
+        let idem = header(headers, "idempotency-key");
+        let idem = idem.as_deref();
+        let version = header(headers, "stripe-version");
+        let version = version.as_deref();
+        match auth.as_deref().and_then(|a| a.strip_prefix("Bearer ")) {
             Some(SECRET_KEY) => {}
             None => {
                 let msg = "You did not provide an API key. You need to provide your API key in the Authorization header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY'). See https://stripe.com/docs/api#authentication for details, or we can help at https://support.stripe.com/.";
@@ -652,6 +704,9 @@ impl State {
         let unrecognized = format!(
             "Unrecognized request URL ({method}: {path}). Please see https://stripe.com/docs or we can help at https://support.stripe.com/."
         );
+        if path.starts_with("/v2/") {
+            return (self.v2(method, path, parsed, version, &unrecognized), false);
+        }
         let (template, op, path_params) = match match_operation(method, path) {
             Ok(found) => found,
             Err(why) => {
@@ -722,6 +777,10 @@ impl State {
             ("POST", "/v1/checkout/sessions") => self.create_checkout_session(&tree),
             ("POST", "/v1/billing_portal/sessions") => self.create_portal_session(&tree),
             ("GET", "/v1/prices/{price}") => self.get_price(p("price")),
+            ("GET", "/v1/events") => self.list_events(method, path, &tree),
+            ("GET", "/v1/subscriptions/{subscription_exposed_id}") => {
+                self.get_subscription(p("subscription_exposed_id"))
+            }
             _ => Reply::invalid(404, &unrecognized, None, None),
         };
         if let Some(key) = idem {
@@ -961,6 +1020,274 @@ impl State {
             None => missing("price", id),
         }
     }
+
+    fn get_subscription(&self, id: &str) -> Reply {
+        match self.subscriptions.get(id) {
+            Some(s) => Reply::ok(s.clone()),
+            None => missing("subscription", id),
+        }
+    }
+
+    fn put_event(&mut self, event: Value, delivered: bool) {
+        let id = object_id(&event, "add_event");
+        let created = event["created"].as_i64().unwrap_or_else(|| {
+            panic!("fake Stripe: add_event needs an integer `created` (event {id})")
+        });
+        if let Some(e) = self.v1_events.iter_mut().find(|e| e.id == id) {
+            e.created = created;
+            e.delivered = delivered;
+            e.event = event;
+            return;
+        }
+        let seq = self.next_id();
+        self.v1_events.push(StoredEvent {
+            id,
+            created,
+            seq,
+            delivered,
+            event,
+        });
+    }
+
+    /// `GET /v1/events`. The query already passed the spec's schemas; the rules the spec only
+    /// states in prose (limit 1..=100, `type` or `types` but not both, at most 20 `types`, one
+    /// cursor) are checked here and count as spec violations too.
+    fn list_events(&mut self, method: &str, path: &str, t: &Params) -> Reply {
+        let bad = |msg: &str, param: &str| Reply::invalid(400, msg, Some(param), None);
+        let limit = match leaf(t, "limit").map(str::parse::<usize>) {
+            None => 10,
+            Some(Ok(n)) if (1..=100).contains(&n) => n,
+            Some(_) => {
+                let r = bad(
+                    "Invalid limit: must be an integer between 1 and 100",
+                    "limit",
+                );
+                return self.violation(method, path, r);
+            }
+        };
+        let types: Option<Vec<String>> = match get(t, "types") {
+            Some(Node::Map(items)) => Some(
+                items
+                    .iter()
+                    .filter_map(|(_, n)| match n {
+                        Node::Leaf(v) => Some(v.clone()),
+                        Node::Map(_) => None,
+                    })
+                    .collect(),
+            ),
+            Some(Node::Leaf(_)) | None => None,
+        };
+        let single = leaf(t, "type");
+        if types.is_some() && single.is_some() {
+            let r = bad(
+                "You may pass either `type` or `types`, but not both.",
+                "types",
+            );
+            return self.violation(method, path, r);
+        }
+        if types.as_ref().is_some_and(|ts| ts.len() > 20) {
+            let r = bad(
+                "Invalid types: must contain at most 20 event types",
+                "types",
+            );
+            return self.violation(method, path, r);
+        }
+        let after = leaf(t, "starting_after");
+        let before = leaf(t, "ending_before");
+        if after.is_some() && before.is_some() {
+            let r = bad(
+                "You may only specify one of these parameters: starting_after, ending_before.",
+                "ending_before",
+            );
+            return self.violation(method, path, r);
+        }
+        let created_ok: Box<dyn Fn(i64) -> bool> = match get(t, "created") {
+            Some(Node::Leaf(v)) if !v.is_empty() => {
+                let at = v.parse::<i64>().unwrap_or(i64::MIN);
+                Box::new(move |c| c == at)
+            }
+            Some(Node::Map(range)) => {
+                let b = |k: &str| leaf(range, k).and_then(|v| v.parse::<i64>().ok());
+                let (gt, gte, lt, lte) = (b("gt"), b("gte"), b("lt"), b("lte"));
+                Box::new(move |c| {
+                    gt.is_none_or(|x| c > x)
+                        && gte.is_none_or(|x| c >= x)
+                        && lt.is_none_or(|x| c < x)
+                        && lte.is_none_or(|x| c <= x)
+                })
+            }
+            _ => Box::new(|_| true),
+        };
+        let delivery = leaf(t, "delivery_success").map(|v| v == "true");
+
+        // Cursors are objects of the whole list, whether or not they pass the filters.
+        let cursor = |id: &str| {
+            self.v1_events
+                .iter()
+                .find(|e| e.id == id)
+                .map(StoredEvent::key)
+        };
+        let (after_key, before_key) = match (after, before) {
+            (Some(id), _) => match cursor(id) {
+                Some(k) => (Some(k), None),
+                None => return cursor_missing(id, "starting_after"),
+            },
+            (_, Some(id)) => match cursor(id) {
+                Some(k) => (None, Some(k)),
+                None => return cursor_missing(id, "ending_before"),
+            },
+            _ => (None, None),
+        };
+
+        let mut all: Vec<&StoredEvent> = self
+            .v1_events
+            .iter()
+            .filter(|e| created_ok(e.created))
+            .filter(|e| delivery.is_none_or(|d| e.delivered == d))
+            .filter(|e| {
+                let ty = e.event["type"].as_str().unwrap_or("");
+                match (&types, single) {
+                    (Some(ts), _) => ts.iter().any(|x| x == ty),
+                    (None, Some(pattern)) => wildcard(pattern, ty),
+                    (None, None) => true,
+                }
+            })
+            .collect();
+        all.sort_by_key(|e| std::cmp::Reverse(e.key()));
+        let (page, has_more): (Vec<&StoredEvent>, bool) = match (after_key, before_key) {
+            (_, Some(k)) => {
+                // The `limit` events just newer than the cursor, still newest first.
+                let newer: Vec<&StoredEvent> = all.into_iter().filter(|e| e.key() > k).collect();
+                let skip = newer.len().saturating_sub(limit);
+                (newer[skip..].to_vec(), skip > 0)
+            }
+            (Some(k), None) => {
+                let older: Vec<&StoredEvent> = all.into_iter().filter(|e| e.key() < k).collect();
+                let more = older.len() > limit;
+                (older.into_iter().take(limit).collect(), more)
+            }
+            (None, None) => {
+                let more = all.len() > limit;
+                (all.into_iter().take(limit).collect(), more)
+            }
+        };
+        let data = page.into_iter().map(|e| e.event.clone()).collect();
+        Reply::ok(list(data, has_more, "/v1/events"))
+    }
+
+    /// The v2 routes the fake serves (none of them is in the v1 spec): only
+    /// `GET /v2/core/events/{id}`.
+    fn v2(
+        &mut self,
+        method: &str,
+        path: &str,
+        parsed: Result<Vec<(String, String)>, String>,
+        version: Option<&str>,
+        unrecognized: &str,
+    ) -> Reply {
+        let segs: Vec<&str> = path.split('/').collect();
+        let id = match (method, segs.as_slice()) {
+            ("GET", ["", "v2", "core", "events", id]) if !id.is_empty() => {
+                decode(id).unwrap_or_else(|_| (*id).to_string())
+            }
+            _ => {
+                self.violations.push(format!(
+                    "{method} {path}: no v2 operation the fake knows matches (it serves GET /v2/core/events/{{id}})"
+                ));
+                return Reply::invalid(404, unrecognized, None, None);
+            }
+        };
+        match parsed {
+            Err(msg) => {
+                let r = Reply::invalid(400, &msg, None, None);
+                return self.violation(method, path, r);
+            }
+            Ok(pairs) => {
+                if let Some((k, _)) = pairs.first() {
+                    let r = Reply::invalid(
+                        400,
+                        &format!("Received unknown parameter: {k}"),
+                        Some(k),
+                        None,
+                    );
+                    return self.violation(method, path, r);
+                }
+            }
+        }
+        if let Some(v) = version
+            && !is_api_version(v)
+        {
+            let r = Reply::invalid(
+                400,
+                &format!("Invalid Stripe API version: {v}"),
+                None,
+                Some("invalid_api_version"),
+            );
+            return self.violation(method, path, r);
+        }
+        match self.v2_events.get(&id) {
+            Some(e) => Reply::ok(e.clone()),
+            None => missing("event", &id),
+        }
+    }
+}
+
+/// The string `id` of an object a test registers (panics with the helper's name otherwise).
+fn object_id(v: &Value, helper: &str) -> String {
+    v["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("fake Stripe: {helper} needs an object with a string `id`"))
+        .to_string()
+}
+
+/// A cursor naming no object: Stripe answers 400 `resource_missing` (not a spec violation).
+fn cursor_missing(id: &str, param: &str) -> Reply {
+    Reply::invalid(
+        400,
+        &format!("No such event: '{id}'"),
+        Some(param),
+        Some("resource_missing"),
+    )
+}
+
+/// `type=` of `GET /v1/events`: `*` matches any run of characters (`customer.subscription.*`).
+fn wildcard(pattern: &str, s: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let (first, rest) = match parts.split_first() {
+        Some(x) => x,
+        None => return s.is_empty(),
+    };
+    let Some(mut tail) = s.strip_prefix(first) else {
+        return false;
+    };
+    let Some((last, middle)) = rest.split_last() else {
+        return tail.is_empty();
+    };
+    for m in middle {
+        match tail.find(m) {
+            Some(i) => tail = &tail[i + m.len()..],
+            None => return false,
+        }
+    }
+    tail.ends_with(last)
+}
+
+/// `YYYY-MM-DD` with an optional `.name` release (`2026-10-28.endive`, `2025-06-30.preview`).
+fn is_api_version(v: &str) -> bool {
+    let (date, release) = match v.split_once('.') {
+        Some((d, r)) => (d, Some(r)),
+        None => (v, None),
+    };
+    let b = date.as_bytes();
+    let date_ok = b.len() == 10
+        && b.iter().enumerate().all(|(i, c)| {
+            if i == 4 || i == 7 {
+                *c == b'-'
+            } else {
+                c.is_ascii_digit()
+            }
+        });
+    date_ok && release.is_none_or(|r| !r.is_empty() && r.bytes().all(|c| c.is_ascii_lowercase()))
 }
 
 fn missing(what: &str, id: &str) -> Reply {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 pub mod fake_stripe;
+pub mod signer;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -18,6 +19,19 @@ use tokio::sync::oneshot;
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 pub const APP_KEY: &str = "test-app-key-0123456789ab";
+/// The webhook signing secret test daemons accept.
+pub const WEBHOOK_SECRET: &str = "whsec_test_meterd_0123456789abcdef";
+
+/// `shared/stripe/events/`: next to the workspace, or in /work/shared when the workspace was
+/// cloned elsewhere (CI).
+pub fn stripe_events_dir() -> PathBuf {
+    let near = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/stripe/events");
+    if near.exists() {
+        near
+    } else {
+        PathBuf::from("/work/shared/stripe/events")
+    }
+}
 
 /// The shipped config with a data directory of the test's own.
 pub fn test_config(data_dir: &Path) -> Config {
@@ -32,6 +46,7 @@ pub fn secrets() -> Secrets {
         admin_key: Some(ADMIN_KEY.into()),
         app_key: Some(APP_KEY.into()),
         stripe_key: None,
+        webhook_secrets: vec![WEBHOOK_SECRET.into()],
     }
 }
 

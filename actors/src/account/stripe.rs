@@ -1,0 +1,469 @@
+//! Stripe events applied to an account: the account actor's half of the webhook pipeline.
+//!
+//! The webhook actor interprets an event ([`crate::billing::interpret`]) and sends the change
+//! here; this is the only place Stripe changes an account. Each event is decided against the
+//! account's own state (is it newer than what the account holds?), then written as entries
+//! that are each valid on their own: a profile change (`AccountUpserted`), a new period, a
+//! top-up credit, and last the `Stripe` entry that records the event and carries its
+//! idempotency key. A crash before the last entry makes the redelivered event decide again
+//! from the partly updated state, with the same result; after it, the event is a replay.
+
+use crate::billing::{
+    BillingFact, StripeChange, StripeOutcome, StripeRecord, Transaction, TransactionKind, status_of,
+};
+use crate::ledger::{Alert, AlertKind, EntryKind};
+use crate::model::{IdempotencyKey, Period, ValidationError};
+use crate::plan::SubscriptionStatus;
+use crate::store::{IdemOp, StoreError};
+
+use super::{AccountError, AccountState, TopUpCmd};
+
+/// One Stripe event for one account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StripeCmd {
+    pub event_id: String,
+    pub event_type: String,
+    /// The event's `created` (unix seconds): decides what is newer.
+    pub created_s: i64,
+    pub change: StripeChange,
+    /// The plan an account falls back to when its subscription is deleted.
+    pub fallback_plan: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StripeReply {
+    pub outcome: StripeOutcome,
+    /// The `Stripe` entry.
+    pub seq: u64,
+    /// The event was applied before: nothing was written.
+    pub replayed: bool,
+}
+
+/// What an event does to an account, decided before anything is written.
+struct Plan {
+    outcome: StripeOutcome,
+    fact: BillingFact,
+    alerts: Vec<Alert>,
+    profile: Option<crate::ledger::AccountProfile>,
+    period: Option<Period>,
+    top_up: Option<TopUpCmd>,
+}
+
+impl Plan {
+    fn stale(why: &str) -> Plan {
+        Plan {
+            outcome: StripeOutcome::Stale(why.to_owned()),
+            fact: BillingFact::None,
+            alerts: Vec::new(),
+            profile: None,
+            period: None,
+            top_up: None,
+        }
+    }
+
+    fn applied(fact: BillingFact) -> Plan {
+        Plan {
+            outcome: StripeOutcome::Applied,
+            fact,
+            alerts: Vec::new(),
+            profile: None,
+            period: None,
+            top_up: None,
+        }
+    }
+}
+
+impl AccountState {
+    pub(super) fn apply_stripe(
+        &mut self,
+        cmd: StripeCmd,
+    ) -> Result<Result<StripeReply, AccountError>, StoreError> {
+        if self.fold.profile.is_none() {
+            return Ok(Err(AccountError::UnknownAccount(self.id.clone())));
+        }
+        if cmd.event_id.is_empty() || cmd.event_id.len() > 255 {
+            return Ok(Err(
+                ValidationError::new("event id must be 1 to 255 bytes").into()
+            ));
+        }
+        if let Some(prev) = self.find_replay(IdemOp::Stripe, &cmd.event_id)?
+            && let EntryKind::Stripe(r) = prev.kind
+        {
+            return Ok(Ok(StripeReply {
+                outcome: r.outcome,
+                seq: prev.seq,
+                replayed: true,
+            }));
+        }
+        let now = self.deps.clock.now_ms();
+        self.catch_up(now)?;
+        let plan = match self.decide_stripe(&cmd) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        if plan.outcome == StripeOutcome::Applied {
+            if let Some(p) = plan.profile
+                && self.fold.profile.as_ref() != Some(&p)
+            {
+                self.append(EntryKind::AccountUpserted(p), now)?;
+            }
+            if let Some(p) = plan.period {
+                // A period that does not contain now (a late event, a trial in the past)
+                // or starts before the current one is not applied; the rest of the event is.
+                let _ = self.set_period(p, now)?;
+            }
+            if let Some(t) = plan.top_up
+                && let Err(e) = self.write_top_up(t)?
+            {
+                return Ok(Err(e));
+            }
+        }
+        let record = StripeRecord {
+            event_id: cmd.event_id.clone(),
+            event_type: cmd.event_type,
+            created_s: cmd.created_s,
+            outcome: plan.outcome,
+            fact: plan.fact,
+            alerts: plan.alerts,
+        };
+        let entry = self.record_keyed(
+            EntryKind::Stripe(Box::new(record)),
+            now,
+            IdemOp::Stripe,
+            &cmd.event_id,
+        )?;
+        let EntryKind::Stripe(r) = &entry.kind else {
+            return Ok(Err(AccountError::Storage("stripe entry expected".into())));
+        };
+        self.queue_alerts(entry.seq, now, &r.alerts)?;
+        tracing::info!(
+            account = %self.id,
+            event = %r.event_id,
+            event_type = %r.event_type,
+            outcome = r.outcome.as_str(),
+            "stripe event"
+        );
+        Ok(Ok(StripeReply {
+            outcome: r.outcome.clone(),
+            seq: entry.seq,
+            replayed: false,
+        }))
+    }
+
+    fn alert_new(&self, a: &Alert) -> bool {
+        self.fold
+            .balances
+            .as_ref()
+            .is_none_or(|b| !b.alert_fired(a.kind, &a.meter, a.threshold))
+    }
+
+    fn decide_stripe(&self, cmd: &StripeCmd) -> Result<Plan, AccountError> {
+        let (Some(profile), Some(_)) = (&self.fold.profile, &self.fold.balances) else {
+            return Err(AccountError::UnknownAccount(self.id.clone()));
+        };
+        let billing = &self.fold.billing;
+        let created = cmd.created_s;
+        let now = self.deps.clock.now_ms();
+        let mut plan = match &cmd.change {
+            StripeChange::Ignore(why) => Plan {
+                outcome: StripeOutcome::Ignored(why.clone()),
+                ..Plan::applied(BillingFact::None)
+            },
+            StripeChange::Linked { customer, .. } => {
+                let mut p = Plan::applied(BillingFact::None);
+                if let Some(c) = customer
+                    && profile.stripe_customer_id.as_ref() != Some(c)
+                {
+                    let mut next = profile.clone();
+                    next.stripe_customer_id = Some(c.clone());
+                    p.profile = Some(next);
+                }
+                p
+            }
+            StripeChange::TopUp {
+                session_id,
+                package,
+                credits,
+                amount,
+                currency,
+            } => {
+                let packages = &self.deps.catalog.credit_packages;
+                let pkg = package
+                    .as_ref()
+                    .and_then(|n| packages.iter().find(|p| &p.name == n))
+                    .or_else(|| credits.and_then(|c| packages.iter().find(|p| p.credits == c)))
+                    .ok_or_else(|| {
+                        ValidationError::new(format!(
+                            "checkout session {session_id} names no configured credit package \
+                             (package {package:?}, credits {credits:?})"
+                        ))
+                    })?;
+                let key = IdempotencyKey::parse(session_id)?;
+                let mut p = Plan::applied(BillingFact::Transaction(Transaction {
+                    id: session_id.clone(),
+                    kind: TransactionKind::TopUp,
+                    amount: *amount,
+                    currency: currency.clone(),
+                    at_s: created,
+                    reference: Some(pkg.name.clone()),
+                    credits: Some(pkg.credits),
+                    event_id: cmd.event_id.clone(),
+                }));
+                p.top_up = Some(TopUpCmd {
+                    package: pkg.name.clone(),
+                    external_id: key,
+                });
+                p
+            }
+            StripeChange::Subscription {
+                info,
+                deleted,
+                rank,
+            } => {
+                let ended = billing.ended_subscriptions.contains(&info.id);
+                if !deleted && ended {
+                    return Ok(Plan::stale("the subscription was deleted"));
+                }
+                if (created, *rank) < billing.subscription_version {
+                    return Ok(Plan::stale(
+                        "older than the subscription state the account holds",
+                    ));
+                }
+                let current = billing.subscription.as_ref();
+                // Another, live subscription is the account's now: an event about an old
+                // one is recorded but changes neither plan nor access.
+                let other_live = current.is_some_and(|c| {
+                    c.id != info.id && !billing.ended_subscriptions.contains(&c.id)
+                });
+                let mut p = Plan::applied(BillingFact::Subscription {
+                    info: info.clone(),
+                    deleted: *deleted,
+                    rank: *rank,
+                });
+                let mut next = profile.clone();
+                if let Some(c) = &info.customer {
+                    next.stripe_customer_id = Some(c.clone());
+                }
+                if *deleted {
+                    if !other_live {
+                        let fallback = self.deps.catalog.plans.get(&cmd.fallback_plan);
+                        next.plan = cmd.fallback_plan.clone();
+                        next.seats = fallback.map(|f| f.min_seats.max(1)).unwrap_or(1);
+                        next.overrides.clear();
+                        set_status(&mut next, SubscriptionStatus::Active, now);
+                    }
+                } else {
+                    if let Some(name) = &info.plan
+                        && self.deps.catalog.plans.contains_key(name)
+                    {
+                        if *name != next.plan {
+                            next.overrides.clear();
+                        }
+                        next.plan = name.clone();
+                    } else if info.plan.is_none() {
+                        tracing::debug!(account = %self.id, subscription = %info.id, "no configured plan has the subscription's prices; the plan is unchanged");
+                    }
+                    if let Some(q) = info.seats {
+                        next.seats = u32::try_from(q.max(1)).unwrap_or(u32::MAX);
+                    }
+                    set_status(&mut next, status_of(&info.status), now);
+                    p.period = info.period.and_then(|(a, b)| {
+                        Some(Period {
+                            start_ms: a.checked_mul(1000)?,
+                            end_ms: b.checked_mul(1000)?,
+                        })
+                    });
+                }
+                p.profile = Some(next);
+                p
+            }
+            StripeChange::TrialWillEnd {
+                subscription,
+                trial_end_s,
+            } => {
+                let mut p = Plan::applied(BillingFact::None);
+                p.alerts.push(Alert {
+                    kind: AlertKind::TrialEnding,
+                    meter: subscription.clone(),
+                    threshold: 0,
+                    value: trial_end_s.and_then(|t| u64::try_from(t).ok()).unwrap_or(0),
+                    limit: 0,
+                });
+                p
+            }
+            StripeChange::Invoice { summary, payment } => {
+                let held = match summary.id.as_deref() {
+                    Some(id) => billing.invoice(id),
+                    None => billing.upcoming.as_ref(),
+                };
+                let newer_held = held.filter(|h| h.event_created_s > created).cloned();
+                // An invoice of a subscription Stripe deleted no longer changes access.
+                let ended = summary
+                    .subscription
+                    .as_ref()
+                    .is_some_and(|s| billing.ended_subscriptions.contains(s));
+                match payment {
+                    Some(true) => {
+                        let summary = newer_held.unwrap_or_else(|| summary.clone());
+                        let id = summary.id.clone().unwrap_or_default();
+                        let mut p = Plan::applied(BillingFact::Paid {
+                            transaction: Transaction {
+                                id,
+                                kind: TransactionKind::Payment,
+                                amount: summary.amount_paid,
+                                currency: summary.currency.clone(),
+                                at_s: summary.paid_at_s.unwrap_or(created),
+                                reference: summary.number.clone(),
+                                credits: None,
+                                event_id: cmd.event_id.clone(),
+                            },
+                            summary,
+                        });
+                        if profile.status == SubscriptionStatus::PastDue
+                            && !ended
+                            && created >= billing.payment_version
+                        {
+                            let mut next = profile.clone();
+                            set_status(&mut next, SubscriptionStatus::Active, now);
+                            p.profile = Some(next);
+                        }
+                        p
+                    }
+                    Some(false) => {
+                        if created < billing.payment_version {
+                            return Ok(Plan::stale("a later payment event was applied"));
+                        }
+                        let mut p = Plan::applied(BillingFact::Invoice {
+                            summary: summary.clone(),
+                            payment: Some(false),
+                        });
+                        if !ended
+                            && matches!(
+                                profile.status,
+                                SubscriptionStatus::Active | SubscriptionStatus::Trialing
+                            )
+                        {
+                            let mut next = profile.clone();
+                            set_status(&mut next, SubscriptionStatus::PastDue, now);
+                            p.profile = Some(next);
+                        }
+                        p.alerts.push(Alert {
+                            kind: AlertKind::PaymentFailed,
+                            meter: summary.id.clone().unwrap_or_default(),
+                            threshold: summary.attempt_count,
+                            value: u64::try_from(summary.amount_due).unwrap_or(0),
+                            limit: 0,
+                        });
+                        p
+                    }
+                    None => {
+                        if newer_held.is_some() {
+                            return Ok(Plan::stale("a newer state of the invoice is held"));
+                        }
+                        let mut p = Plan::applied(BillingFact::Invoice {
+                            summary: summary.clone(),
+                            payment: None,
+                        });
+                        let due = matches!(
+                            cmd.event_type.as_str(),
+                            "invoice.finalized" | "invoice.upcoming"
+                        );
+                        if due && summary.metered_amount > 0 {
+                            p.alerts.push(Alert {
+                                kind: AlertKind::InvoiceDue,
+                                meter: summary.id.clone().unwrap_or_else(|| "upcoming".to_owned()),
+                                threshold: summary
+                                    .period_end_s
+                                    .and_then(|t| u64::try_from(t).ok())
+                                    .unwrap_or(0),
+                                value: u64::try_from(summary.metered_amount).unwrap_or(0),
+                                limit: u64::try_from(summary.total).unwrap_or(0),
+                            });
+                        }
+                        p
+                    }
+                }
+            }
+            StripeChange::Customer {
+                email,
+                delinquent,
+                default_payment_method,
+            } => {
+                if created < billing.customer_version {
+                    return Ok(Plan::stale(
+                        "older than the customer state the account holds",
+                    ));
+                }
+                let mut p = Plan::applied(BillingFact::Customer {
+                    email: email.clone(),
+                    delinquent: *delinquent,
+                    default_payment_method: default_payment_method.clone(),
+                });
+                if let Some(e) = email
+                    && e.len() <= 256
+                    && profile.email.as_ref() != Some(e)
+                {
+                    let mut next = profile.clone();
+                    next.email = Some(e.clone());
+                    p.profile = Some(next);
+                }
+                p
+            }
+            StripeChange::PaymentMethod { id, attached } => {
+                if billing
+                    .payment_methods
+                    .iter()
+                    .any(|m| m.id == *id && m.at_s > created)
+                {
+                    return Ok(Plan::stale("older than the payment method state held"));
+                }
+                let mut p = Plan::applied(BillingFact::PaymentMethod {
+                    id: id.clone(),
+                    attached: *attached,
+                });
+                let others = billing
+                    .payment_methods
+                    .iter()
+                    .filter(|m| m.attached && m.id != *id)
+                    .count();
+                if !attached && others == 0 {
+                    p.alerts.push(Alert {
+                        kind: AlertKind::PaymentMethodRemoved,
+                        meter: id.clone(),
+                        threshold: 0,
+                        value: 0,
+                        limit: 0,
+                    });
+                }
+                p
+            }
+            StripeChange::Features(f) => {
+                if created < billing.features_version {
+                    return Ok(Plan::stale("older than the features the account holds"));
+                }
+                Plan::applied(BillingFact::Features(f.clone()))
+            }
+            StripeChange::MeterErrors { meter, codes } => {
+                let count: u64 = codes.iter().map(|(_, n)| *n).sum();
+                let mut p = Plan::applied(BillingFact::MeterErrors { count });
+                p.alerts.push(Alert {
+                    kind: AlertKind::MeterErrors,
+                    meter: meter.clone().unwrap_or_default(),
+                    threshold: u64::try_from(created).unwrap_or(0),
+                    value: count,
+                    limit: 0,
+                });
+                p
+            }
+        };
+        plan.alerts.retain(|a| self.alert_new(a));
+        Ok(plan)
+    }
+}
+
+fn set_status(p: &mut crate::ledger::AccountProfile, s: SubscriptionStatus, now: i64) {
+    if p.status != s {
+        p.status = s;
+        p.status_since_ms = now;
+    }
+}

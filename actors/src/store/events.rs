@@ -1,0 +1,272 @@
+//! The webhook event log and the Stripe customer index.
+
+use bincode::{Decode, Encode};
+
+use super::codec::{dec, enc, ledger_key, split_ledger_key};
+use super::{Store, StoreError};
+use crate::model::{AccountId, UnixMs};
+
+/// Where an event in the log is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum WebhookStatus {
+    /// Waiting to be applied (first time or after a failure, at `next_at_ms`).
+    Pending,
+    /// Applied to its account(s) (possibly as stale: see `outcome`).
+    Applied,
+    /// Nothing to do (a type meterd does not handle, or no account concerned).
+    Ignored,
+    /// Gave up after `max_attempts` or on a permanent error; an admin may replay it.
+    Failed,
+}
+
+impl WebhookStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookStatus::Pending => "pending",
+            WebhookStatus::Applied => "applied",
+            WebhookStatus::Ignored => "ignored",
+            WebhookStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            WebhookStatus::Pending,
+            WebhookStatus::Applied,
+            WebhookStatus::Ignored,
+            WebhookStatus::Failed,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+}
+
+/// How an event reached the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum EventSource {
+    Webhook,
+    /// Listed from Stripe's events API by a backfill.
+    Backfill,
+}
+
+impl EventSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventSource::Webhook => "webhook",
+            EventSource::Backfill => "backfill",
+        }
+    }
+}
+
+/// One Stripe event in the log (its body is stored apart).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct WebhookRecord {
+    pub id: String,
+    pub event_type: String,
+    /// The event's `created`, unix seconds.
+    pub created_s: i64,
+    pub received_ms: UnixMs,
+    pub source: EventSource,
+    /// A v2 thin event (the full event is fetched before applying).
+    pub thin: bool,
+    pub status: WebhookStatus,
+    pub attempts: u32,
+    pub next_at_ms: UnixMs,
+    pub last_error: Option<String>,
+    /// What applying it did, per account: `account: applied|stale|ignored (reason)`.
+    pub outcome: Option<String>,
+    pub settled_ms: Option<UnixMs>,
+}
+
+/// A meter event Stripe reported invalid after accepting it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct MeterErrorRecord {
+    /// Stripe's error code (`meter_event_customer_not_found`, ...).
+    pub code: String,
+    /// The identifier Stripe named.
+    pub identifier: String,
+    /// The report (event id) that named it.
+    pub event_id: String,
+    pub reported_ms: UnixMs,
+}
+
+#[derive(Debug, Encode, Decode)]
+enum StoredMeterError {
+    V1(MeterErrorRecord),
+}
+
+#[derive(Debug, Encode, Decode)]
+enum StoredWebhook {
+    V1(WebhookRecord),
+}
+
+fn encode(r: &WebhookRecord) -> Result<Vec<u8>, StoreError> {
+    enc(&StoredWebhook::V1(r.clone()), "webhooks")
+}
+
+fn decode(b: &[u8]) -> Result<WebhookRecord, StoreError> {
+    match dec::<StoredWebhook>(b, "webhooks")? {
+        StoredWebhook::V1(r) => Ok(r),
+    }
+}
+
+impl Store {
+    /// Adds a verified event to the log unless its id is there already. `Ok(true)`: new.
+    /// The body goes first, so a logged record always has its body. Durable only after the
+    /// next commit (the caller waits for a barrier before acknowledging, duplicates too).
+    pub fn log_event(&self, rec: &WebhookRecord, body: &[u8]) -> Result<bool, StoreError> {
+        let key = rec.id.as_bytes();
+        if self.inner.webhooks.contains_key(key)? {
+            return Ok(false);
+        }
+        self.inner.webhook_bodies.insert(key, body)?;
+        let swapped =
+            self.inner
+                .webhooks
+                .compare_and_swap(key, None as Option<&[u8]>, Some(encode(rec)?))?;
+        Ok(swapped.is_ok())
+    }
+
+    pub fn event(&self, id: &str) -> Result<Option<WebhookRecord>, StoreError> {
+        match self.inner.webhooks.get(id.as_bytes())? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn event_body(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .inner
+            .webhook_bodies
+            .get(id.as_bytes())?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Replaces the record of an event that is in the log.
+    pub fn update_event(&self, rec: &WebhookRecord) -> Result<(), StoreError> {
+        self.inner
+            .webhooks
+            .insert(rec.id.as_bytes(), encode(rec)?)?;
+        Ok(())
+    }
+
+    /// Events in id order after `after`, optionally of one status, at most `limit`.
+    pub fn events(
+        &self,
+        status: Option<WebhookStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<WebhookRecord>, StoreError> {
+        let start: Vec<u8> = match after {
+            Some(a) => {
+                let mut k = a.as_bytes().to_vec();
+                k.push(0);
+                k
+            }
+            None => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for kv in self.inner.webhooks.range(start..) {
+            let (_, v) = kv?;
+            let r = decode(&v)?;
+            if status.is_none_or(|s| s == r.status) {
+                out.push(r);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts of events by status: pending, applied, ignored, failed.
+    pub fn event_counts(&self) -> Result<[u64; 4], StoreError> {
+        let mut c = [0u64; 4];
+        for kv in self.inner.webhooks.iter() {
+            let (_, v) = kv?;
+            let i = match decode(&v)?.status {
+                WebhookStatus::Pending => 0,
+                WebhookStatus::Applied => 1,
+                WebhookStatus::Ignored => 2,
+                WebhookStatus::Failed => 3,
+            };
+            c[i] += 1;
+        }
+        Ok(c)
+    }
+
+    /// Removes events received before `before_ms` that are no longer pending. Returns how
+    /// many went.
+    pub fn prune_events(&self, before_ms: UnixMs) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self.inner.webhooks.iter() {
+            let (k, v) = kv?;
+            let r = decode(&v)?;
+            if r.received_ms < before_ms && r.status != WebhookStatus::Pending {
+                self.inner.webhooks.remove(&k)?;
+                self.inner.webhook_bodies.remove(&k)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    // ---- meter errors ----
+
+    /// Records that Stripe reported the meter event of ledger entry `seq` (the first of a
+    /// batch) invalid. A later report of the same entry replaces the earlier one.
+    pub fn record_meter_error(
+        &self,
+        account: &AccountId,
+        seq: u64,
+        rec: &MeterErrorRecord,
+    ) -> Result<(), StoreError> {
+        self.inner.meter_errors.insert(
+            ledger_key(account, seq),
+            enc(&StoredMeterError::V1(rec.clone()), "meter_errors")?,
+        )?;
+        Ok(())
+    }
+
+    /// Up to `limit` reported meter events, in account and seq order.
+    pub fn meter_errors(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(AccountId, u64, MeterErrorRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.meter_errors.iter().take(limit) {
+            let (k, v) = kv?;
+            let (a, seq) = split_ledger_key(&k)?;
+            let StoredMeterError::V1(r) = dec::<StoredMeterError>(&v, "meter_errors")?;
+            out.push((a, seq, r));
+        }
+        Ok(out)
+    }
+
+    // ---- customers ----
+
+    /// Records that Stripe customer `customer` belongs to `account`.
+    pub fn link_customer(&self, customer: &str, account: &AccountId) -> Result<(), StoreError> {
+        self.inner
+            .customers
+            .insert(customer.as_bytes(), account.as_str().as_bytes())?;
+        Ok(())
+    }
+
+    /// The account linked to Stripe customer `customer`.
+    pub fn customer_account(&self, customer: &str) -> Result<Option<AccountId>, StoreError> {
+        let Some(v) = self.inner.customers.get(customer.as_bytes())? else {
+            return Ok(None);
+        };
+        let s = std::str::from_utf8(&v).map_err(|_| StoreError::Corrupt {
+            tree: "customers",
+            detail: "account id is not UTF-8".into(),
+        })?;
+        AccountId::parse(s)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                tree: "customers",
+                detail: e.to_string(),
+            })
+    }
+}

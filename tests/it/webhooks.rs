@@ -1,0 +1,868 @@
+//! Stripe webhooks end to end: signatures, the durable log, and the real event payloads of
+//! `shared/stripe/events/` applied to an account, in order, shuffled, and duplicated.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use meterd::config::Config;
+use meterd_actors::model::Clock;
+use serde_json::{Value, json};
+
+use crate::support::fake_stripe::FakeStripe;
+use crate::support::signer::{sign, sign_multi};
+use crate::support::{
+    ADMIN_KEY, APP_KEY, Client, Resp, TestDaemon, WEBHOOK_SECRET, eventually, secrets,
+};
+
+const TEAM: &str = "price_17NKaQm7Yc2Hd9anf59xSqfT";
+const BUSINESS: &str = "price_1VXNVQm7Yc2Hd9aGYgZ9Chhu";
+const METERED: &str = "price_1NSy3Qm7Yc2Hd9aTmEEY3Wmo";
+const ACCOUNT: &str = "acct_acme";
+const CUSTOMER: &str = "cus_FKNrXbjePvoq7c";
+/// 2027-01-10: after the whole story, so no event's period contains "now".
+const AFTER_STORY_MS: i64 = 1_799_539_200_000;
+
+fn events_dir() -> PathBuf {
+    crate::support::stripe_events_dir()
+}
+
+fn event(name: &str) -> Vec<u8> {
+    std::fs::read(events_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Every webhook delivery of the story, in the order Stripe created them: not `_world.json`,
+/// and not the v2 thin event (it needs Stripe to fetch; see `a_thin_event_is_fetched...`).
+fn story() -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(i64, String, Vec<u8>)> = std::fs::read_dir(events_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json") && !n.starts_with('_') && !n.starts_with("billing.meter."))
+        .map(|n| {
+            let body = event(&n);
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            let created = v["created"].as_i64().unwrap_or_else(|| {
+                meterd_actors::billing::parse_rfc3339(v["created"].as_str().unwrap()).unwrap()
+            });
+            (created, n, body)
+        })
+        .collect();
+    out.sort();
+    assert_eq!(out.len(), 17, "every v1 delivery of shared/stripe/events");
+    out.into_iter().map(|(_, n, b)| (n, b)).collect()
+}
+
+/// The shipped config with the story's prices on team and a business plan.
+fn story_config(dir: &std::path::Path) -> Config {
+    let mut text = include_str!("../../config.toml").to_owned();
+    let team = "# stripe_price = \"price_...\"\n# stripe_metered_price = \"price_...\"";
+    assert!(text.contains(team));
+    text = text.replace(
+        team,
+        &format!("stripe_price = \"{TEAM}\"\nstripe_metered_price = \"{METERED}\""),
+    );
+    text.push_str(&format!(
+        "\n[plans.business]\nkind = \"seat\"\nseat_price = 4000\nmin_seats = 1\nstripe_price = \"{BUSINESS}\"\nstripe_metered_price = \"{METERED}\"\nfeatures = [\"basic\", \"sso\"]\n[plans.business.meters.tokens]\noverage = \"unlimited\"\n"
+    ));
+    let mut c = Config::parse(&text, "story", dir).expect("story config");
+    c.data_dir = dir.to_path_buf();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.webhooks.base_backoff = Duration::from_millis(20);
+    c.webhooks.max_backoff = Duration::from_millis(200);
+    c.webhooks.max_attempts = 50;
+    c
+}
+
+async fn start(clock: Clock) -> TestDaemon {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    TestDaemon::start_full(dir, move |c| *c = story_config(&path), clock, secrets()).await
+}
+
+async fn post(client: &Client, body: &[u8], signature: Option<&str>) -> Resp {
+    let mut req = client
+        .http
+        .post(format!("{}/webhooks/stripe", client.base))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    if let Some(s) = signature {
+        req = req.header("stripe-signature", s);
+    }
+    Resp::read(req.send().await.expect("request")).await
+}
+
+/// Posts `body` signed now (by the daemon's clock) with the test secret.
+async fn deliver(d: &TestDaemon, clock: &Clock, body: &[u8]) -> Resp {
+    let sig = sign(body, WEBHOOK_SECRET, clock.now_ms() / 1000);
+    post(&d.client, body, Some(&sig)).await
+}
+
+async fn admin(client: &Client, path: &str) -> Resp {
+    client
+        .send(reqwest::Method::GET, path, Some(ADMIN_KEY), None)
+        .await
+}
+
+async fn log(client: &Client, status: Option<&str>) -> Value {
+    let q = status.map(|s| format!("?status={s}")).unwrap_or_default();
+    let r = admin(client, &format!("/v1/admin/webhooks{q}")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body
+}
+
+/// Waits until the log has nothing pending.
+async fn settled(client: &Client) {
+    eventually(Duration::from_secs(20), || async {
+        log(client, None).await["pending"] == 0
+    })
+    .await;
+}
+
+async fn create_account(client: &Client) {
+    let r = client.put_account(ACCOUNT, json!({"plan": "free"})).await;
+    assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
+}
+
+async fn get(client: &Client, path: &str) -> Value {
+    let r = client
+        .send(reqwest::Method::GET, path, Some(APP_KEY), None)
+        .await;
+    assert_eq!(r.status, 200, "{path}: {:?}", r.body);
+    r.body
+}
+
+/// Everything Stripe's story decides about the account (not alerts, which say what was known
+/// when each event arrived, nor times of application).
+async fn state(client: &Client) -> Value {
+    let a = get(client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    let mut tx = get(client, &format!("/v1/accounts/{ACCOUNT}/transactions")).await;
+    for t in tx["transactions"].as_array_mut().unwrap() {
+        t.as_object_mut().unwrap().remove("event_id");
+    }
+    let mut stripe = a["stripe"].clone();
+    stripe.as_object_mut().unwrap().remove("events_applied");
+    json!({
+        "plan": a["plan"], "seats": a["seats"], "status": a["status"], "email": a["email"],
+        "customer": a["stripe_customer_id"], "credits": a["credits"]["balance"],
+        "period": a["period"], "stripe": stripe,
+        "invoices": get(client, &format!("/v1/accounts/{ACCOUNT}/invoices")).await,
+        "transactions": tx,
+    })
+}
+
+#[tokio::test]
+async fn forged_stale_malformed_and_oversized_deliveries_are_refused_and_change_nothing() {
+    let clock = Clock::System;
+    let d = start(clock.clone()).await;
+    create_account(&d.client).await;
+    let body = event("customer.subscription.created.json");
+    let now = clock.now_ms() / 1000;
+
+    let r = post(&d.client, &body, None).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "signature_missing"),
+        "{:?}",
+        r.body
+    );
+
+    let r = post(
+        &d.client,
+        &body,
+        Some(&sign(&body, "whsec_someone_else_123456", now)),
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (400, "signature_mismatch"));
+
+    let mut tampered = body.clone();
+    let at = tampered.iter().position(|b| *b == b'3').unwrap();
+    tampered[at] = b'4';
+    let r = post(
+        &d.client,
+        &tampered,
+        Some(&sign(&body, WEBHOOK_SECRET, now)),
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (400, "signature_mismatch"));
+
+    // Signed at the event's own creation time: far outside the 300 s tolerance.
+    let created = 1_790_845_203;
+    let r = post(
+        &d.client,
+        &body,
+        Some(&sign(&body, WEBHOOK_SECRET, created)),
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (400, "signature_stale"));
+    let r = post(
+        &d.client,
+        &body,
+        Some(&sign(&body, WEBHOOK_SECRET, now + 3600)),
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (400, "signature_stale"));
+
+    for bad in ["t=abc,v1=00", "v1=deadbeef", "t=123", "garbage"] {
+        let r = post(&d.client, &body, Some(bad)).await;
+        assert_eq!((r.status, r.code()), (400, "signature_malformed"), "{bad}");
+    }
+
+    // Signed, but not a Stripe event.
+    let junk = br#"{"hello":"world"}"#;
+    let r = post(&d.client, junk, Some(&sign(junk, WEBHOOK_SECRET, now))).await;
+    assert_eq!((r.status, r.code()), (400, "invalid_event"));
+
+    let big = vec![b' '; 2 * 1024 * 1024];
+    let r = post(&d.client, &big, Some(&sign(&big, WEBHOOK_SECRET, now))).await;
+    assert_eq!((r.status, r.code()), (413, "payload_too_large"));
+
+    let l = log(&d.client, None).await;
+    assert_eq!(
+        l["events"].as_array().unwrap().len(),
+        0,
+        "nothing logged: {l}"
+    );
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(a["plan"], "free");
+    assert!(a.get("stripe").is_none(), "{a}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_secret_the_endpoint_answers_503_and_with_two_both_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = secrets();
+    s.webhook_secrets.clear();
+    let d = TestDaemon::start_full(dir, |_| {}, Clock::System, s).await;
+    let body = event("customer.updated.json");
+    let now = Clock::System.now_ms() / 1000;
+    let r = post(&d.client, &body, Some(&sign(&body, WEBHOOK_SECRET, now))).await;
+    assert_eq!((r.status, r.code()), (503, "webhook_not_configured"));
+    d.stop().await;
+
+    // Rotation: the old and the new secret are both accepted.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = secrets();
+    s.webhook_secrets = vec![
+        "whsec_old_secret_0000000".into(),
+        "whsec_new_secret_1111111".into(),
+    ];
+    let d = TestDaemon::start_full(dir, |_| {}, Clock::System, s).await;
+    for (i, secret) in ["whsec_old_secret_0000000", "whsec_new_secret_1111111"]
+        .iter()
+        .enumerate()
+    {
+        let body =
+            format!(r#"{{"id":"evt_rot_{i}","object":"event","type":"ping.test","created":1}}"#);
+        let r = post(
+            &d.client,
+            body.as_bytes(),
+            Some(&sign(body.as_bytes(), secret, now)),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{secret}: {:?}", r.body);
+    }
+    // Stripe's own rolling header: one v1 per secret, only the second one known here.
+    let body = br#"{"id":"evt_rot_2","object":"event","type":"ping.test","created":1}"#;
+    let h = sign_multi(
+        body,
+        &["whsec_retired_99999999", "whsec_new_secret_1111111"],
+        now,
+    );
+    assert_eq!(post(&d.client, body, Some(&h)).await.status, 200);
+    settled(&d.client).await;
+    let l = log(&d.client, Some("ignored")).await;
+    assert_eq!(l["events"].as_array().unwrap().len(), 3, "{l}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn the_story_in_order_applies_every_event_once() {
+    let clock = Clock::manual(AFTER_STORY_MS);
+    let d = start(clock.clone()).await;
+    create_account(&d.client).await;
+    let mut seen_seats = Vec::new();
+    let mut seen_plans = Vec::new();
+    for (name, body) in story() {
+        let r = deliver(&d, &clock, &body).await;
+        assert_eq!(r.status, 200, "{name}: {:?}", r.body);
+        assert_eq!(r.body["duplicate"], false, "{name}");
+        settled(&d.client).await;
+        let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+        seen_seats.push(a["seats"].as_u64().unwrap());
+        seen_plans.push(a["plan"].as_str().unwrap().to_owned());
+    }
+    // Team with 3 seats, then 5 seats, then Business, then back to free when deleted.
+    assert!(seen_plans.contains(&"team".to_owned()), "{seen_plans:?}");
+    assert!(
+        seen_plans.contains(&"business".to_owned()),
+        "{seen_plans:?}"
+    );
+    assert!(
+        seen_seats.contains(&3) && seen_seats.contains(&5),
+        "{seen_seats:?}"
+    );
+
+    let l = log(&d.client, None).await;
+    assert_eq!(l["failed"], 0, "{l}");
+    assert_eq!(l["pending"], 0, "{l}");
+    assert_eq!(
+        l["applied"].as_u64().unwrap() + l["ignored"].as_u64().unwrap(),
+        17,
+        "{l}"
+    );
+    let s = state(&d.client).await;
+    assert_eq!(s["plan"], "free", "{s}");
+    assert_eq!(s["status"], "active");
+    assert_eq!(s["customer"], CUSTOMER);
+    assert_eq!(s["email"], "billing@acme-analytics.example");
+    assert_eq!(s["credits"], 5000, "the top-up credits once: {s}");
+    assert_eq!(
+        s["stripe"]["features"],
+        json!(["api_access", "priority_support", "sso"])
+    );
+    assert_eq!(
+        s["stripe"]["payment_methods"],
+        json!(["pm_12ecyQm7Yc2Hd9aEE1udP2eD"])
+    );
+    assert_eq!(s["stripe"]["delinquent"], true);
+    assert_eq!(s["stripe"]["subscription"]["status"], "canceled");
+    let tx = s["transactions"]["transactions"].as_array().unwrap();
+    let kinds: Vec<(&str, i64)> = tx
+        .iter()
+        .map(|t| (t["kind"].as_str().unwrap(), t["amount"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(kinds, vec![("topup", 5000), ("payment", 6000)], "{tx:?}");
+    let inv = &s["invoices"];
+    let paid = inv["invoices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "in_1uT6WQm7Yc2Hd9aWLKTIIYeP")
+        .expect("the paid invoice");
+    assert_eq!(paid["status"], "paid");
+    assert_eq!(paid["amount_paid"], 6000);
+    assert_eq!(inv["upcoming"]["metered_amount"], 25000, "{inv}");
+
+    // Alerts: the trial's end, the failed payment, metered charges due.
+    let alerts = get(&d.client, &format!("/v1/accounts/{ACCOUNT}/alerts")).await;
+    let kinds: Vec<&str> = alerts["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    for k in ["trial_ending", "payment_failed", "invoice_due"] {
+        assert!(kinds.contains(&k), "{k} in {kinds:?}");
+    }
+    assert!(
+        !kinds.contains(&"payment_method_removed"),
+        "a new card was added first: {kinds:?}"
+    );
+
+    // Every event again: all duplicates, nothing changes.
+    let before = state(&d.client).await;
+    let ledger_before = d.client.ledger(ACCOUNT).await.len();
+    for (name, body) in story() {
+        let r = deliver(&d, &clock, &body).await;
+        assert_eq!(
+            (r.status, r.body["duplicate"].clone()),
+            (200, json!(true)),
+            "{name}"
+        );
+    }
+    settled(&d.client).await;
+    assert_eq!(state(&d.client).await, before);
+    assert_eq!(d.client.ledger(ACCOUNT).await.len(), ledger_before);
+    d.stop().await;
+}
+
+/// A small deterministic shuffle (no rand dependency in tests).
+fn shuffled<T>(mut v: Vec<T>, mut seed: u64) -> Vec<T> {
+    for i in (1..v.len()).rev() {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let j = usize::try_from((seed >> 33) % (i as u64 + 1)).unwrap();
+        v.swap(i, j);
+    }
+    v
+}
+
+#[tokio::test]
+async fn the_story_shuffled_ends_in_the_same_state_as_in_order() {
+    let clock = Clock::manual(AFTER_STORY_MS);
+    let d = start(clock.clone()).await;
+    create_account(&d.client).await;
+    for (_, body) in story() {
+        assert_eq!(deliver(&d, &clock, &body).await.status, 200);
+    }
+    settled(&d.client).await;
+    let expected = state(&d.client).await;
+    d.stop().await;
+
+    for seed in [1u64, 7, 42] {
+        let d = start(clock.clone()).await;
+        create_account(&d.client).await;
+        let order = shuffled(story(), seed);
+        for (_, body) in &order {
+            assert_eq!(deliver(&d, &clock, body).await.status, 200);
+        }
+        settled(&d.client).await;
+        let names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(state(&d.client).await, expected, "seed {seed}: {names:?}");
+        d.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_late_created_never_undoes_an_update_and_a_late_update_never_resurrects() {
+    let clock = Clock::manual(AFTER_STORY_MS);
+    let d = start(clock.clone()).await;
+    create_account(&d.client).await;
+    deliver(
+        &d,
+        &clock,
+        &event("customer.subscription.updated.seat_change.json"),
+    )
+    .await;
+    settled(&d.client).await;
+    deliver(&d, &clock, &event("customer.subscription.created.json")).await;
+    settled(&d.client).await;
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(
+        (a["plan"].as_str(), a["seats"].as_u64()),
+        (Some("team"), Some(5)),
+        "{a}"
+    );
+    let ledger = d.client.ledger(ACCOUNT).await;
+    let stale = ledger
+        .iter()
+        .filter(|e| e["kind"] == "stripe" && e["decision"] == "stale")
+        .count();
+    assert_eq!(stale, 1, "the late created is recorded as stale");
+
+    deliver(&d, &clock, &event("customer.subscription.deleted.json")).await;
+    settled(&d.client).await;
+    deliver(
+        &d,
+        &clock,
+        &event("customer.subscription.updated.plan_change.json"),
+    )
+    .await;
+    settled(&d.client).await;
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(a["plan"], "free", "{a}");
+    assert_eq!(a["stripe"]["subscription"]["status"], "canceled");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_topup_delivered_five_times_at_once_credits_once() {
+    let clock = Clock::System;
+    let d = start(clock.clone()).await;
+    create_account(&d.client).await;
+    let body = event("checkout.session.completed.payment_topup.json");
+    let sig = sign(&body, WEBHOOK_SECRET, clock.now_ms() / 1000);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..5 {
+        let (client, body, sig) = (d.client.clone(), body.clone(), sig.clone());
+        tasks.spawn(async move { post(&client, &body, Some(&sig)).await });
+    }
+    let answers: Vec<Resp> = tasks.join_all().await;
+    assert!(answers.iter().all(|r| r.status == 200), "all acknowledged");
+    let fresh = answers
+        .iter()
+        .filter(|r| r.body["duplicate"] == false)
+        .count();
+    assert_eq!(fresh, 1, "one delivery is new, four are duplicates");
+    settled(&d.client).await;
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(a["credits"]["balance"], 5000, "{a}");
+    let tx = get(&d.client, &format!("/v1/accounts/{ACCOUNT}/transactions")).await;
+    assert_eq!(tx["transactions"].as_array().unwrap().len(), 1, "{tx}");
+    // The same session arriving as a new event id (Stripe resends as a new event only in a
+    // backfill) still credits once: the session id is the top-up's key.
+    let mut v: Value = serde_json::from_slice(&body).unwrap();
+    v["id"] = json!("evt_other_delivery_of_the_same_session");
+    let again = serde_json::to_vec(&v).unwrap();
+    assert_eq!(deliver(&d, &clock, &again).await.status, 200);
+    settled(&d.client).await;
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(a["credits"]["balance"], 5000, "{a}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_subscription_period_that_contains_now_starts_a_new_period_and_resets_usage() {
+    // 2026-10-02, inside the trial period 10-01 09:00 .. 10-15 09:00 of the created event.
+    let clock = Clock::manual(1_790_931_600_000);
+    let d = start(clock.clone()).await;
+    let r = d
+        .client
+        .put_account(ACCOUNT, json!({"plan": "team", "seats": 2}))
+        .await;
+    assert!(r.status < 300, "{:?}", r.body);
+    assert_eq!(d.client.consume(ACCOUNT, 10, "k1").await.status, 200);
+    let before = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(before["meters"]["tokens"]["used"], 10);
+    deliver(&d, &clock, &event("customer.subscription.created.json")).await;
+    settled(&d.client).await;
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(a["period"]["start"], "2026-10-01T09:00:00.000Z", "{a}");
+    assert_eq!(a["period"]["end"], "2026-10-15T09:00:00.000Z");
+    assert_eq!(
+        a["meters"]["tokens"]["used"], 0,
+        "a new period resets counters"
+    );
+    assert_eq!(
+        (a["seats"].as_u64(), a["status"].as_str()),
+        (Some(3), Some("trialing"))
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_event_retries_without_blocking_others_and_can_be_replayed() {
+    let clock = Clock::System;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let d = TestDaemon::start_full(
+        dir,
+        move |c| {
+            *c = story_config(&path);
+            c.webhooks.max_attempts = 3;
+        },
+        clock.clone(),
+        secrets(),
+    )
+    .await;
+    // No account is linked to the customer yet: the event fails after 3 attempts.
+    let paid = event("payment_method.attached.json");
+    assert_eq!(deliver(&d, &clock, &paid).await.status, 200);
+    // Meanwhile another account's event applies.
+    create_account(&d.client).await;
+    let r = d
+        .client
+        .put_account("acct_other", json!({"plan": "free"}))
+        .await;
+    assert!(r.status < 300);
+    let mut v: Value =
+        serde_json::from_slice(&event("checkout.session.completed.subscription.json")).unwrap();
+    v["data"]["object"]["client_reference_id"] = json!("acct_other");
+    v["data"]["object"]["customer"] = json!("cus_other");
+    let other = serde_json::to_vec(&v).unwrap();
+    assert_eq!(deliver(&d, &clock, &other).await.status, 200);
+    eventually(Duration::from_secs(20), || async {
+        log(&d.client, Some("failed")).await["events"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    })
+    .await;
+    let failed = log(&d.client, Some("failed")).await;
+    let f = &failed["events"][0];
+    let paid_id: Value = serde_json::from_slice(&paid).unwrap();
+    assert_eq!(f["id"], paid_id["id"]);
+    assert_eq!(f["attempts"], 3, "{f}");
+    assert!(
+        f["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no account is linked"),
+        "{f}"
+    );
+    let a = get(&d.client, "/v1/accounts/acct_other").await;
+    assert_eq!(
+        a["stripe_customer_id"], "cus_other",
+        "the other event applied"
+    );
+
+    // Link the customer, replay: applied.
+    let r = d
+        .client
+        .put_account(ACCOUNT, json!({"stripe_customer_id": CUSTOMER}))
+        .await;
+    assert!(r.status < 300, "{:?}", r.body);
+    let id = f["id"].as_str().unwrap().to_owned();
+    let r = d
+        .client
+        .send(
+            reqwest::Method::POST,
+            &format!("/v1/admin/webhooks/{id}/replay"),
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    settled(&d.client).await;
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(
+        a["stripe"]["payment_methods"],
+        json!(["pm_12ecyQm7Yc2Hd9aEE1udP2eD"]),
+        "{a}"
+    );
+    let r = d
+        .client
+        .send(
+            reqwest::Method::POST,
+            "/v1/admin/webhooks/evt_nope/replay",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (404, "not_found"));
+    let r = d
+        .client
+        .send(
+            reqwest::Method::GET,
+            "/v1/admin/webhooks",
+            Some(APP_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 403, "admin only");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn logged_events_survive_a_restart_and_are_applied_after_it() {
+    let clock = Clock::System;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let d = TestDaemon::start_full(
+        dir,
+        move |c| *c = story_config(&path),
+        clock.clone(),
+        secrets(),
+    )
+    .await;
+    // Customer not linked: the event stays pending (retrying) across the restart.
+    let body = event("customer.updated.json");
+    assert_eq!(deliver(&d, &clock, &body).await.status, 200);
+    let dir = d.stop().await;
+    let path = dir.path().to_path_buf();
+    let d = TestDaemon::start_full(
+        dir,
+        move |c| *c = story_config(&path),
+        clock.clone(),
+        secrets(),
+    )
+    .await;
+    let r = d
+        .client
+        .put_account(
+            ACCOUNT,
+            json!({"plan": "free", "stripe_customer_id": CUSTOMER}),
+        )
+        .await;
+    assert!(r.status < 300, "{:?}", r.body);
+    settled(&d.client).await;
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(a["email"], "billing@acme-analytics.example", "{a}");
+    // A redelivery after the restart is a duplicate.
+    let r = deliver(&d, &clock, &body).await;
+    assert_eq!(r.body["duplicate"], true);
+    d.stop().await;
+}
+
+/// The story's config on a daemon already pointed at a fake Stripe (keeps its Stripe
+/// settings).
+fn story_on_fake(c: &mut Config) {
+    let keep = c.stripe.clone();
+    *c = story_config(&c.data_dir.clone());
+    c.stripe.api_base = keep.api_base;
+    c.stripe.poll = keep.poll;
+    c.stripe.timeout = keep.timeout;
+    c.stripe.base_backoff = keep.base_backoff;
+    c.stripe.max_backoff = keep.max_backoff;
+    c.stripe.calls_per_second = keep.calls_per_second;
+}
+
+#[tokio::test]
+async fn a_thin_event_is_fetched_from_stripe_and_alerts_the_accounts_it_names() {
+    let fake = FakeStripe::start().await;
+    let fetched: Value =
+        serde_json::from_slice(&event("billing.meter.error_report_triggered.fetched.json"))
+            .unwrap();
+    fake.add_v2_event(fetched.clone());
+    let d = TestDaemon::start_stripe(tempfile::tempdir().unwrap(), &fake, story_on_fake).await;
+    create_account(&d.client).await;
+    let clock = Clock::System;
+    let thin = event("billing.meter.error_report_triggered.json");
+    let r = deliver(&d, &clock, &thin).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    settled(&d.client).await;
+    let id = fetched["id"].as_str().unwrap();
+    let gets: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|q| q.method == "GET" && q.path == format!("/v2/core/events/{id}"))
+        .collect();
+    assert_eq!(gets.len(), 1, "fetched once");
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+    let applied = log(&d.client, Some("applied")).await;
+    let outcome = applied["events"][0]["outcome"].as_str().unwrap().to_owned();
+    // acct_acme is named by one sample; acct_gone does not exist here.
+    assert!(outcome.contains("acct_acme: applied"), "{outcome}");
+    assert!(outcome.contains("acct_gone: unknown account"), "{outcome}");
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(a["stripe"]["meter_errors"], 1, "{a}");
+    // The outbox records it names are marked, for every account named.
+    let r = admin(&d.client, "/v1/admin/meter-errors").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let marked: Vec<(String, u64, String)> = r.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["account_id"].as_str().unwrap().to_owned(),
+                e["ledger_seq"].as_u64().unwrap(),
+                e["code"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        marked,
+        vec![
+            ("acct_acme".into(), 4410, "timestamp_too_far_in_past".into()),
+            (
+                "acct_gone".into(),
+                731,
+                "meter_event_customer_not_found".into()
+            ),
+            (
+                "acct_gone".into(),
+                732,
+                "meter_event_customer_not_found".into()
+            ),
+        ]
+    );
+    let alerts = get(&d.client, &format!("/v1/accounts/{ACCOUNT}/alerts")).await;
+    assert!(
+        alerts["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["kind"] == "meter_errors"),
+        "{alerts}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn backfill_at_start_and_on_demand_logs_the_undelivered_events_the_log_lacks() {
+    let fake = FakeStripe::start().await;
+    let now_s = Clock::System.now_ms() / 1000;
+    let mut sub: Value =
+        serde_json::from_slice(&event("customer.subscription.created.json")).unwrap();
+    sub["created"] = json!(now_s - 3600);
+    let mut topup: Value =
+        serde_json::from_slice(&event("checkout.session.completed.payment_topup.json")).unwrap();
+    topup["created"] = json!(now_s - 7200);
+    fake.add_event_undelivered(sub.clone());
+    fake.add_event_undelivered(topup);
+    // Older than the 30 days, or delivered: not listed, not logged.
+    let mut old: Value = serde_json::from_slice(&event("invoice.paid.json")).unwrap();
+    old["created"] = json!(now_s - 40 * 86_400);
+    fake.add_event_undelivered(old);
+    let mut ok: Value = serde_json::from_slice(&event("customer.updated.json")).unwrap();
+    ok["created"] = json!(now_s - 60);
+    fake.add_event(ok);
+
+    // The account exists before meterd starts, so the backfilled events can apply at once.
+    let dir = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start_in(dir, |_| {}, Clock::System).await;
+    create_account(&d.client).await;
+    let dir = d.stop().await;
+    let d = TestDaemon::start_stripe(dir, &fake, story_on_fake).await;
+    eventually(Duration::from_secs(20), || async {
+        let l = log(&d.client, None).await;
+        l["applied"] == 2 && l["pending"] == 0
+    })
+    .await;
+    let l = log(&d.client, None).await;
+    assert!(
+        l["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["source"] == "backfill"),
+        "{l}"
+    );
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(
+        a["credits"]["balance"], 5000,
+        "the missed top-up applied: {a}"
+    );
+    assert_eq!(a["plan"], "team", "{a}");
+
+    // Stripe's late delivery of a backfilled event is a duplicate; a second backfill logs
+    // nothing new.
+    let body = serde_json::to_vec(&sub).unwrap();
+    let r = deliver(&d, &Clock::System, &body).await;
+    assert_eq!((r.status, r.body["duplicate"].clone()), (200, json!(true)));
+    let r = d
+        .client
+        .send(
+            reqwest::Method::POST,
+            "/v1/admin/webhooks/backfill",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        (r.body["listed"].as_u64(), r.body["logged"].as_u64()),
+        (Some(2), Some(0))
+    );
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn with_refetch_the_subscription_is_read_from_stripe_before_it_is_applied() {
+    let fake = FakeStripe::start().await;
+    let ev: Value =
+        serde_json::from_slice(&event("customer.subscription.updated.seat_change.json")).unwrap();
+    // Stripe's current state is newer than the event: 7 seats.
+    let mut fresh = ev["data"]["object"].clone();
+    fresh["items"]["data"][0]["quantity"] = json!(7);
+    fake.put_subscription(fresh);
+    let d = TestDaemon::start_stripe(tempfile::tempdir().unwrap(), &fake, |c| {
+        story_on_fake(c);
+        c.stripe.refetch_on_webhook = true;
+    })
+    .await;
+    create_account(&d.client).await;
+    let body = serde_json::to_vec(&ev).unwrap();
+    assert_eq!(deliver(&d, &Clock::System, &body).await.status, 200);
+    settled(&d.client).await;
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(
+        a["seats"], 7,
+        "the fresh read wins over the event's snapshot: {a}"
+    );
+    let sub = ev["data"]["object"]["id"].as_str().unwrap();
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|q| q.method == "GET" && q.path == format!("/v1/subscriptions/{sub}")),
+        "refetched"
+    );
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+    d.stop().await;
+}
