@@ -428,7 +428,12 @@ impl Template {
 }
 
 fn load_templates() -> Vec<Template> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/stripe/events");
+    let near = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/stripe/events");
+    let dir = if near.exists() {
+        near
+    } else {
+        Path::new("/work/shared/stripe/events").to_path_buf()
+    };
     EVENT_FILES
         .iter()
         .map(|f| {

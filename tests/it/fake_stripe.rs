@@ -655,7 +655,7 @@ async fn fake_stripe_stop_closes_the_port() {
 // ----- v1 events, subscriptions, v2 events ---------------------------------------------------
 
 fn shared_events_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/stripe/events")
+    crate::support::stripe_events_dir()
 }
 
 fn shared_event(name: &str) -> Value {

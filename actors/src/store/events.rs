@@ -270,3 +270,93 @@ impl Store {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{StoreConfig, SyncMode};
+
+    fn record(id: &str, received_ms: i64, status: WebhookStatus) -> WebhookRecord {
+        WebhookRecord {
+            id: id.into(),
+            event_type: "invoice.paid".into(),
+            created_s: 1,
+            received_ms,
+            source: EventSource::Webhook,
+            thin: false,
+            status,
+            attempts: 0,
+            next_at_ms: received_ms,
+            last_error: None,
+            outcome: None,
+            settled_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_log_refuses_duplicate_ids_and_prunes_only_old_settled_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreConfig {
+            path: dir.path().to_path_buf(),
+            sync: SyncMode::Flush,
+            cache_capacity_bytes: 16 << 20,
+        })
+        .unwrap();
+        let day = 86_400_000;
+        assert!(
+            store
+                .log_event(&record("evt_old_applied", 0, WebhookStatus::Pending), b"a")
+                .unwrap()
+        );
+        assert!(
+            !store
+                .log_event(
+                    &record("evt_old_applied", 5, WebhookStatus::Pending),
+                    b"other"
+                )
+                .unwrap()
+        );
+        assert_eq!(store.event_body("evt_old_applied").unwrap().unwrap(), b"a");
+        let mut r = store.event("evt_old_applied").unwrap().unwrap();
+        r.status = WebhookStatus::Applied;
+        store.update_event(&r).unwrap();
+        store
+            .log_event(&record("evt_old_pending", 0, WebhookStatus::Pending), b"b")
+            .unwrap();
+        store
+            .log_event(&record("evt_old_failed", 0, WebhookStatus::Failed), b"c")
+            .unwrap();
+        store
+            .log_event(&record("evt_new", 40 * day, WebhookStatus::Applied), b"d")
+            .unwrap();
+        assert_eq!(store.event_counts().unwrap(), [1, 2, 0, 1]);
+        // Retention 35 days at day 40: events received before day 5 go, unless pending.
+        assert_eq!(store.prune_events(5 * day).unwrap(), 2);
+        let left: Vec<String> = store
+            .events(None, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(
+            left,
+            vec!["evt_new".to_owned(), "evt_old_pending".to_owned()]
+        );
+        assert!(store.event_body("evt_old_applied").unwrap().is_none());
+        assert_eq!(
+            store
+                .events(Some(WebhookStatus::Pending), None, 10)
+                .unwrap()
+                .len(),
+            1
+        );
+        // Paging: after an id.
+        let page: Vec<String> = store
+            .events(None, Some("evt_new"), 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(page, vec!["evt_old_pending".to_owned()]);
+    }
+}
