@@ -43,6 +43,8 @@ pub struct SubItem {
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct SubscriptionInfo {
     pub id: String,
+    /// When the subscription was created (unix s): the newest live one is the account's.
+    pub created_s: i64,
     pub customer: Option<String>,
     /// Stripe's status string (`trialing`, `active`, `past_due`, `canceled`, ...).
     pub status: String,
@@ -133,6 +135,9 @@ pub enum BillingFact {
         deleted: bool,
         /// `created` 0, `updated` 1, `deleted` 2: breaks ties between events of one second.
         rank: u8,
+        /// About the account's current subscription (or one taking over): else only a
+        /// deletion is recorded.
+        current: bool,
     },
     Invoice {
         summary: InvoiceSummary,
@@ -238,15 +243,18 @@ impl BillingState {
                 info,
                 deleted,
                 rank,
+                current,
             } => {
-                self.subscription_version = (r.created_s, *rank);
                 if *deleted && !self.ended_subscriptions.contains(&info.id) {
                     self.ended_subscriptions.push(info.id.clone());
                     if self.ended_subscriptions.len() > MAX_ENDED {
                         self.ended_subscriptions.remove(0);
                     }
                 }
-                self.subscription = Some(info.clone());
+                if *current {
+                    self.subscription_version = (r.created_s, *rank);
+                    self.subscription = Some(info.clone());
+                }
             }
             BillingFact::Invoice { summary, payment } => {
                 if payment.is_some() {
@@ -318,11 +326,15 @@ impl BillingState {
     }
 
     fn put_transaction(&mut self, t: &Transaction) {
-        if self
+        if let Some(x) = self
             .transactions
-            .iter()
-            .any(|x| x.id == t.id && x.kind == t.kind)
+            .iter_mut()
+            .find(|x| x.id == t.id && x.kind == t.kind)
         {
+            // A refund's amount is the charge's refunded total: a later one replaces it.
+            if t.kind == TransactionKind::Refund && t.at_s >= x.at_s {
+                *x = t.clone();
+            }
             return;
         }
         self.transactions.push(t.clone());
@@ -487,6 +499,13 @@ pub enum StripeChange {
         attached: bool,
     },
     Features(Vec<String>),
+    /// Money returned on a charge (`amount`: the charge's refunded total so far).
+    Refund {
+        charge: String,
+        amount: i64,
+        currency: String,
+        reference: Option<String>,
+    },
     MeterErrors {
         meter: Option<String>,
         /// `(error code, sample count)`.
@@ -566,6 +585,7 @@ pub const HANDLED_TYPES: &[&str] = &[
     "payment_method.attached",
     "payment_method.detached",
     "entitlements.active_entitlement_summary.updated",
+    "charge.refunded",
     "v1.billing.meter.error_report_triggered",
 ];
 
@@ -727,6 +747,17 @@ pub fn interpret(ev: &Value, prices: &PriceMap) -> Result<(Target, StripeChange)
             features.dedup();
             (target(None, customer), StripeChange::Features(features))
         }
+        "charge.refunded" => (
+            target(account_from(obj, &["meterd_account_id"]), customer),
+            StripeChange::Refund {
+                charge: s(obj, "id").ok_or("charge without `id`")?.to_owned(),
+                amount: i(obj, "amount_refunded").unwrap_or(0),
+                currency: s(obj, "currency").unwrap_or("").to_owned(),
+                reference: s(obj, "payment_intent")
+                    .or_else(|| s(obj, "invoice"))
+                    .map(str::to_owned),
+            },
+        ),
         other => (
             Target::None,
             StripeChange::Ignore(format!("event type `{other}` is not handled")),
@@ -797,6 +828,7 @@ fn subscription_info(obj: &Value, prices: &PriceMap) -> Result<SubscriptionInfo,
             .unwrap_or(false),
         canceled_at_s: i(obj, "canceled_at"),
         ended_at_s: i(obj, "ended_at"),
+        created_s: i(obj, "created").unwrap_or(0),
         id,
     })
 }

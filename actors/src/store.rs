@@ -821,7 +821,17 @@ impl Store {
         for item in self.inner.idem.range(from..).take(max) {
             let (k, v) = item?;
             let rec = codec::decode_idem(&v)?;
-            if rec.at_ms < cutoff_ms
+            // Top-ups (a payment) and Stripe events are kept for good: Stripe, an admin
+            // replay or a backfill may bring them back long after the retention period, and
+            // they must still be recognised.
+            let op = k
+                .iter()
+                .position(|b| *b == 0)
+                .and_then(|i| k.get(i + 1))
+                .copied();
+            let permanent = op == Some(IdemOp::Topup as u8) || op == Some(IdemOp::Stripe as u8);
+            if !permanent
+                && rec.at_ms < cutoff_ms
                 && self
                     .inner
                     .idem
@@ -1081,6 +1091,10 @@ mod tests {
                 )
                 .unwrap();
         }
+        // Old, but kept for good: a top-up and a Stripe event.
+        let old = IdemRecord { seq: 99, at_ms: 0 };
+        store.put_idem(&a, IdemOp::Topup, "cs_1", old).unwrap();
+        store.put_idem(&a, IdemOp::Stripe, "evt_1", old).unwrap();
         let mut cursor = None;
         let mut total = 0;
         // Small pages: the sweep must continue from its cursor; bounded loop.
@@ -1095,6 +1109,13 @@ mod tests {
         assert_eq!(total, 5);
         assert!(store.get_idem(&a, IdemOp::Consume, "k4").unwrap().is_none());
         assert!(store.get_idem(&a, IdemOp::Consume, "k5").unwrap().is_some());
+        assert!(store.get_idem(&a, IdemOp::Topup, "cs_1").unwrap().is_some());
+        assert!(
+            store
+                .get_idem(&a, IdemOp::Stripe, "evt_1")
+                .unwrap()
+                .is_some()
+        );
         store.close().unwrap();
     }
 

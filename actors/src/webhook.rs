@@ -181,15 +181,19 @@ impl Actor for WebhookActor {
                 // One run for a burst of new events: each run sorts the queue once.
                 state.kick(&myself);
             }
+            // A storage error is logged, never returned: the actor must keep applying (the
+            // event stays pending and is tried again).
             WebhookMsg::Run => {
                 state.run_queued = false;
-                if state.run_due().await? {
+                if state.run_due().await {
                     state.kick(&myself);
                 }
             }
             WebhookMsg::Tick => {
-                state.run_due().await?;
-                state.prune()?;
+                state.run_due().await;
+                if let Err(e) = state.prune() {
+                    tracing::error!(error = %e, "pruning the stripe event log failed");
+                }
             }
             WebhookMsg::Replay(id, reply) => {
                 let r = state.replay(&id);
@@ -221,8 +225,8 @@ impl WebhookState {
     }
 
     /// Applies the due events, oldest `created` first, for at most half a second (so other
-    /// messages get their turn). `Ok(true)`: some due events are left.
-    async fn run_due(&mut self) -> Result<bool, StoreError> {
+    /// messages get their turn). `true`: some due events are left.
+    async fn run_due(&mut self) -> bool {
         let start = Instant::now();
         let mut due: Vec<(i64, String)> = self
             .queue
@@ -235,11 +239,16 @@ impl WebhookState {
         let budget = Duration::from_millis(500);
         for (_, id) in due {
             if start.elapsed() > budget {
-                return Ok(true);
+                return true;
             }
-            self.apply_one(&id).await?;
+            if let Err(e) = self.apply_one(&id).await {
+                tracing::error!(event = %id, error = %e, "storage error while applying a stripe event; it stays pending");
+                if let Some(q) = self.queue.get_mut(&id) {
+                    q.0 = Instant::now() + self.args.settings.base_backoff;
+                }
+            }
         }
-        Ok(false)
+        false
     }
 
     async fn apply_one(&mut self, id: &str) -> Result<(), StoreError> {

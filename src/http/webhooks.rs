@@ -130,7 +130,16 @@ async fn receive_inner(req: &Request, body: Body, rx: &Receiver) -> Result<Recei
         .barrier()
         .await
         .map_err(|e| unavailable(e.to_string()))?;
-    if new {
+    // A duplicate whose first delivery was logged but never acknowledged (its flush failed,
+    // or the request was cancelled) may not have reached the actor: announce it again.
+    let pending = !new
+        && rx
+            .store
+            .event(&h.id)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.status == WebhookStatus::Pending);
+    if new || pending {
         rx.webhooks.logged(&h.id, h.created_s);
     }
     tracing::info!(event = %h.id, event_type = %h.event_type, duplicate = !new, "stripe webhook received");

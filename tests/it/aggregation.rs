@@ -544,7 +544,10 @@ async fn entries_stripe_may_have_seen_are_never_merged_after_a_config_change() {
     fake.fail_for_on(EVENTS, Duration::from_secs(60), Failure::Status(500));
     let s2 = consume(&d, "c", 3, "s2").await;
     eventually(Duration::from_secs(10), || async {
-        outbox(&d, "pending").await["failed_attempts_total"] == 2
+        // s2 keeps failing (and retrying) under the 500s: at least one failure each.
+        outbox(&d, "pending").await["failed_attempts_total"]
+            .as_u64()
+            .is_some_and(|n| n >= 2)
     })
     .await;
     let dir = d.stop().await;

@@ -866,3 +866,110 @@ async fn with_refetch_the_subscription_is_read_from_stripe_before_it_is_applied(
     );
     d.stop().await;
 }
+
+#[tokio::test]
+async fn an_event_about_an_older_subscription_never_takes_the_account_from_a_newer_one() {
+    let clock = Clock::manual(AFTER_STORY_MS);
+    let d = start(clock.clone()).await;
+    create_account(&d.client).await;
+    // B: a newer subscription on the business price.
+    let mut b: Value =
+        serde_json::from_slice(&event("customer.subscription.created.json")).unwrap();
+    b["id"] = json!("evt_sub_b_created");
+    b["created"] = json!(1_791_000_000);
+    b["data"]["object"]["id"] = json!("sub_B");
+    b["data"]["object"]["created"] = json!(1_791_000_000);
+    b["data"]["object"]["status"] = json!("active");
+    b["data"]["object"]["items"]["data"][0]["price"]["id"] = json!(BUSINESS);
+    deliver(&d, &clock, &serde_json::to_vec(&b).unwrap()).await;
+    settled(&d.client).await;
+    // A (created earlier) is updated later, then deleted: neither moves the account.
+    deliver(
+        &d,
+        &clock,
+        &event("customer.subscription.updated.seat_change.json"),
+    )
+    .await;
+    settled(&d.client).await;
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(
+        (a["plan"].as_str(), a["seats"].as_u64()),
+        (Some("business"), Some(3)),
+        "{a}"
+    );
+    deliver(&d, &clock, &event("customer.subscription.deleted.json")).await;
+    settled(&d.client).await;
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(a["plan"], "business", "B is still live: {a}");
+    assert_eq!(a["stripe"]["subscription"]["id"], "sub_B");
+    assert_eq!(
+        a["stripe"]["ended_subscriptions"],
+        json!(["sub_19CmkQm7Yc2Hd9a4h82vBTOD"])
+    );
+    // Now B ends: the account falls back.
+    let mut bd: Value =
+        serde_json::from_slice(&event("customer.subscription.deleted.json")).unwrap();
+    bd["id"] = json!("evt_sub_b_deleted");
+    bd["data"]["object"]["id"] = json!("sub_B");
+    deliver(&d, &clock, &serde_json::to_vec(&bd).unwrap()).await;
+    settled(&d.client).await;
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(a["plan"], "free", "{a}");
+    d.stop().await;
+}
+
+fn charge_refunded(event_id: &str, created: i64, refunded: i64) -> Vec<u8> {
+    let fixtures = crate::support::stripe_events_dir().join("../fixtures3.latest.json");
+    let f: Value = serde_json::from_slice(&std::fs::read(fixtures).unwrap()).unwrap();
+    let mut charge = f["resources"]["charge"].clone();
+    charge["customer"] = json!(CUSTOMER);
+    charge["amount"] = json!(6000);
+    charge["amount_refunded"] = json!(refunded);
+    charge["refunded"] = json!(refunded == 6000);
+    charge["payment_intent"] = json!("pi_test_refund");
+    serde_json::to_vec(&json!({
+        "id": event_id, "object": "event", "api_version": "2026-09-30.endive",
+        "created": created, "livemode": false, "pending_webhooks": 1,
+        "request": {"id": null, "idempotency_key": null},
+        "type": "charge.refunded", "data": {"object": charge}
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn refunds_are_transactions_and_a_later_refund_total_wins() {
+    let clock = Clock::System;
+    let d = start(clock.clone()).await;
+    let r = d
+        .client
+        .put_account(
+            ACCOUNT,
+            json!({"plan": "free", "stripe_customer_id": CUSTOMER}),
+        )
+        .await;
+    assert!(r.status < 300, "{:?}", r.body);
+    // A full refund after a partial one, delivered in reverse order.
+    deliver(
+        &d,
+        &clock,
+        &charge_refunded("evt_refund_2", 1_793_000_100, 6000),
+    )
+    .await;
+    deliver(
+        &d,
+        &clock,
+        &charge_refunded("evt_refund_1", 1_793_000_000, 1500),
+    )
+    .await;
+    settled(&d.client).await;
+    let tx = get(&d.client, &format!("/v1/accounts/{ACCOUNT}/transactions")).await;
+    let list = tx["transactions"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{tx}");
+    assert_eq!(
+        (list[0]["kind"].as_str(), list[0]["amount"].as_i64()),
+        (Some("refund"), Some(6000)),
+        "{tx}"
+    );
+    assert_eq!(list[0]["reference"], "pi_test_refund");
+    d.stop().await;
+}

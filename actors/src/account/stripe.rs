@@ -199,6 +199,11 @@ impl AccountState {
                         ))
                     })?;
                 let key = IdempotencyKey::parse(session_id)?;
+                if billing.has_transaction(TransactionKind::TopUp, session_id) {
+                    // Credited already (a second event for the same session): the top-up's
+                    // own key would refuse it too; this also holds for events of another id.
+                    return Ok(Plan::stale("this checkout session was credited already"));
+                }
                 let mut p = Plan::applied(BillingFact::Transaction(Transaction {
                     id: session_id.clone(),
                     kind: TransactionKind::TopUp,
@@ -224,34 +229,51 @@ impl AccountState {
                 if !deleted && ended {
                     return Ok(Plan::stale("the subscription was deleted"));
                 }
-                if (created, *rank) < billing.subscription_version {
+                let held = billing.subscription.as_ref();
+                let same = held.is_some_and(|c| c.id == info.id);
+                if same && (created, *rank) < billing.subscription_version {
                     return Ok(Plan::stale(
                         "older than the subscription state the account holds",
                     ));
                 }
-                let current = billing.subscription.as_ref();
-                // Another, live subscription is the account's now: an event about an old
-                // one is recorded but changes neither plan nor access.
-                let other_live = current.is_some_and(|c| {
-                    c.id != info.id && !billing.ended_subscriptions.contains(&c.id)
-                });
-                let mut p = Plan::applied(BillingFact::Subscription {
+                // The account follows its newest live subscription. An event about another,
+                // older one is recorded (a deletion ends it) but changes neither plan nor
+                // access.
+                let other_live = held
+                    .filter(|c| c.id != info.id && !billing.ended_subscriptions.contains(&c.id));
+                let current = match other_live {
+                    None => true,
+                    Some(c) => !deleted && info.created_s > c.created_s,
+                };
+                let fact = BillingFact::Subscription {
                     info: info.clone(),
                     deleted: *deleted,
                     rank: *rank,
-                });
+                    current,
+                };
+                if !current {
+                    return Ok(if *deleted {
+                        Plan::applied(fact)
+                    } else {
+                        Plan {
+                            outcome: StripeOutcome::Stale(
+                                "about an older subscription than the account's current one".into(),
+                            ),
+                            ..Plan::applied(fact)
+                        }
+                    });
+                }
+                let mut p = Plan::applied(fact);
                 let mut next = profile.clone();
                 if let Some(c) = &info.customer {
                     next.stripe_customer_id = Some(c.clone());
                 }
                 if *deleted {
-                    if !other_live {
-                        let fallback = self.deps.catalog.plans.get(&cmd.fallback_plan);
-                        next.plan = cmd.fallback_plan.clone();
-                        next.seats = fallback.map(|f| f.min_seats.max(1)).unwrap_or(1);
-                        next.overrides.clear();
-                        set_status(&mut next, SubscriptionStatus::Active, now);
-                    }
+                    let fallback = self.deps.catalog.plans.get(&cmd.fallback_plan);
+                    next.plan = cmd.fallback_plan.clone();
+                    next.seats = fallback.map(|f| f.min_seats.max(1)).unwrap_or(1);
+                    next.overrides.clear();
+                    set_status(&mut next, SubscriptionStatus::Active, now);
                 } else {
                     if let Some(name) = &info.plan
                         && self.deps.catalog.plans.contains_key(name)
@@ -436,6 +458,30 @@ impl AccountState {
                     });
                 }
                 p
+            }
+            StripeChange::Refund {
+                charge,
+                amount,
+                currency,
+                reference,
+            } => {
+                let held = billing
+                    .transactions
+                    .iter()
+                    .find(|t| t.kind == TransactionKind::Refund && t.id == *charge);
+                if held.is_some_and(|t| t.at_s > created) {
+                    return Ok(Plan::stale("a later refund of this charge was recorded"));
+                }
+                Plan::applied(BillingFact::Transaction(Transaction {
+                    id: charge.clone(),
+                    kind: TransactionKind::Refund,
+                    amount: *amount,
+                    currency: currency.clone(),
+                    at_s: created,
+                    reference: reference.clone(),
+                    credits: None,
+                    event_id: cmd.event_id.clone(),
+                }))
             }
             StripeChange::Features(f) => {
                 if created < billing.features_version {

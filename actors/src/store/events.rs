@@ -167,8 +167,11 @@ impl Store {
         };
         let mut out = Vec::new();
         for kv in self.inner.webhooks.range(start..) {
-            let (_, v) = kv?;
-            let r = decode(&v)?;
+            let (k, v) = kv?;
+            let Ok(r) = decode(&v) else {
+                tracing::error!(key = %String::from_utf8_lossy(&k), "undecodable record in the stripe event log; skipped");
+                continue;
+            };
             if status.is_none_or(|s| s == r.status) {
                 out.push(r);
                 if out.len() >= limit {
@@ -184,7 +187,8 @@ impl Store {
         let mut c = [0u64; 4];
         for kv in self.inner.webhooks.iter() {
             let (_, v) = kv?;
-            let i = match decode(&v)?.status {
+            let Ok(r) = decode(&v) else { continue };
+            let i = match r.status {
                 WebhookStatus::Pending => 0,
                 WebhookStatus::Applied => 1,
                 WebhookStatus::Ignored => 2,
