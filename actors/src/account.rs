@@ -48,7 +48,10 @@ pub enum AccountMsg {
     /// The same decision as `Consume`, as a dry run that changes nothing.
     Check(ConsumeCmd, RpcReplyPort<Result<ConsumeReply, AccountError>>),
     /// Create the account or change its profile.
-    Upsert(UpsertCmd, RpcReplyPort<Result<UpsertReply, AccountError>>),
+    Upsert(
+        Box<UpsertCmd>,
+        RpcReplyPort<Result<UpsertReply, AccountError>>,
+    ),
     /// Grant or adjust credits (durable, idempotent).
     Credit(CreditCmd, RpcReplyPort<Result<CreditReply, AccountError>>),
     /// Credit a top-up package (durable, idempotent on its external id).
@@ -189,6 +192,9 @@ pub struct UpsertCmd {
     pub seats: Option<u32>,
     pub email: Option<String>,
     pub stripe_customer_id: Option<String>,
+    /// Link this Stripe customer only if the account has none yet (decided in the actor, so
+    /// a customer set meanwhile by someone else is never overwritten).
+    pub link_customer_if_unset: Option<String>,
     pub metadata: Option<Metadata>,
     pub status: Option<SubscriptionStatus>,
     /// Replaces all overrides; only for a `custom` plan.
@@ -458,7 +464,7 @@ impl Actor for AccountActor {
         match msg {
             AccountMsg::Consume(cmd, reply) => state.consume(cmd, reply)?,
             AccountMsg::Check(cmd, reply) => state.check(cmd, reply),
-            AccountMsg::Upsert(cmd, reply) => state.upsert(cmd, reply)?,
+            AccountMsg::Upsert(cmd, reply) => state.upsert(*cmd, reply)?,
             AccountMsg::Credit(cmd, reply) => state.credit(cmd, reply)?,
             AccountMsg::TopUp(cmd, reply) => state.top_up(cmd, reply)?,
             AccountMsg::Reserve(cmd, reply) => state.reserve(cmd, reply)?,
@@ -1324,6 +1330,7 @@ impl AccountState {
         };
         check_len("email", &cmd.email)?;
         check_len("stripe_customer_id", &cmd.stripe_customer_id)?;
+        check_len("stripe_customer_id", &cmd.link_customer_if_unset)?;
         let (status, status_since_ms) = match (cmd.status, current) {
             (Some(s), Some(c)) if s == c.status => (s, c.status_since_ms),
             (Some(s), _) => (s, now),
@@ -1364,7 +1371,8 @@ impl AccountState {
             email: cmd.email.or_else(|| current.and_then(|c| c.email.clone())),
             stripe_customer_id: cmd
                 .stripe_customer_id
-                .or_else(|| current.and_then(|c| c.stripe_customer_id.clone())),
+                .or_else(|| current.and_then(|c| c.stripe_customer_id.clone()))
+                .or(cmd.link_customer_if_unset),
             metadata,
             created_at_ms: current.map(|c| c.created_at_ms).unwrap_or(now),
         })

@@ -496,3 +496,37 @@ async fn a_dangling_idempotency_record_is_not_a_replay() {
     accounts.shutdown(Duration::from_secs(5)).await.unwrap();
     assert!(meterd_actors::verify::verify_store(&store).unwrap().ok());
 }
+
+/// Checkout links the customer it created only if none was linked meanwhile.
+#[tokio::test]
+async fn a_conditional_customer_link_never_overwrites_one_set_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(&store, settings()).await;
+    create(&accounts, "a", "capped").await;
+    let link = |c: &str| UpsertCmd {
+        link_customer_if_unset: Some(c.into()),
+        ..Default::default()
+    };
+    let r = accounts.upsert(&id("a"), link("cus_first")).await.unwrap();
+    assert_eq!(
+        r.view.profile.stripe_customer_id.as_deref(),
+        Some("cus_first")
+    );
+    let r = accounts.upsert(&id("a"), link("cus_second")).await.unwrap();
+    assert_eq!(
+        r.view.profile.stripe_customer_id.as_deref(),
+        Some("cus_first")
+    );
+    // An explicit set still replaces it.
+    let set = UpsertCmd {
+        stripe_customer_id: Some("cus_admin".into()),
+        ..Default::default()
+    };
+    let r = accounts.upsert(&id("a"), set).await.unwrap();
+    assert_eq!(
+        r.view.profile.stripe_customer_id.as_deref(),
+        Some("cus_admin")
+    );
+    assert_eq!(store.customer_account("cus_admin").unwrap(), Some(id("a")));
+}

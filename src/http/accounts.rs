@@ -272,6 +272,7 @@ impl AccountsApi {
             seats: b.seats,
             email: b.email,
             stripe_customer_id: b.stripe_customer_id,
+            link_customer_if_unset: None,
             metadata: b.metadata.map(|m| m.into_iter().collect()),
             status,
             overrides,

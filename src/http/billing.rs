@@ -172,16 +172,19 @@ impl BillingApi {
             .create_customer(id.as_str(), view.profile.email.as_deref())
             .await
             .map_err(stripe_error)?;
-        self.accounts
+        // Only if still unset: a customer linked meanwhile (a PUT, a webhook) wins, and the
+        // one just created stays unused.
+        let r = self
+            .accounts
             .upsert(
                 id,
                 UpsertCmd {
-                    stripe_customer_id: Some(cus.clone()),
+                    link_customer_if_unset: Some(cus.clone()),
                     ..Default::default()
                 },
             )
             .await?;
-        Ok(cus)
+        Ok(r.view.profile.stripe_customer_id.unwrap_or(cus))
     }
 
     /// Counts one checkout for `id`; 429 `rate_limited` beyond [`CHECKOUT_PER_MINUTE`].

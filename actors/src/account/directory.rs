@@ -338,7 +338,8 @@ impl Accounts {
         id: &AccountId,
         cmd: UpsertCmd,
     ) -> Result<UpsertReply, AccountError> {
-        self.call(id, |p| AccountMsg::Upsert(cmd, p)).await
+        self.call(id, |p| AccountMsg::Upsert(Box::new(cmd), p))
+            .await
     }
 
     pub async fn credit(
