@@ -335,3 +335,36 @@ async fn stripe_errors_are_502_with_stripes_message() {
     assert_eq!(r.status, 201, "{:?}", r.body);
     assert_eq!(posts(&fake, "/v1/customers").len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_price_stripe_does_not_know_is_a_502_naming_it() {
+    let fake = FakeStripe::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The team plan names a price that was never created in Stripe.
+    let d = TestDaemon::start_stripe(dir, &fake, |c| {
+        c.stripe.checkout_success_url = Some(SUCCESS.into());
+        c.stripe.checkout_cancel_url = Some(CANCEL.into());
+        c.stripe.plans.get_mut("team").unwrap().stripe_price = Some("price_missing".into());
+    })
+    .await;
+    let r = d
+        .client
+        .put_account("acct_np", json!({"plan": "free"}))
+        .await;
+    assert!(r.status < 300, "{:?}", r.body);
+    let r = checkout(
+        &d,
+        "acct_np",
+        json!({"kind": "subscription", "plan": "team", "seats": 2}),
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (502, "stripe_error"), "{:?}", r.body);
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("No such price: 'price_missing'"), "{msg}");
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+    d.stop().await;
+}

@@ -396,6 +396,16 @@ async fn fake_stripe_customers_create_and_get() {
 #[tokio::test]
 async fn fake_stripe_checkout_portal_prices_and_meters() {
     let fake = FakeStripe::start().await;
+    // A line item's price must exist, as in Stripe.
+    let body = "customer=cus_123&line_items[0][price]=price_123&line_items[0][quantity]=1&mode=subscription&success_url=https://app.example.com/ok&metadata[meterd_account]=acct_1";
+    let r = post(&fake, "/v1/checkout/sessions", body).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "resource_missing");
+    assert_eq!(r.body["error"]["param"], "line_items[0][price]");
+    fake.add_price(
+        "price_123",
+        crate::support::fake_stripe::PriceKind::Licensed,
+    );
     let r = post(
         &fake,
         "/v1/checkout/sessions",

@@ -10,8 +10,9 @@
 //! Stripe behaviour it copies: Bearer auth, meter-event `identifier` dedup for 24 h (400,
 //! `Stripe-Should-Retry: false`), `Idempotency-Key` replay (same key and parameters: the saved
 //! answer with `Idempotent-Replayed: true`; other parameters: 400 `idempotency_error`), and
-//! injected failures that are not saved for replay. References to other objects (`customer`,
-//! `price`) in created objects are not checked, and meter-event timestamps are not range-checked.
+//! injected failures that are not saved for replay. A Checkout line item's `price` must have
+//! been added ([`FakeStripe::add_price`]); other references (`customer`) are not checked, and
+//! meter-event timestamps are not range-checked.
 //!
 //! Objects the test registers are served as given: v1 events (`GET /v1/events`, newest first,
 //! with the spec's filters and cursor pagination), subscriptions (`GET /v1/subscriptions/{id}`)
@@ -973,6 +974,22 @@ impl State {
     }
 
     fn create_checkout_session(&mut self, t: &Params) -> Reply {
+        // Like Stripe: a line item's price must exist (400 resource_missing naming it).
+        if let Some(Node::Map(items)) = get(t, "line_items") {
+            for (i, item) in items {
+                if let Node::Map(fields) = item
+                    && let Some(price) = leaf(fields, "price")
+                    && !self.prices.contains_key(price)
+                {
+                    return Reply::invalid(
+                        400,
+                        &format!("No such price: '{price}'"),
+                        Some(&format!("line_items[{i}][price]")),
+                        Some("resource_missing"),
+                    );
+                }
+            }
+        }
         let now = now_unix();
         let id = format!("cs_test_fake{}", self.next_id());
         let mode = leaf(t, "mode").unwrap_or("payment");
