@@ -15,6 +15,8 @@
 //! than the retention period.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -43,6 +45,9 @@ pub enum WebhookMsg {
     /// List undelivered events from Stripe and log the missing ones.
     Backfill(RpcReplyPort<Result<BackfillReport, String>>),
     Stats(RpcReplyPort<WebhookStats>),
+    /// Test only: fail the actor as a bug would.
+    #[doc(hidden)]
+    Crash,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +81,7 @@ pub struct BackfillReport {
     pub logged: usize,
 }
 
+#[derive(Clone)]
 pub struct WebhookArgs {
     pub store: Store,
     pub accounts: Accounts,
@@ -210,6 +216,7 @@ impl Actor for WebhookActor {
                 s.pending = state.queue.len();
                 let _ = reply.send(s);
             }
+            WebhookMsg::Crash => return Err("crash requested".into()),
         }
         Ok(())
     }
@@ -531,39 +538,97 @@ impl WebhookState {
 /// A handle to the running webhook actor.
 #[derive(Clone)]
 pub struct Webhooks {
-    actor: ActorRef<WebhookMsg>,
+    /// The live actor; replaced by the supervisor when it restarts one.
+    actor: Arc<RwLock<ActorRef<WebhookMsg>>>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl Webhooks {
+    /// Spawns the actor under a small supervisor: if the actor stops while the daemon is not
+    /// stopping (a panic, an error from a handler), a new one starts from the log a second
+    /// later. The returned handle ends when the supervisor does (after [`Webhooks::stop`]).
     pub async fn spawn(
         args: WebhookArgs,
     ) -> Result<(Webhooks, tokio::task::JoinHandle<()>), String> {
-        let (actor, handle) = Actor::spawn(None, WebhookActor, args)
+        let (actor, mut handle) = Actor::spawn(None, WebhookActor, args.clone())
             .await
             .map_err(|e| e.to_string())?;
-        Ok((Webhooks { actor }, handle))
+        let shared = Arc::new(RwLock::new(actor));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let supervisor = {
+            let (shared, stopping) = (shared.clone(), stopping.clone());
+            tokio::spawn(async move {
+                loop {
+                    let _ = (&mut handle).await;
+                    if stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                    tracing::error!("the webhook actor stopped unexpectedly; restarting it");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                    match Actor::spawn(None, WebhookActor, args.clone()).await {
+                        Ok((a, h)) => {
+                            if stopping.load(Ordering::Acquire) {
+                                // `stop` ran while this one was starting.
+                                a.stop(None);
+                            }
+                            if let Ok(mut g) = shared.write() {
+                                *g = a;
+                            }
+                            handle = h;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot restart the webhook actor; retrying");
+                        }
+                    }
+                }
+            })
+        };
+        Ok((
+            Webhooks {
+                actor: shared,
+                stopping,
+            },
+            supervisor,
+        ))
+    }
+
+    fn actor(&self) -> ActorRef<WebhookMsg> {
+        match self.actor.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
     }
 
     /// Tells the actor an event was logged.
     pub fn logged(&self, id: &str, created_s: i64) {
         let _ = self
-            .actor
+            .actor()
             .cast(WebhookMsg::Logged(id.to_owned(), created_s));
     }
 
     pub async fn replay(&self, id: &str) -> Result<bool, String> {
-        ractor::call!(self.actor, WebhookMsg::Replay, id.to_owned()).map_err(|e| e.to_string())?
+        ractor::call!(self.actor(), WebhookMsg::Replay, id.to_owned()).map_err(|e| e.to_string())?
     }
 
     pub async fn backfill(&self) -> Result<BackfillReport, String> {
-        ractor::call!(self.actor, WebhookMsg::Backfill).map_err(|e| e.to_string())?
+        ractor::call!(self.actor(), WebhookMsg::Backfill).map_err(|e| e.to_string())?
     }
 
     pub async fn stats(&self) -> Option<WebhookStats> {
-        ractor::call_t!(self.actor, WebhookMsg::Stats, 2000).ok()
+        ractor::call_t!(self.actor(), WebhookMsg::Stats, 2000).ok()
+    }
+
+    /// Test and fault-injection hook: makes the actor fail.
+    #[doc(hidden)]
+    pub fn crash(&self) {
+        let _ = self.actor().cast(WebhookMsg::Crash);
     }
 
     pub fn stop(&self) {
-        self.actor.stop(None);
+        self.stopping.store(true, Ordering::Release);
+        self.actor().stop(None);
     }
 }

@@ -530,3 +530,85 @@ async fn a_conditional_customer_link_never_overwrites_one_set_meanwhile() {
     );
     assert_eq!(store.customer_account("cus_admin").unwrap(), Some(id("a")));
 }
+
+/// The webhook actor is supervised: after it fails, a new one rebuilds its queue from the log
+/// and applies what was logged meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_webhook_actor_is_restarted_and_applies_the_log() {
+    use meterd_actors::store::{EventSource, WebhookRecord, WebhookStatus};
+    use meterd_actors::webhook::{WebhookArgs, WebhookSettings, Webhooks};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(&store, settings()).await;
+    create(&accounts, "acct_w", "capped").await;
+    let (webhooks, supervisor) = Webhooks::spawn(WebhookArgs {
+        store: store.clone(),
+        accounts: accounts.clone(),
+        clock: Clock::System,
+        settings: WebhookSettings {
+            client: None,
+            prices: Default::default(),
+            fallback_plan: "capped".into(),
+            max_attempts: 5,
+            base_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+            retention: Duration::from_secs(35 * 86_400),
+            refetch: false,
+            poll: Duration::from_millis(20),
+            backfill_on_start: false,
+            backfill_days: 30,
+        },
+    })
+    .await
+    .unwrap();
+    let log = |n: u32| {
+        let id = format!("evt_w{n}");
+        let body = format!(
+            r#"{{"id":"{id}","object":"event","type":"customer.updated","created":{n},"data":{{"object":{{"id":"cus_w","object":"customer","email":"w{n}@example.com","metadata":{{"meterd_account_id":"acct_w"}}}}}}}}"#
+        );
+        let rec = WebhookRecord {
+            id: id.clone(),
+            event_type: "customer.updated".into(),
+            created_s: i64::from(n),
+            received_ms: Clock::System.now_ms(),
+            source: EventSource::Webhook,
+            thin: false,
+            status: WebhookStatus::Pending,
+            attempts: 0,
+            next_at_ms: 0,
+            last_error: None,
+            outcome: None,
+            settled_ms: None,
+        };
+        assert!(store.log_event(&rec, body.as_bytes()).unwrap());
+        id
+    };
+    let applied = |id: String| {
+        let store = store.clone();
+        async move {
+            for _ in 0..500 {
+                if store.event(&id).unwrap().unwrap().status == WebhookStatus::Applied {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            false
+        }
+    };
+    let first = log(1);
+    webhooks.logged(&first, 1);
+    assert!(applied(first).await);
+    webhooks.crash();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Logged while no actor runs (the announcement is lost): the restarted one finds it.
+    let second = log(2);
+    webhooks.logged(&second, 2);
+    assert!(applied(second).await, "applied after the restart");
+    let view = accounts.get(&id("acct_w")).await.unwrap();
+    assert_eq!(view.profile.email.as_deref(), Some("w2@example.com"));
+    webhooks.stop();
+    tokio::time::timeout(Duration::from_secs(10), supervisor)
+        .await
+        .expect("the supervisor ends after stop")
+        .unwrap();
+}
