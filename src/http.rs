@@ -40,6 +40,9 @@ struct HealthApi {
     store: Store,
     ready: Arc<AtomicBool>,
     outbox: meterd_actors::outbox::Outbox,
+    webhooks: meterd_actors::webhook::Webhooks,
+    /// A webhook signing secret is configured.
+    webhooks_configured: bool,
 }
 
 #[derive(Object)]
@@ -51,6 +54,12 @@ struct HealthBody {
     /// Billable entries waiting for Stripe.
     #[oai(skip_serializing_if_is_none)]
     outbox_queued: Option<u64>,
+    /// `configured`, or `not_configured` (no signing secret: POST /webhooks/stripe answers 503).
+    #[oai(skip_serializing_if_is_none)]
+    webhooks: Option<String>,
+    /// Stripe events logged but not applied yet.
+    #[oai(skip_serializing_if_is_none)]
+    webhooks_pending: Option<u64>,
 }
 
 #[derive(ApiResponse)]
@@ -71,6 +80,8 @@ impl HealthApi {
             status: "ok".into(),
             stripe: None,
             outbox_queued: None,
+            webhooks: None,
+            webhooks_pending: None,
         })
     }
 
@@ -82,6 +93,8 @@ impl HealthApi {
                 status: why.into(),
                 stripe: None,
                 outbox_queued: None,
+                webhooks: None,
+                webhooks_pending: None,
             }))
         };
         if !self.ready.load(Ordering::Acquire) {
@@ -98,6 +111,15 @@ impl HealthApi {
             status: "ready".into(),
             stripe: outbox.map(|s| if s.online { "online" } else { "offline" }.into()),
             outbox_queued: outbox.map(|s| s.queued as u64),
+            webhooks: Some(
+                if self.webhooks_configured {
+                    "configured"
+                } else {
+                    "not_configured"
+                }
+                .into(),
+            ),
+            webhooks_pending: self.webhooks.stats().await.map(|s| s.pending as u64),
         }))
     }
 }
@@ -154,6 +176,8 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
                 store: deps.store,
                 ready: deps.ready,
                 outbox: deps.outbox.clone(),
+                webhooks_configured: !deps.receiver.secrets.is_empty(),
+                webhooks: deps.webhooks.clone(),
             },
         ),
         "meterd",

@@ -237,6 +237,9 @@ async fn without_a_secret_the_endpoint_answers_503_and_with_two_both_verify() {
     let now = Clock::System.now_ms() / 1000;
     let r = post(&d.client, &body, Some(&sign(&body, WEBHOOK_SECRET, now))).await;
     assert_eq!((r.status, r.code()), (503, "webhook_not_configured"));
+    let (status, ready) = d.client.get_noauth("/readyz").await;
+    assert_eq!(status, 200);
+    assert_eq!(ready["webhooks"], "not_configured", "{ready}");
     d.stop().await;
 
     // Rotation: the old and the new secret are both accepted.
@@ -272,6 +275,15 @@ async fn without_a_secret_the_endpoint_answers_503_and_with_two_both_verify() {
     settled(&d.client).await;
     let l = log(&d.client, Some("ignored")).await;
     assert_eq!(l["events"].as_array().unwrap().len(), 3, "{l}");
+    let (_, ready) = d.client.get_noauth("/readyz").await;
+    assert_eq!(
+        (
+            ready["webhooks"].as_str(),
+            ready["webhooks_pending"].as_u64()
+        ),
+        (Some("configured"), Some(0)),
+        "{ready}"
+    );
     d.stop().await;
 }
 
