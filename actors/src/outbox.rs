@@ -18,6 +18,10 @@
 //! retried, dead-lettered and revived as one item. A record that may have been sent under its
 //! own identifier (`attempted`, written durably before the first send) is never merged.
 //!
+//! Stream mode (`MeterEventsMode::Stream`): the same items, identifiers and barrier, but sent
+//! through Stripe's v2 meter event stream, up to 100 events per request under one meter event
+//! session token, reused until shortly before it expires.
+//!
 //! Per tick it scans a bounded part of the queue (continuing where the last tick stopped),
 //! forms the batches of closed windows, then waits for a group-commit barrier before sending:
 //! only durable entries are ever billed. Up to `concurrency` events are in flight at once

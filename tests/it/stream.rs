@@ -22,6 +22,8 @@ fn stream_mode(fake: &FakeStripe) -> impl FnOnce(&mut Config) + use<> {
         c.stripe.meter_events = MeterEventsMode::Stream;
         c.stripe.meter_events_stream_base = base;
         c.stripe.breaker_failures = 100;
+        // Outages in these tests outlast 12 quick attempts (10-100 ms backoff).
+        c.stripe.max_attempts = 1000;
     }
 }
 
@@ -118,6 +120,10 @@ fn assert_exactly_once(
     }
 }
 
+fn us(n: u64) -> usize {
+    usize::try_from(n).unwrap()
+}
+
 /// The sum of quantities `1 + i % 9` for `i` in `0..n`.
 fn units(n: u64) -> u64 {
     (0..n).map(|i| 1 + i % 9).sum()
@@ -134,11 +140,11 @@ async fn stream_mode_sends_every_consume_once_in_requests_of_at_most_100() {
     assert_eq!(d.client.consume("flat", 7, "k").await.status, 200);
     let n = 300;
     let expected = consume_many(&d, &["a", "b"], n, "k", 2).await;
-    drained(&d, &fake, 2 * n as usize, 20).await;
+    drained(&d, &fake, 2 * us(n), 20).await;
     assert_exactly_once(&fake, &expected, &[("a", units(n)), ("b", units(n))]);
     let sizes = fake.stream_requests();
     assert!(sizes.iter().all(|s| (1..=100).contains(s)), "{sizes:?}");
-    assert_eq!(sizes.iter().sum::<usize>(), 2 * n as usize);
+    assert_eq!(sizes.iter().sum::<usize>(), 2 * us(n));
     // Nothing went the v1 way; one session served the whole run.
     assert_eq!(fake.count("/v1/billing/meter_events"), 0);
     assert_eq!(fake.count(SESSION), 1);
@@ -157,7 +163,7 @@ async fn stream_mode_sends_every_consume_once_in_requests_of_at_most_100() {
     let dir = d.stop().await;
     let d = start(dir, &fake).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(fake.meter_events().len(), 2 * n as usize);
+    assert_eq!(fake.meter_events().len(), 2 * us(n));
     assert_eq!(fake.count(STREAM), sizes.len());
     d.stop().await;
 }
@@ -174,7 +180,7 @@ async fn stream_mode_makes_about_one_call_per_hundred_consumes_under_load() {
     payg(&d, "load").await;
     let n = 2000;
     let expected = consume_many(&d, &["load"], n, "l", 2).await;
-    drained(&d, &fake, n as usize, 30).await;
+    drained(&d, &fake, us(n), 30).await;
     assert_exactly_once(&fake, &expected, &[("load", units(n))]);
     let calls = fake.count(STREAM) + fake.count(SESSION);
     let per_consume = calls as f64 / n as f64;
