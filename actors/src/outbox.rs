@@ -1199,6 +1199,21 @@ mod tests {
     }
 
     #[test]
+    fn sessions_are_replaced_ahead_of_their_expiry() {
+        // Stripe's 15 minutes: replaced a minute early.
+        assert_eq!(
+            session_margin(Duration::from_secs(900)),
+            Duration::from_secs(60)
+        );
+        // Short lifetimes: a quarter early.
+        assert_eq!(
+            session_margin(Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(session_margin(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
     fn backoff_is_bounded_and_grows() {
         let base = Duration::from_millis(100);
         let max = Duration::from_secs(10);

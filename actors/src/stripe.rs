@@ -640,6 +640,43 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_session_token_is_recognised() {
+        let expired = api(
+            401,
+            Some("billing_meter_event_session_expired"),
+            "expired",
+            None,
+        );
+        assert!(expired.is_session_expired());
+        assert!(api(401, None, "unknown token", None).is_session_expired());
+        assert!(!api(400, None, "bad", None).is_session_expired());
+        assert!(!api(500, None, "boom", None).is_session_expired());
+        assert!(!StripeCallError::Timeout.is_session_expired());
+    }
+
+    #[tokio::test]
+    async fn a_stream_request_carries_1_to_100_events() {
+        let c = StripeHttp::new("http://127.0.0.1:9/", "sk", Duration::from_secs(1))
+            .unwrap()
+            .with_stream_base("http://127.0.0.1:9");
+        assert_eq!(c.stream_base, "http://127.0.0.1:9/");
+        let ev = StreamEvent {
+            event_name: "tokens".into(),
+            identifier: "a:1".into(),
+            customer: "cus_a".into(),
+            value: 1,
+            timestamp_ms: 0,
+        };
+        for n in [0, STREAM_MAX_EVENTS + 1] {
+            let events = vec![ev.clone(); n];
+            assert!(matches!(
+                c.send_meter_event_stream("t", &events).await,
+                Err(StripeCallError::Decode(_))
+            ));
+        }
+    }
+
+    #[test]
     fn errors_are_classified_for_the_outbox() {
         let dup = api(
             400,
