@@ -348,3 +348,37 @@ async fn the_fake_stream_checks_the_sdk_shape_and_the_token() {
     let r = post(STREAM, &token, json!({"events": [ev]})).await.unwrap();
     assert_eq!(r.status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_counts_a_failed_stream_request_as_one_call() {
+    let fake = FakeStripe::start().await;
+    let d = TestDaemon::start_stripe(tempfile::tempdir().unwrap(), &fake, |c| {
+        stream_mode(&fake)(c);
+        c.stripe.breaker_failures = 3;
+        c.stripe.breaker_cooldown = Duration::from_secs(2);
+    })
+    .await;
+    payg(&d, "br").await;
+    fake.fail_for_on(STREAM, Duration::from_millis(1500), Failure::Status(500));
+    let expected = consume_many(&d, &["br"], 250, "k", 2).await;
+    eventually(Duration::from_secs(5), || async {
+        outbox(&d).await["breaker_open"] == true
+    })
+    .await;
+    // Open after 3 failed requests (not 3 failed events, nor one per event as in v1): at most
+    // the failures before the opening one plus one group of `concurrency` (8) requests.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let failed = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path == STREAM && r.status == Some(500))
+        .count();
+    assert!((3..=2 + 8).contains(&failed), "{failed}");
+    // After the cooldown a probe succeeds and the rest follows, exactly once.
+    drained(&d, &fake, 250, 20).await;
+    assert_exactly_once(&fake, &expected, &[("br", units(250))]);
+    let o = outbox(&d).await;
+    assert_eq!(o["dead"], 0);
+    assert_eq!(o["breaker_open"], false);
+    d.stop().await;
+}
