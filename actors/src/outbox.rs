@@ -907,8 +907,11 @@ impl OutboxState {
             let group: Vec<Vec<Ready>> = requests.by_ref().take(width).collect();
             let mut results: Vec<Option<Result<(), StripeCallError>>> =
                 (0..group.len()).map(|_| None).collect();
+            // Without a session no request was sent: one failed call, not one per request.
+            let mut no_session = false;
             match self.stream_session(client).await {
                 Err(e) => {
+                    no_session = true;
                     tracing::warn!(error = %e, "Stripe: cannot create a meter event session");
                     for r in &mut results {
                         *r = Some(Err(e.clone()));
@@ -927,7 +930,8 @@ impl OutboxState {
                                 identifier: record_identifier(account, *seq, record),
                                 customer: customer.clone(),
                                 value: record.item.value,
-                                timestamp_ms: record.item.at_ms,
+                                // Whole seconds, as v1 sends them.
+                                timestamp_ms: record.item.at_ms.div_euclid(1000) * 1000,
                             })
                             .collect();
                         let client = client.clone();
@@ -968,7 +972,7 @@ impl OutboxState {
                 }
             }
             let mut opened = false;
-            for (request, result) in group.into_iter().zip(results) {
+            for (i, (request, result)) in group.into_iter().zip(results).enumerate() {
                 // A send task that did not finish counts as a network failure: retried.
                 let result = match result {
                     None => Err(StripeCallError::Network("send task failed".into())),
@@ -997,7 +1001,7 @@ impl OutboxState {
                         result.clone(),
                         now,
                         half_open,
-                        k == 0,
+                        k == 0 && (i == 0 || !no_session),
                     )?;
                 }
             }
