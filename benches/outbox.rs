@@ -4,7 +4,8 @@
 //! Run: `cargo bench --bench outbox` (release). Knobs: `OUTBOX_CONSUMES` (default 5000),
 //! `OUTBOX_CALLS_PER_SECOND` (the daemon's `stripe.calls_per_second`, default 1000),
 //! `OUTBOX_AGGREGATE_S` (comma-separated `stripe.aggregate_s` values, one run each; default
-//! `0,1`: off, then one-second windows in real time).
+//! `0,1`: off, then one-second windows in real time), `OUTBOX_MODE` (`stripe.meter_events`:
+//! `v1`, the default, or `stream`: the v2 meter event stream, up to 100 events per request).
 //!
 //! 1. A minimal fake Stripe (poem, its own runtime) answers `POST /v1/billing/meter_events`
 //!    with a complete meter event and counts requests, distinct identifiers and the units
@@ -78,6 +79,54 @@ fn meter_event(
     }))
 }
 
+/// `POST /v2/billing/meter_event_session`: a token valid 15 minutes.
+#[handler]
+fn session(counts: Data<&Arc<Counts>>) -> poem::web::Json<serde_json::Value> {
+    counts.calls.fetch_add(1, Ordering::Relaxed);
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    poem::web::Json(serde_json::json!({
+        "id": "mes_bench", "object": "v2.billing.meter_event_session",
+        "authentication_token": "mes_token_bench",
+        "created": meterd_actors::model::format_rfc3339(now),
+        "expires_at": meterd_actors::model::format_rfc3339(now + 15 * 60_000),
+        "livemode": false,
+    }))
+}
+
+/// `POST /v2/billing/meter_event_stream`: up to 100 events, counted like v1's.
+#[handler]
+fn stream(
+    poem::web::Json(body): poem::web::Json<serde_json::Value>,
+    counts: Data<&Arc<Counts>>,
+) -> poem::web::Json<serde_json::Value> {
+    counts.calls.fetch_add(1, Ordering::Relaxed);
+    let events = body["events"].as_array().cloned().unwrap_or_default();
+    assert!(
+        events.len() <= 100,
+        "{} events in one request",
+        events.len()
+    );
+    for e in events {
+        let id = e["identifier"].as_str().unwrap_or_default().to_owned();
+        if counts.ids.lock().unwrap().insert(id) {
+            let units = e["payload"]["value"]
+                .as_str()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            counts.units.fetch_add(units, Ordering::Relaxed);
+        } else {
+            counts.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    poem::web::Json(serde_json::json!({}))
+}
+
 /// `GET /v1/billing/meters`: one active meter for `tokens`, from Stripe's own fixture.
 #[handler]
 fn meters() -> poem::web::Json<serde_json::Value> {
@@ -124,16 +173,24 @@ fn main() {
                 .expect("OUTBOX_AGGREGATE_S: seconds, comma-separated")
         })
         .collect();
-    let rows: Vec<Row> = windows.into_iter().map(|w| run(consumes, cps, w)).collect();
+    let mode = std::env::var("OUTBOX_MODE").unwrap_or_else(|_| "v1".into());
+    assert!(
+        mode == "v1" || mode == "stream",
+        "OUTBOX_MODE: v1 or stream"
+    );
+    let rows: Vec<Row> = windows
+        .into_iter()
+        .map(|w| run(consumes, cps, w, &mode))
+        .collect();
     println!("## Outbox benchmark");
     println!();
     println!(
-        "| billable consumes | stripe.aggregate_s | consumes/s (outbox sending meanwhile) | time to last unit at Stripe | drain rate | Stripe calls per consume | batches (entries) | duplicate deliveries | calls_per_second |"
+        "| billable consumes | stripe.meter_events | stripe.aggregate_s | consumes/s (outbox sending meanwhile) | time to last unit at Stripe | drain rate | Stripe calls per consume | batches (entries) | duplicate deliveries | calls_per_second |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {consumes} | {} | {:.0} | {:.2} s | {:.0} units/s | {:.3} | {} ({}) | {} | {cps} |",
+            "| {consumes} | {mode} | {} | {:.0} | {:.2} s | {:.0} units/s | {:.3} | {} ({}) | {} | {cps} |",
             r.aggregate_s,
             r.consumes_per_s,
             r.drained_s,
@@ -148,7 +205,7 @@ fn main() {
 
 /// Starts a fake and a daemon with `stripe.aggregate_s = aggregate_s`, consumes, and waits
 /// until Stripe has every unit.
-fn run(consumes: u64, cps: u64, aggregate_s: u64) -> Row {
+fn run(consumes: u64, cps: u64, aggregate_s: u64, mode: &str) -> Row {
     let counts = Arc::new(Counts::default());
 
     // The fake, on its own runtime.
@@ -163,6 +220,8 @@ fn run(consumes: u64, cps: u64, aggregate_s: u64) -> Row {
         let app = Route::new()
             .at("/v1/billing/meter_events", post(meter_event))
             .at("/v1/billing/meters", poem::get(meters))
+            .at("/v2/billing/meter_event_session", post(session))
+            .at("/v2/billing/meter_event_stream", post(stream))
             .data(counts.clone());
         let acceptor = poem::listener::TcpAcceptor::from_tokio(listener).unwrap();
         tokio::spawn(poem::Server::new_with_acceptor(acceptor).run(app));
@@ -184,7 +243,16 @@ fn run(consumes: u64, cps: u64, aggregate_s: u64) -> Row {
         )
         .replace("poll_ms = 200", "poll_ms = 10")
         .replace("batch = 100", "batch = 1000")
-        .replace("aggregate_s = 0", &format!("aggregate_s = {aggregate_s}"));
+        .replace("aggregate_s = 0", &format!("aggregate_s = {aggregate_s}"))
+        .replace(
+            "meter_events = \"v1\"",
+            &format!("meter_events = \"{mode}\""),
+        )
+        .replace(
+            "meter_events_stream_base = \"https://meter-events.stripe.com/\"",
+            &format!("meter_events_stream_base = \"http://{fake_addr}/\""),
+        );
+    assert!(config.contains(&format!("meter_events = \"{mode}\"")));
     assert!(config.contains(&format!("aggregate_s = {aggregate_s}")));
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, config).unwrap();

@@ -138,6 +138,9 @@ struct RawStripe {
     aggregate_s: u64,
     /// Account id → meter → aggregation window (seconds).
     aggregate_accounts: BTreeMap<String, BTreeMap<String, u64>>,
+    /// `"v1"` (one request per event) or `"stream"` (the v2 meter event stream).
+    meter_events: String,
+    meter_events_stream_base: String,
 }
 
 impl Default for RawStripe {
@@ -163,6 +166,8 @@ impl Default for RawStripe {
             refetch_on_webhook: false,
             aggregate_s: 0,
             aggregate_accounts: BTreeMap::new(),
+            meter_events: "v1".into(),
+            meter_events_stream_base: meterd_actors::stripe::DEFAULT_STREAM_BASE.into(),
         }
     }
 }
@@ -211,6 +216,10 @@ pub struct StripeConfig {
     /// Aggregation windows of the outbox (`stripe.aggregate_s`, `[stripe.meters.<m>]
     /// aggregate_s`, `[stripe.aggregate_accounts."<account>"] <meter> = <s>`).
     pub aggregation: meterd_actors::outbox::Aggregation,
+    /// `stripe.meter_events`: v1 (one request per event) or the v2 meter event stream.
+    pub meter_events: meterd_actors::outbox::MeterEventsMode,
+    /// The meter event stream's host, with a trailing slash.
+    pub meter_events_stream_base: String,
 }
 
 /// The Stripe side of one plan (`[plans.<p>] stripe_price`, `stripe_metered_price`,
@@ -667,6 +676,24 @@ impl Config {
                 format!("`{}` is not an http(s) URL", st.api_base),
             ));
         }
+        let meter_events = match st.meter_events.as_str() {
+            "v1" => meterd_actors::outbox::MeterEventsMode::V1,
+            "stream" => meterd_actors::outbox::MeterEventsMode::Stream,
+            other => {
+                return Err(invalid(
+                    "stripe.meter_events",
+                    format!("`{other}` is neither \"v1\" nor \"stream\""),
+                ));
+            }
+        };
+        if !(st.meter_events_stream_base.starts_with("https://")
+            || st.meter_events_stream_base.starts_with("http://"))
+        {
+            return Err(invalid(
+                "stripe.meter_events_stream_base",
+                format!("`{}` is not an http(s) URL", st.meter_events_stream_base),
+            ));
+        }
         if st.secret_key_env.is_empty()
             || !st
                 .secret_key_env
@@ -795,6 +822,12 @@ impl Config {
             plans: stripe_plans,
             refetch_on_webhook: st.refetch_on_webhook,
             aggregation,
+            meter_events,
+            meter_events_stream_base: if st.meter_events_stream_base.ends_with('/') {
+                st.meter_events_stream_base.clone()
+            } else {
+                format!("{}/", st.meter_events_stream_base)
+            },
         };
         let webhooks = build_webhooks(&raw, &stripe, &invalid)?;
         Ok(Config {
@@ -1639,6 +1672,48 @@ mod tests {
             with_rate_limits("[rate_limits.app]\nrequests_per_second = 5\nburst = 5\nrps = 3");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("rps"), "{err}");
+    }
+
+    #[test]
+    fn meter_events_mode_defaults_to_v1_and_bad_values_name_their_key() {
+        use meterd_actors::outbox::MeterEventsMode;
+        let c = parse(EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(c.stripe.meter_events, MeterEventsMode::V1);
+        assert_eq!(
+            c.stripe.meter_events_stream_base,
+            "https://meter-events.stripe.com/"
+        );
+        // Without the keys at all: the same defaults.
+        let without = EMBEDDED_DEFAULT
+            .replacen("meter_events = \"v1\"\n", "", 1)
+            .replacen(
+                "meter_events_stream_base = \"https://meter-events.stripe.com/\"\n",
+                "",
+                1,
+            );
+        assert!(!without.contains("\nmeter_events"));
+        let c = parse(&without).unwrap();
+        assert_eq!(c.stripe.meter_events, MeterEventsMode::V1);
+        let stream = EMBEDDED_DEFAULT
+            .replacen("meter_events = \"v1\"", "meter_events = \"stream\"", 1)
+            .replacen(
+                "\"https://meter-events.stripe.com/\"",
+                "\"http://127.0.0.1:9/x\"",
+                1,
+            );
+        let c = parse(&stream).unwrap();
+        assert_eq!(c.stripe.meter_events, MeterEventsMode::Stream);
+        assert_eq!(c.stripe.meter_events_stream_base, "http://127.0.0.1:9/x/");
+        let bad = EMBEDDED_DEFAULT.replacen("meter_events = \"v1\"", "meter_events = \"v2\"", 1);
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("stripe.meter_events"), "{err}");
+        let bad = EMBEDDED_DEFAULT.replacen(
+            "\"https://meter-events.stripe.com/\"",
+            "\"meter-events.stripe.com\"",
+            1,
+        );
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("stripe.meter_events_stream_base"), "{err}");
     }
 
     #[test]

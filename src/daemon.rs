@@ -350,8 +350,9 @@ pub async fn run_with_clock(
     let client = match &secrets.stripe_key {
         Some(key) => {
             let c = StripeHttp::new(&config.stripe.api_base, key, config.stripe.timeout)
-                .map_err(|e| anyhow::anyhow!("cannot build the Stripe client: {e}"))?;
-            tracing::info!(api_base = %config.stripe.api_base, "Stripe: online; billable usage is sent to Billing Meters");
+                .map_err(|e| anyhow::anyhow!("cannot build the Stripe client: {e}"))?
+                .with_stream_base(&config.stripe.meter_events_stream_base);
+            tracing::info!(api_base = %config.stripe.api_base, meter_events = ?config.stripe.meter_events, "Stripe: online; billable usage is sent to Billing Meters");
             let problems = stripe_self_check(&config, &c).await;
             for p in &problems {
                 tracing::error!(problem = %p, "Stripe self-check failed");
@@ -391,6 +392,7 @@ pub async fn run_with_clock(
             breaker_failures: s.breaker_failures,
             breaker_cooldown: s.breaker_cooldown,
             aggregation: s.aggregation.clone(),
+            meter_events: s.meter_events,
         },
     })
     .await

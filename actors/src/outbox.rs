@@ -18,6 +18,10 @@
 //! retried, dead-lettered and revived as one item. A record that may have been sent under its
 //! own identifier (`attempted`, written durably before the first send) is never merged.
 //!
+//! Stream mode (`MeterEventsMode::Stream`): the same items, identifiers and barrier, but sent
+//! through Stripe's v2 meter event stream, up to 100 events per request under one meter event
+//! session token, reused until shortly before it expires.
+//!
 //! Per tick it scans a bounded part of the queue (continuing where the last tick stopped),
 //! forms the batches of closed windows, then waits for a group-commit barrier before sending:
 //! only durable entries are ever billed. Up to `concurrency` events are in flight at once
@@ -38,7 +42,9 @@ use sha2::{Digest, Sha256};
 use crate::account::Accounts;
 use crate::model::{AccountId, Clock, Period, UnixMs};
 use crate::store::{OutboxItem, OutboxRecord, PruneCursor, QueuedRecord, Store};
-use crate::stripe::{Disposition, StripeHttp};
+use crate::stripe::{
+    Disposition, MeterEventSession, STREAM_MAX_EVENTS, StreamEvent, StripeCallError, StripeHttp,
+};
 
 /// Stripe accepts meter events up to 35 days old; keep a margin.
 const MAX_AGE_MS: i64 = 34 * 24 * 3_600_000;
@@ -110,6 +116,21 @@ pub fn window_of(at_ms: UnixMs, window_ms: i64) -> (UnixMs, UnixMs) {
     (start, start + window_ms)
 }
 
+/// How meter events reach Stripe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MeterEventsMode {
+    /// One `POST /v1/billing/meter_events` per event (the default).
+    #[default]
+    V1,
+    /// Stripe's v2 meter event stream: up to 100 events per request, authenticated by a
+    /// meter event session's token (valid about 15 minutes, reused until shortly before it
+    /// expires).
+    Stream,
+}
+
+/// What the outbox sends for one record.
+type Ready = (AccountId, u64, OutboxRecord, String, String);
+
 #[derive(Debug, Clone)]
 pub struct OutboxSettings {
     /// `None`: offline (no Stripe key); items wait.
@@ -128,6 +149,8 @@ pub struct OutboxSettings {
     pub breaker_cooldown: Duration,
     /// Aggregation windows (default: off everywhere).
     pub aggregation: Aggregation,
+    /// v1 events one by one, or the v2 meter event stream.
+    pub meter_events: MeterEventsMode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -153,6 +176,9 @@ pub struct OutboxStats {
     pub requeued_members_dropped: u64,
     /// `sent` records and `batched` marks pruned.
     pub pruned_total: u64,
+    /// Stream mode: meter event sessions created, and stream requests sent.
+    pub sessions_total: u64,
+    pub stream_requests_total: u64,
 }
 
 pub struct OutboxArgs {
@@ -179,6 +205,8 @@ pub struct OutboxState {
     pass_memo: HashMap<AccountId, WaitingRun>,
     prune_cursor: PruneCursor,
     next_prune: tokio::time::Instant,
+    /// Stream mode: the meter event session in use, and when to replace it.
+    session: Option<(MeterEventSession, tokio::time::Instant)>,
 }
 
 pub struct OutboxActor;
@@ -216,6 +244,12 @@ pub fn record_identifier(account: &AccountId, seq: u64, record: &OutboxRecord) -
         Some(b) => batch_identifier(account, seq, b.last_seq),
         None => identifier(account, seq),
     }
+}
+
+/// How long before its expiry a meter event session is replaced: a quarter of its lifetime,
+/// at most a minute (Stripe's sessions last 15 minutes: replaced after 14).
+pub fn session_margin(lifetime: Duration) -> Duration {
+    (lifetime / 4).min(Duration::from_secs(60))
 }
 
 /// Exponential backoff with full jitter: uniform in `[0, min(max, base * 2^attempts)]`.
@@ -302,6 +336,7 @@ impl Actor for OutboxActor {
             pass_memo: HashMap::new(),
             prune_cursor: PruneCursor::default(),
             next_prune: tokio::time::Instant::now(),
+            session: None,
         })
     }
 
@@ -435,6 +470,9 @@ impl OutboxState {
         // Only durable entries are billed: everything read above, each batch formed and each
         // attempted flag is on disk after this.
         self.args.store.barrier().await?;
+        if self.args.settings.meter_events == MeterEventsMode::Stream {
+            return self.send_stream(&client, ready, now, half_open).await;
+        }
         // Send up to `concurrency` at a time, each start paced; settle the results in order.
         let width = self.args.settings.concurrency.max(1);
         let mut ready = ready.into_iter().peekable();
@@ -472,7 +510,7 @@ impl OutboxState {
                         "send task failed".into(),
                     ))
                 });
-                opened |= self.settle(&account, seq, record, result, now, half_open)?;
+                opened |= self.settle(&account, seq, record, result, now, half_open, true)?;
             }
             if opened {
                 break;
@@ -486,7 +524,15 @@ impl OutboxState {
     /// records or `SCAN_LIMIT` reads; the next tick continues there (wrapping at the end).
     fn scan(&mut self, now: UnixMs) -> Result<Scan, ActorProcessingErr> {
         let agg = &self.args.settings.aggregation;
-        let due_limit = self.args.settings.batch.max(1);
+        let due_limit = match self.args.settings.meter_events {
+            MeterEventsMode::V1 => self.args.settings.batch.max(1),
+            // Enough for `concurrency` full stream requests per tick.
+            MeterEventsMode::Stream => self
+                .args
+                .settings
+                .batch
+                .max(STREAM_MAX_EVENTS * self.args.settings.concurrency.max(1)),
+        };
         let mut out = Scan::default();
         let tick_start = self.cursor.clone();
         let mut from = tick_start.clone();
@@ -764,7 +810,9 @@ impl OutboxState {
     }
 
     /// Records the outcome of one send (an entry or a batch, as a unit). Returns true if the
-    /// breaker opened.
+    /// breaker opened. `call` is false for the second and later events of one stream request:
+    /// one request is one call to the breaker.
+    #[allow(clippy::too_many_arguments)]
     fn settle(
         &mut self,
         account: &AccountId,
@@ -773,6 +821,7 @@ impl OutboxState {
         result: Result<(), crate::stripe::StripeCallError>,
         now: i64,
         half_open: bool,
+        call: bool,
     ) -> Result<bool, crate::store::StoreError> {
         let disposition = match &result {
             Ok(()) => None,
@@ -816,6 +865,9 @@ impl OutboxState {
                         now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
                     self.args.store.update_outbox(account, seq, &record)?;
                 }
+                if !call {
+                    return Ok(false);
+                }
                 self.consecutive_failures += 1;
                 if self.consecutive_failures >= self.args.settings.breaker_failures || half_open {
                     let cooldown = i64::try_from(self.args.settings.breaker_cooldown.as_millis())
@@ -830,6 +882,161 @@ impl OutboxState {
             }
         }
         Ok(false)
+    }
+
+    /// Stream mode: sends `ready` in requests of up to [`STREAM_MAX_EVENTS`] events, up to
+    /// `concurrency` requests at a time (each start paced: one request is one call), all with
+    /// the current session's token. A request refused for its token (expired) creates a new
+    /// session and is sent again once. Each event of a request settles with the request's
+    /// outcome: sent only after the stream's 200.
+    async fn send_stream(
+        &mut self,
+        client: &StripeHttp,
+        ready: Vec<Ready>,
+        now: i64,
+        half_open: bool,
+    ) -> Result<(), ActorProcessingErr> {
+        let width = self.args.settings.concurrency.max(1);
+        let mut requests: Vec<Vec<Ready>> = Vec::new();
+        let mut ready = ready.into_iter().peekable();
+        while ready.peek().is_some() {
+            requests.push(ready.by_ref().take(STREAM_MAX_EVENTS).collect());
+        }
+        let mut requests = requests.into_iter().peekable();
+        while requests.peek().is_some() {
+            let group: Vec<Vec<Ready>> = requests.by_ref().take(width).collect();
+            let mut results: Vec<Option<Result<(), StripeCallError>>> =
+                (0..group.len()).map(|_| None).collect();
+            // Without a session no request was sent: one failed call, not one per request.
+            let mut no_session = false;
+            match self.stream_session(client).await {
+                Err(e) => {
+                    no_session = true;
+                    tracing::warn!(error = %e, "Stripe: cannot create a meter event session");
+                    for r in &mut results {
+                        *r = Some(Err(e.clone()));
+                    }
+                }
+                Ok(token) => {
+                    let mut sends = tokio::task::JoinSet::new();
+                    for (i, request) in group.iter().enumerate() {
+                        self.pace().await;
+                        self.stats.calls_total += 1;
+                        self.stats.stream_requests_total += 1;
+                        let events: Vec<StreamEvent> = request
+                            .iter()
+                            .map(|(account, seq, record, customer, event_name)| StreamEvent {
+                                event_name: event_name.clone(),
+                                identifier: record_identifier(account, *seq, record),
+                                customer: customer.clone(),
+                                value: record.item.value,
+                                // Whole seconds, as v1 sends them.
+                                timestamp_ms: record.item.at_ms.div_euclid(1000) * 1000,
+                            })
+                            .collect();
+                        let client = client.clone();
+                        let token = token.clone();
+                        sends.spawn(async move {
+                            let r = client.send_meter_event_stream(&token, &events).await;
+                            match r {
+                                Err(e) if e.is_session_expired() => {
+                                    match client.create_meter_event_session().await {
+                                        Ok(s) => {
+                                            let r = client
+                                                .send_meter_event_stream(&s.token, &events)
+                                                .await;
+                                            (i, r, Some(s))
+                                        }
+                                        Err(e) => (i, Err(e), None),
+                                    }
+                                }
+                                r => (i, r, None),
+                            }
+                        });
+                    }
+                    while let Some(joined) = sends.join_next().await {
+                        if let Ok((i, r, fresh)) = joined {
+                            if let Some(s) = fresh {
+                                self.stats.sessions_total += 1;
+                                self.stats.calls_total += 1;
+                                tracing::debug!(
+                                    "Stripe: the meter event session expired; a new one was created"
+                                );
+                                self.adopt_session(s);
+                            }
+                            if let Some(slot) = results.get_mut(i) {
+                                *slot = Some(r);
+                            }
+                        }
+                    }
+                }
+            }
+            let mut opened = false;
+            for (i, (request, result)) in group.into_iter().zip(results).enumerate() {
+                // A send task that did not finish counts as a network failure: retried.
+                let result = match result {
+                    None => Err(StripeCallError::Network("send task failed".into())),
+                    // A token refused even when fresh: a problem of the session, not of the
+                    // events (never dead-letter them for it).
+                    Some(Err(StripeCallError::Api {
+                        status: 401,
+                        code,
+                        message,
+                        retry_after,
+                        ..
+                    })) => Err(StripeCallError::Api {
+                        status: 401,
+                        code,
+                        message,
+                        should_retry: Some(true),
+                        retry_after,
+                    }),
+                    Some(r) => r,
+                };
+                for (k, (account, seq, record, _, _)) in request.into_iter().enumerate() {
+                    opened |= self.settle(
+                        &account,
+                        seq,
+                        record,
+                        result.clone(),
+                        now,
+                        half_open,
+                        k == 0 && (i == 0 || !no_session),
+                    )?;
+                }
+            }
+            if opened {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The token of a meter event session valid for a while yet: the current one, or a new
+    /// one (created [`session_margin`] before the current one expires).
+    async fn stream_session(&mut self, client: &StripeHttp) -> Result<String, StripeCallError> {
+        if let Some((s, refresh_at)) = &self.session
+            && tokio::time::Instant::now() < *refresh_at
+        {
+            return Ok(s.token.clone());
+        }
+        self.stats.calls_total += 1;
+        let s = client.create_meter_event_session().await?;
+        self.stats.sessions_total += 1;
+        let token = s.token.clone();
+        self.adopt_session(s);
+        Ok(token)
+    }
+
+    /// Uses `s` from now on, until shortly before it expires. Its lifetime is measured by
+    /// Stripe's own `created` and `expires_at` and counted on the local monotonic clock, so a
+    /// skewed local clock cannot keep an expired token.
+    fn adopt_session(&mut self, s: MeterEventSession) {
+        let lifetime =
+            Duration::from_secs(u64::try_from(s.expires_at_s - s.created_s).unwrap_or(0));
+        let refresh_at =
+            tokio::time::Instant::now() + lifetime.saturating_sub(session_margin(lifetime));
+        self.session = Some((s, refresh_at));
     }
 
     /// One bounded step of pruning `sent` records and `batched` marks older than
@@ -993,6 +1200,21 @@ mod tests {
         for bad in [7, 1000, 86_401, 172_800] {
             assert!(!Aggregation::valid_window_s(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn sessions_are_replaced_ahead_of_their_expiry() {
+        // Stripe's 15 minutes: replaced a minute early.
+        assert_eq!(
+            session_margin(Duration::from_secs(900)),
+            Duration::from_secs(60)
+        );
+        // Short lifetimes: a quarter early.
+        assert_eq!(
+            session_margin(Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(session_margin(Duration::ZERO), Duration::ZERO);
     }
 
     #[test]

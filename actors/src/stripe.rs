@@ -55,6 +55,13 @@ pub enum Disposition {
 }
 
 impl StripeCallError {
+    /// On the meter event stream: the session token was refused (401: expired, Stripe's
+    /// `billing_meter_event_session_expired`, or unknown). Create a new session and send
+    /// again; not a failure of the events.
+    pub fn is_session_expired(&self) -> bool {
+        matches!(self, StripeCallError::Api { status: 401, .. })
+    }
+
     pub fn disposition(&self) -> Disposition {
         match self {
             StripeCallError::Network(_) | StripeCallError::Timeout | StripeCallError::Decode(_) => {
@@ -92,6 +99,45 @@ pub struct StripeHttp {
     http: reqwest::Client,
     base: String,
     secret: String,
+    /// The meter event stream's host (`https://meter-events.stripe.com/`), with a trailing
+    /// slash.
+    stream_base: String,
+}
+
+/// Stripe's meter event stream host.
+pub const DEFAULT_STREAM_BASE: &str = "https://meter-events.stripe.com/";
+
+/// At most this many events per meter event stream request (Stripe's limit).
+pub const STREAM_MAX_EVENTS: usize = 100;
+
+/// A meter event session: a token for the meter event stream, valid until `expires_at_s`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MeterEventSession {
+    pub token: String,
+    /// `created`, in unix seconds.
+    pub created_s: i64,
+    /// `expires_at`, in unix seconds.
+    pub expires_at_s: i64,
+}
+
+impl std::fmt::Debug for MeterEventSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "MeterEventSession([redacted], {}..{})",
+            self.created_s, self.expires_at_s
+        )
+    }
+}
+
+/// One event of a meter event stream request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEvent {
+    pub event_name: String,
+    pub identifier: String,
+    pub customer: String,
+    pub value: u64,
+    pub timestamp_ms: i64,
 }
 
 impl std::fmt::Debug for StripeHttp {
@@ -118,7 +164,98 @@ impl StripeHttp {
             http,
             base,
             secret: secret.to_owned(),
+            stream_base: DEFAULT_STREAM_BASE.to_owned(),
         })
+    }
+
+    /// The same client, sending meter event streams to `base` (a trailing slash is added).
+    pub fn with_stream_base(mut self, base: &str) -> StripeHttp {
+        self.stream_base = if base.ends_with('/') {
+            base.to_owned()
+        } else {
+            format!("{base}/")
+        };
+        self
+    }
+
+    /// Creates a meter event session (`POST v2/billing/meter_event_session`, with the secret
+    /// key): the token the meter event stream takes, valid about 15 minutes.
+    pub async fn create_meter_event_session(&self) -> Result<MeterEventSession, StripeCallError> {
+        let r = self
+            .http
+            .post(format!("{}v2/billing/meter_event_session", self.base))
+            .bearer_auth(&self.secret)
+            .header("Stripe-Version", stripe_shared::version::VERSION.as_str())
+            .header("Content-Type", "application/json")
+            .body("{}");
+        let bytes = send(r).await?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            StripeCallError::Decode(format!("POST v2/billing/meter_event_session: {e}"))
+        })?;
+        let token = v["authentication_token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                StripeCallError::Decode(
+                    "the meter event session has no authentication_token".into(),
+                )
+            })?;
+        let time = |k: &str| {
+            v[k].as_str()
+                .and_then(crate::billing::parse_rfc3339)
+                .ok_or_else(|| {
+                    StripeCallError::Decode(format!(
+                        "the meter event session's `{k}` is not an RFC 3339 time"
+                    ))
+                })
+        };
+        Ok(MeterEventSession {
+            token: token.to_owned(),
+            created_s: time("created")?,
+            expires_at_s: time("expires_at")?,
+        })
+    }
+
+    /// Sends up to [`STREAM_MAX_EVENTS`] meter events in one request to the meter event stream
+    /// (`POST v2/billing/meter_event_stream`, authenticated by a session token). Stripe
+    /// answers 200 once it has accepted them (processing, and the identifier dedup, happen on
+    /// its side); an expired session is a 401 that [`StripeCallError::is_session_expired`]
+    /// recognises.
+    pub async fn send_meter_event_stream(
+        &self,
+        token: &str,
+        events: &[StreamEvent],
+    ) -> Result<(), StripeCallError> {
+        if events.is_empty() || events.len() > STREAM_MAX_EVENTS {
+            return Err(StripeCallError::Decode(format!(
+                "a meter event stream request carries 1 to {STREAM_MAX_EVENTS} events, not {}",
+                events.len()
+            )));
+        }
+        let events: Vec<serde_json::Value> = events
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "event_name": e.event_name,
+                    "identifier": e.identifier,
+                    "payload": {
+                        "stripe_customer_id": e.customer,
+                        "value": e.value.to_string(),
+                    },
+                    "timestamp": crate::model::format_rfc3339(e.timestamp_ms),
+                })
+            })
+            .collect();
+        let body = serde_json::to_vec(&serde_json::json!({ "events": events }))
+            .map_err(|e| StripeCallError::Decode(e.to_string()))?;
+        let r = self
+            .http
+            .post(format!("{}v2/billing/meter_event_stream", self.stream_base))
+            .bearer_auth(token)
+            .header("Stripe-Version", stripe_shared::version::VERSION.as_str())
+            .header("Content-Type", "application/json")
+            .body(body);
+        send(r).await.map(|_| ())
     }
 
     /// GETs `path` (relative to the API base: `v2/core/events/evt_…`, `v1/subscriptions/sub_…`)
@@ -499,6 +636,43 @@ mod tests {
             message: message.into(),
             should_retry: retry,
             retry_after: None,
+        }
+    }
+
+    #[test]
+    fn a_refused_session_token_is_recognised() {
+        let expired = api(
+            401,
+            Some("billing_meter_event_session_expired"),
+            "expired",
+            None,
+        );
+        assert!(expired.is_session_expired());
+        assert!(api(401, None, "unknown token", None).is_session_expired());
+        assert!(!api(400, None, "bad", None).is_session_expired());
+        assert!(!api(500, None, "boom", None).is_session_expired());
+        assert!(!StripeCallError::Timeout.is_session_expired());
+    }
+
+    #[tokio::test]
+    async fn a_stream_request_carries_1_to_100_events() {
+        let c = StripeHttp::new("http://127.0.0.1:9/", "sk", Duration::from_secs(1))
+            .unwrap()
+            .with_stream_base("http://127.0.0.1:9");
+        assert_eq!(c.stream_base, "http://127.0.0.1:9/");
+        let ev = StreamEvent {
+            event_name: "tokens".into(),
+            identifier: "a:1".into(),
+            customer: "cus_a".into(),
+            value: 1,
+            timestamp_ms: 0,
+        };
+        for n in [0, STREAM_MAX_EVENTS + 1] {
+            let events = vec![ev.clone(); n];
+            assert!(matches!(
+                c.send_meter_event_stream("t", &events).await,
+                Err(StripeCallError::Decode(_))
+            ));
         }
     }
 

@@ -81,6 +81,10 @@ pub struct OutboxView {
     pub requeued_members_dropped: u64,
     /// Old `sent` records and batch marks pruned (kept 40 days).
     pub pruned_total: u64,
+    /// Stream mode (`stripe.meter_events = "stream"`): meter event sessions created and
+    /// meter event stream requests sent (each carries up to 100 events).
+    pub sessions_total: u64,
+    pub stream_requests_total: u64,
     pub items: Vec<OutboxItemView>,
 }
 
@@ -163,6 +167,8 @@ impl AdminApi {
             failed_attempts_total: stats.failed_total,
             dead_total: stats.dead_total,
             calls_total: stats.calls_total,
+            sessions_total: stats.sessions_total,
+            stream_requests_total: stats.stream_requests_total,
             waiting_window: stats.waiting_window as u64,
             batches_total: stats.batches_total,
             batched_entries_total: stats.batched_entries_total,

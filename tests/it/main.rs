@@ -19,6 +19,7 @@ mod plans;
 mod ratelimit;
 mod reservations;
 mod shutdown;
+mod stream;
 mod support;
 mod usage;
 mod webhooks;

@@ -18,6 +18,17 @@
 //! with the spec's filters and cursor pagination), subscriptions (`GET /v1/subscriptions/{id}`)
 //! and v2 events (`GET /v2/core/events/{id}`; v2 is not in the spec, so that route is checked
 //! by hand: Bearer auth, no query parameters, an optional well-formed `Stripe-Version`).
+//!
+//! The v2 meter event stream, checked by hand against the official SDK's shapes (stripe-python
+//! 16.1.0, `stripe/v2/billing/_meter_event_stream_service.py`): `POST
+//! /v2/billing/meter_event_session` (secret key) creates a session whose token lasts
+//! [`FakeStripe::set_session_ttl`] (15 minutes by default); `POST
+//! /v2/billing/meter_event_stream` (that token as Bearer, a JSON body `{"events": [...]}` of 1
+//! to 100 events, each `{event_name, identifier?, payload: {string: string}, timestamp?
+//! (RFC 3339)}`) records each event into the same list as v1, with the same 24 h identifier
+//! dedup (a repeated identifier is dropped silently: the stream answers before it processes).
+//! An unknown or expired token is a 401 `temporary_session_expired` /
+//! `billing_meter_event_session_expired`; [`FakeStripe::expire_sessions`] expires all tokens.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -272,6 +283,21 @@ impl FakeStripe {
             .count()
     }
 
+    /// How long the tokens of sessions created from now on last.
+    pub fn set_session_ttl(&self, ttl: Duration) {
+        self.inner.lock().session_ttl = Some(ttl);
+    }
+
+    /// Expires every meter event session token handed out so far.
+    pub fn expire_sessions(&self) {
+        self.inner.lock().sessions.clear();
+    }
+
+    /// The number of events of each meter event stream request answered 200, in order.
+    pub fn stream_requests(&self) -> Vec<usize> {
+        self.inner.lock().stream_requests.clone()
+    }
+
     /// Accepted meter events, deduplicated, in arrival order.
     pub fn meter_events(&self) -> Vec<AcceptedEvent> {
         self.inner.lock().events.clone()
@@ -478,7 +504,14 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Outcome {
         None => {}
     }
 
-    let (reply, replayed) = inner.lock().process(&method, &path, parsed, &headers);
+    let (reply, replayed) = if path.starts_with("/v2/billing/meter_event_") {
+        (
+            inner.lock().meter_event_v2(&method, &path, &body, &headers),
+            false,
+        )
+    } else {
+        inner.lock().process(&method, &path, parsed, &headers)
+    };
     if drop_after {
         rec.status = None;
         let mut st = inner.lock();
@@ -621,6 +654,12 @@ struct State {
     subscriptions: HashMap<String, Value>,
     rules: Vec<Rule>,
     counter: u64,
+    /// Meter event session token → when it expires.
+    sessions: HashMap<String, Instant>,
+    /// Lifetime of new sessions (default 15 minutes).
+    session_ttl: Option<Duration>,
+    /// Events per accepted stream request.
+    stream_requests: Vec<usize>,
 }
 
 struct StoredEvent {
@@ -1192,6 +1231,119 @@ impl State {
         Reply::ok(list(data, has_more, "/v1/events"))
     }
 
+    /// `POST /v2/billing/meter_event_session` and `POST /v2/billing/meter_event_stream`.
+    fn meter_event_v2(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &HeaderMap,
+    ) -> Reply {
+        let bearer = header(headers, "authorization")
+            .and_then(|a| a.strip_prefix("Bearer ").map(str::to_owned));
+        let unrecognized = format!("Unrecognized request URL ({method}: {path}).");
+        match (method, path) {
+            ("POST", "/v2/billing/meter_event_session") => {
+                if bearer.as_deref() != Some(SECRET_KEY) {
+                    return Reply::invalid(401, "Invalid API Key provided.", None, None);
+                }
+                let parsed: Result<Value, _> = if body.is_empty() {
+                    Ok(json!({}))
+                } else {
+                    serde_json::from_slice(body)
+                };
+                match parsed {
+                    Ok(Value::Object(m)) if m.is_empty() => {}
+                    Ok(Value::Object(m)) => {
+                        let k = m.keys().next().cloned().unwrap_or_default();
+                        let r = Reply::invalid(
+                            400,
+                            &format!("Received unknown parameter: {k}"),
+                            Some(&k),
+                            None,
+                        );
+                        return self.violation(method, path, r);
+                    }
+                    _ => {
+                        let r = Reply::invalid(400, "Invalid JSON body.", None, None);
+                        return self.violation(method, path, r);
+                    }
+                }
+                let ttl = self.session_ttl.unwrap_or(Duration::from_secs(15 * 60));
+                let id = self.next_id();
+                let token = format!("mes_token_fake_{id}_{:016x}", rand::random::<u64>());
+                self.sessions.insert(token.clone(), Instant::now() + ttl);
+                let created_ms = now_unix_ms();
+                let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+                Reply::ok(json!({
+                    "id": format!("mes_fake_{id}"),
+                    "object": "v2.billing.meter_event_session",
+                    "authentication_token": token,
+                    "created": rfc3339(created_ms),
+                    "expires_at": rfc3339(created_ms + ttl_ms),
+                    "livemode": false,
+                }))
+            }
+            ("POST", "/v2/billing/meter_event_stream") => {
+                let now = Instant::now();
+                self.sessions.retain(|_, until| now < *until);
+                if !bearer
+                    .as_deref()
+                    .is_some_and(|t| self.sessions.contains_key(t))
+                {
+                    return Reply {
+                        status: 401,
+                        body: json!({"error": {
+                            "type": "temporary_session_expired",
+                            "code": "billing_meter_event_session_expired",
+                            "message": "The meter event session has expired. Create a new one.",
+                        }}),
+                        headers: Vec::new(),
+                    };
+                }
+                if !header(headers, "content-type")
+                    .is_some_and(|c| c.starts_with("application/json"))
+                {
+                    let r = Reply::invalid(400, "The body must be application/json.", None, None);
+                    return self.violation(method, path, r);
+                }
+                let events = match parse_stream(body) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let r = Reply::invalid(400, &e.message, e.param.as_deref(), None);
+                        return self.violation(method, path, r);
+                    }
+                };
+                self.identifiers
+                    .retain(|_, seen| now.duration_since(*seen) < DEDUP_WINDOW);
+                self.stream_requests.push(events.len());
+                for e in events {
+                    let identifier = match e.identifier.clone() {
+                        Some(i) => i,
+                        None => {
+                            format!("fake_mev_{}_{:016x}", self.next_id(), rand::random::<u64>())
+                        }
+                    };
+                    if self.identifiers.contains_key(&identifier) {
+                        continue;
+                    }
+                    self.identifiers.insert(identifier.clone(), now);
+                    self.events.push(AcceptedEvent {
+                        identifier,
+                        ..e.event
+                    });
+                }
+                Reply::ok(json!({}))
+            }
+            _ => {
+                self.violations.push(format!(
+                    "{method} {path}: no v2 operation the fake knows matches"
+                ));
+                Reply::invalid(404, &unrecognized, None, None)
+            }
+        }
+    }
+
     /// The v2 routes the fake serves (none of them is in the v1 spec): only
     /// `GET /v2/core/events/{id}`.
     fn v2(
@@ -1357,6 +1509,114 @@ fn price_object(id: &str, kind: &PriceKind) -> Value {
         }
     }
     p
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Stripe's v2 time format: `2026-11-21T09:36:18.123Z`.
+fn rfc3339(ms: i64) -> String {
+    meterd_actors::model::format_rfc3339(ms)
+}
+
+struct StreamEvent {
+    identifier: Option<String>,
+    event: AcceptedEvent,
+}
+
+/// A meter event stream body, as the SDK's `MeterEventStreamCreateParams` defines it: only
+/// `events`, 1 to 100 of them; each has `event_name` (string, required), `payload` (an object
+/// of strings, required, with `stripe_customer_id` and `value`), `identifier` (string, at most
+/// 100 characters) and `timestamp` (RFC 3339), nothing else.
+fn parse_stream(body: &[u8]) -> Result<Vec<StreamEvent>, ParamError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| perr(format!("Invalid JSON body: {e}"), ""))?;
+    let Value::Object(top) = v else {
+        return Err(perr("The body must be a JSON object.", ""));
+    };
+    if let Some(k) = top.keys().find(|k| *k != "events") {
+        return Err(perr(format!("Received unknown parameter: {k}"), k));
+    }
+    let Some(Value::Array(events)) = top.get("events") else {
+        return Err(perr("Missing required param: events.", "events"));
+    };
+    if events.is_empty() || events.len() > 100 {
+        return Err(perr(
+            format!("events must hold 1 to 100 events, not {}.", events.len()),
+            "events",
+        ));
+    }
+    let mut out = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let param = |k: &str| format!("events[{i}][{k}]");
+        let Value::Object(e) = e else {
+            return Err(perr(
+                "Each event must be an object.",
+                &format!("events[{i}]"),
+            ));
+        };
+        if let Some(k) = e
+            .keys()
+            .find(|k| !["event_name", "identifier", "payload", "timestamp"].contains(&k.as_str()))
+        {
+            return Err(perr(
+                format!("Received unknown parameter: {}", param(k)),
+                &param(k),
+            ));
+        }
+        let event_name = match e.get("event_name") {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 100 => s.clone(),
+            Some(_) => return Err(perr("Invalid event_name.", &param("event_name"))),
+            None => {
+                return Err(perr(
+                    format!("Missing required param: {}.", param("event_name")),
+                    &param("event_name"),
+                ));
+            }
+        };
+        let identifier = match e.get("identifier") {
+            None => None,
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 100 => Some(s.clone()),
+            Some(_) => return Err(perr("Invalid identifier.", &param("identifier"))),
+        };
+        let Some(Value::Object(payload)) = e.get("payload") else {
+            return Err(perr(
+                format!("Missing or invalid param: {}.", param("payload")),
+                &param("payload"),
+            ));
+        };
+        if payload.values().any(|v| !v.is_string()) {
+            return Err(perr("Payload values must be strings.", &param("payload")));
+        }
+        let field = |k: &str| payload.get(k).and_then(Value::as_str).map(str::to_owned);
+        let (Some(customer), Some(value)) = (field("stripe_customer_id"), field("value")) else {
+            return Err(perr(
+                "The payload needs stripe_customer_id and value.",
+                &param("payload"),
+            ));
+        };
+        let timestamp = match e.get("timestamp") {
+            None => now_unix(),
+            Some(Value::String(s)) => meterd_actors::billing::parse_rfc3339(s)
+                .ok_or_else(|| perr(format!("Invalid timestamp: {s}"), &param("timestamp")))?,
+            Some(_) => return Err(perr("Invalid timestamp.", &param("timestamp"))),
+        };
+        out.push(StreamEvent {
+            identifier,
+            event: AcceptedEvent {
+                identifier: String::new(),
+                event_name,
+                customer,
+                value,
+                timestamp,
+            },
+        });
+    }
+    Ok(out)
 }
 
 fn now_unix() -> i64 {
