@@ -14,13 +14,13 @@ use meterd_actors::account::{
 use meterd_actors::ledger::{ConsumeRecord, CreditCategory};
 use meterd_actors::ledger::{DenyCode, Outcome};
 use meterd_actors::model::format_rfc3339;
-use meterd_actors::model::{AccountId, IdempotencyKey, Metadata, SpendCap, SpendCapAction};
+use meterd_actors::model::{IdempotencyKey, Metadata, SpendCap, SpendCapAction};
 use meterd_actors::plan::{MeterOverride, OverageOverride, SubscriptionStatus};
 use meterd_actors::store::Store;
 
 use super::auth::ApiKeyAuth;
 use super::body::JsonBody;
-use super::error::ApiError;
+use super::error::{ApiError, account_id};
 use super::views::*;
 
 #[derive(Tags)]
@@ -134,10 +134,6 @@ impl AccountsApi {
             replayed_header(reply.replayed),
         ))
     }
-}
-
-fn account_id(raw: &str) -> Result<AccountId, ApiError> {
-    AccountId::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
 fn idempotency_key(

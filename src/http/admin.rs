@@ -106,14 +106,6 @@ fn parse_item_id(id: &str) -> Option<(AccountId, u64)> {
     Some((AccountId::parse(account).ok()?, seq.parse().ok()?))
 }
 
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        e.to_string(),
-    )
-}
-
 fn now_ms() -> i64 {
     meterd_actors::model::Clock::System.now_ms()
 }
@@ -149,13 +141,13 @@ impl AdminApi {
             .outbox
             .stats()
             .await
-            .ok_or_else(|| unavailable("the outbox did not answer"))?;
+            .ok_or_else(|| ApiError::unavailable("the outbox did not answer"))?;
         let store = self.store.clone();
         let items =
             tokio::task::spawn_blocking(move || store.outbox_items(dead, None, limit as usize))
                 .await
-                .map_err(unavailable)?
-                .map_err(unavailable)?;
+                .map_err(ApiError::unavailable)?
+                .map_err(ApiError::unavailable)?;
         Ok(Json(OutboxView {
             online: stats.online,
             breaker_open: stats.breaker_open,
@@ -217,7 +209,7 @@ impl AdminApi {
         let revived = self
             .store
             .revive(&account, seq, now_ms())
-            .map_err(unavailable)?;
+            .map_err(ApiError::unavailable)?;
         if !revived {
             return Err(not_found());
         }
@@ -244,8 +236,8 @@ impl AdminApi {
             Ok(n)
         })
         .await
-        .map_err(unavailable)?
-        .map_err(unavailable)?;
+        .map_err(ApiError::unavailable)?
+        .map_err(ApiError::unavailable)?;
         tracing::info!(revived, "outbox dead letters revived");
         Ok(Json(RevivedView { revived }))
     }

@@ -25,7 +25,7 @@ use meterd_actors::stripe::{
 
 use super::auth::ApiKeyAuth;
 use super::body::JsonBody;
-use super::error::ApiError;
+use super::error::{ApiError, account_id};
 use crate::config::StripeConfig;
 
 /// Checkout sessions an account may create per minute.
@@ -104,10 +104,6 @@ pub enum PortalResponse {
     /// The portal session was created.
     #[oai(status = 201)]
     Created(Json<PortalResult>),
-}
-
-fn account_id(raw: &str) -> Result<AccountId, ApiError> {
-    AccountId::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
 fn stripe_error(e: StripeCallError) -> ApiError {

@@ -74,6 +74,15 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
+    /// 503 `unavailable`: a storage or actor failure; the client may retry.
+    pub fn unavailable(e: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )
+    }
+
     pub fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
@@ -243,4 +252,9 @@ pub fn render_poem_error(err: poem::Error) -> Response {
         }
     };
     api.into_response()
+}
+
+/// A path's account id, or 400 `invalid_request` saying what is wrong with it.
+pub fn account_id(raw: &str) -> Result<meterd_actors::model::AccountId, ApiError> {
+    meterd_actors::model::AccountId::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
 }

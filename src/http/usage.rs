@@ -19,7 +19,7 @@ use meterd_actors::pricing::period_cost;
 use meterd_actors::store::Store;
 
 use super::auth::ApiKeyAuth;
-use super::error::ApiError;
+use super::error::{ApiError, account_id};
 use super::views::{account_result, parse_rfc3339};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -368,7 +368,7 @@ impl UsageApi {
         /// `json` (default) or `csv`.
         format: Query<Option<String>>,
     ) -> Result<UsageResponse, ApiError> {
-        let id = AccountId::parse(&id).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let id = account_id(&id)?;
         let granularity = Granularity::parse(granularity.0.as_deref())?;
         let csv = match format.0.as_deref() {
             None | Some("json") => false,

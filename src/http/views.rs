@@ -531,7 +531,8 @@ pub struct SubscriptionItemView {
     pub plan: Option<String>,
 }
 
-fn unix_s(s: Option<i64>) -> Option<String> {
+/// Unix seconds as RFC 3339 (Stripe's times).
+pub fn unix_s(s: Option<i64>) -> Option<String> {
     s.and_then(|s| s.checked_mul(1000)).map(format_rfc3339)
 }
 

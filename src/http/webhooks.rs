@@ -18,13 +18,14 @@ use poem_openapi::{Object, OpenApi, Tags};
 
 use meterd_actors::account::Accounts;
 use meterd_actors::billing::{InvoiceSummary, Transaction, head};
-use meterd_actors::model::{AccountId, Clock, format_rfc3339};
+use meterd_actors::model::{Clock, format_rfc3339};
 use meterd_actors::signature::verify;
 use meterd_actors::store::{EventSource, Store, WebhookRecord, WebhookStatus};
 use meterd_actors::webhook::Webhooks;
 
 use super::auth::ApiKeyAuth;
-use super::error::ApiError;
+use super::error::{ApiError, account_id};
+use super::views::unix_s;
 
 /// What the receiving endpoint needs (installed as request data).
 pub struct Receiver {
@@ -114,22 +115,20 @@ async fn receive_inner(req: &Request, body: Body, rx: &Receiver) -> Result<Recei
         outcome: None,
         settled_ms: None,
     };
-    let unavailable = |e: String| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            format!("the event could not be stored; Stripe will retry: {e}"),
-        )
+    let not_stored = |e: String| {
+        ApiError::unavailable(format!(
+            "the event could not be stored; Stripe will retry: {e}"
+        ))
     };
     let new = rx
         .store
         .log_event(&rec, &bytes)
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(|e| not_stored(e.to_string()))?;
     // A duplicate waits too: its first delivery may not be on disk yet.
     rx.store
         .barrier()
         .await
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(|e| not_stored(e.to_string()))?;
     // A duplicate whose first delivery was logged but never acknowledged (its flush failed,
     // or the request was cancelled) may not have reached the actor: announce it again.
     let pending = !new
@@ -294,10 +293,6 @@ pub struct TransactionsPage {
     pub transactions: Vec<TransactionView>,
 }
 
-fn secs(s: Option<i64>) -> Option<String> {
-    s.and_then(|s| s.checked_mul(1000)).map(format_rfc3339)
-}
-
 fn invoice_view(i: &InvoiceSummary) -> InvoiceView {
     InvoiceView {
         id: i.id.clone(),
@@ -311,11 +306,11 @@ fn invoice_view(i: &InvoiceSummary) -> InvoiceView {
         total: i.total,
         metered_amount: i.metered_amount,
         hosted_invoice_url: i.hosted_invoice_url.clone(),
-        period_start: secs(i.period_start_s),
-        period_end: secs(i.period_end_s),
-        created: secs(i.created_s),
+        period_start: unix_s(i.period_start_s),
+        period_end: unix_s(i.period_end_s),
+        created: unix_s(i.created_s),
         attempt_count: i.attempt_count,
-        next_payment_attempt: secs(i.next_payment_attempt_s),
+        next_payment_attempt: unix_s(i.next_payment_attempt_s),
         subscription: i.subscription.clone(),
     }
 }
@@ -326,7 +321,7 @@ fn transaction_view(t: &Transaction) -> TransactionView {
         kind: t.kind.as_str().to_owned(),
         amount: t.amount,
         currency: t.currency.clone(),
-        at: secs(Some(t.at_s)).unwrap_or_default(),
+        at: unix_s(Some(t.at_s)).unwrap_or_default(),
         reference: t.reference.clone(),
         credits: t.credits,
         event_id: t.event_id.clone(),
@@ -335,7 +330,7 @@ fn transaction_view(t: &Transaction) -> TransactionView {
 
 fn event_view(r: WebhookRecord) -> WebhookEventView {
     WebhookEventView {
-        created: secs(Some(r.created_s)).unwrap_or_default(),
+        created: unix_s(Some(r.created_s)).unwrap_or_default(),
         received_at: format_rfc3339(r.received_ms),
         source: r.source.as_str().to_owned(),
         status: r.status.as_str().to_owned(),
@@ -346,18 +341,6 @@ fn event_view(r: WebhookRecord) -> WebhookEventView {
         id: r.id,
         event_type: r.event_type,
     }
-}
-
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        e.to_string(),
-    )
-}
-
-fn account_id(raw: &str) -> Result<AccountId, ApiError> {
-    AccountId::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
 #[OpenApi(tag = "WebhookTags::Webhooks")]
@@ -397,8 +380,8 @@ impl WebhooksApi {
             ))
         })
         .await
-        .map_err(unavailable)?
-        .map_err(unavailable)?;
+        .map_err(ApiError::unavailable)?
+        .map_err(ApiError::unavailable)?;
         let next_after = (events.len() == limit as usize)
             .then(|| events.last().map(|e| e.id.clone()))
             .flatten();
@@ -421,7 +404,11 @@ impl WebhooksApi {
         event_id: Path<String>,
     ) -> Result<Json<ReplayView>, ApiError> {
         auth.require_admin()?;
-        let found = self.webhooks.replay(&event_id).await.map_err(unavailable)?;
+        let found = self
+            .webhooks
+            .replay(&event_id)
+            .await
+            .map_err(ApiError::unavailable)?;
         if !found {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -432,7 +419,7 @@ impl WebhooksApi {
         let status = self
             .store
             .event(&event_id)
-            .map_err(unavailable)?
+            .map_err(ApiError::unavailable)?
             .map(|r| r.status.as_str().to_owned())
             .unwrap_or_default();
         tracing::info!(event = %event_id.0, "stripe event replay requested");
@@ -475,8 +462,8 @@ impl WebhooksApi {
         let store = self.store.clone();
         let rows = tokio::task::spawn_blocking(move || store.meter_errors(limit as usize))
             .await
-            .map_err(unavailable)?
-            .map_err(unavailable)?;
+            .map_err(ApiError::unavailable)?
+            .map_err(ApiError::unavailable)?;
         Ok(Json(MeterErrorsPage {
             errors: rows
                 .into_iter()

@@ -627,19 +627,7 @@ async fn kill_9_between_batching_and_sending_bills_every_unit_exactly_once() {
     let fake = FakeStripe::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
-    let shipped = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"),
-    )
-    .unwrap();
-    let ours = shipped
-        .replace(
-            "api_base = \"https://api.stripe.com/\"",
-            &format!("api_base = \"{}\"", fake.base_url()),
-        )
-        .replace("poll_ms = 200", "poll_ms = 20")
-        .replace("base_backoff_ms = 500", "base_backoff_ms = 10")
-        .replace("max_backoff_s = 600", "max_backoff_s = 1")
-        .replace("calls_per_second = 25", "calls_per_second = 1000")
+    let ours = crate::support::shipped_config_on_fake(&fake.base_url())
         .replace("breaker_failures = 5", "breaker_failures = 1000")
         // The outage of round 1 must not dead-letter anything.
         .replace("max_attempts = 12", "max_attempts = 1000")

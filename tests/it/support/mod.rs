@@ -33,6 +33,24 @@ pub fn stripe_events_dir() -> PathBuf {
     }
 }
 
+/// The shipped `config.toml` text with Stripe at `api_base` (a fake) and fast retries, for
+/// tests that run the real binary.
+pub fn shipped_config_on_fake(api_base: &str) -> String {
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml")).unwrap();
+    let ours = shipped
+        .replace(
+            "api_base = \"https://api.stripe.com/\"",
+            &format!("api_base = \"{api_base}\""),
+        )
+        .replace("poll_ms = 200", "poll_ms = 20")
+        .replace("base_backoff_ms = 500", "base_backoff_ms = 10")
+        .replace("max_backoff_s = 600", "max_backoff_s = 1")
+        .replace("calls_per_second = 25", "calls_per_second = 1000");
+    assert_ne!(ours, shipped);
+    ours
+}
+
 /// The shipped config with a data directory of the test's own.
 pub fn test_config(data_dir: &Path) -> Config {
     let mut c = Config::embedded(data_dir).expect("embedded config");
