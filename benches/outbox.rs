@@ -130,12 +130,15 @@ fn stream(
 /// `GET /v1/billing/meters`: one active meter for `tokens`, from Stripe's own fixture.
 #[handler]
 fn meters() -> poem::web::Json<serde_json::Value> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/stripe/fixtures3.latest.json");
-    let mut meter = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .map(|f| f["resources"]["billing.meter"].clone())
-        .unwrap_or_default();
+    // Embedded, so a missing fixture fails the build instead of degrading the answer.
+    const FIXTURES: &str = include_str!("../tests/fixtures/stripe/fixtures3.latest.json");
+    let fixtures: serde_json::Value =
+        serde_json::from_str(FIXTURES).expect("fixtures3.latest.json is JSON");
+    let mut meter = fixtures["resources"]["billing.meter"].clone();
+    assert!(
+        meter.is_object(),
+        "fixtures3.latest.json has a billing.meter"
+    );
     meter["event_name"] = serde_json::json!("tokens");
     meter["status"] = serde_json::json!("active");
     poem::web::Json(serde_json::json!({

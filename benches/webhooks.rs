@@ -15,7 +15,7 @@
 //! 2. It creates `acct_acme` on `free` and links it to Stripe customer `cus_FKNrXbjePvoq7c`
 //!    (the customer of the shared event payloads). Not timed.
 //! 3. Main phase: `WEBHOOKS_EVENTS` distinct deliveries over `WEBHOOKS_CONNS` connections. The
-//!    bodies are real events from `shared/stripe/events/` (round robin over four types) with
+//!    bodies are real events from `tests/fixtures/stripe/events/` (round robin over four types) with
 //!    the top-level `id` rewritten to be unique, re-serialised (pretty, like Stripe), and
 //!    signed at send time (`t` = now) over the exact bytes sent. A 200 must say
 //!    `{"received":true,"duplicate":false}`; anything else is an error.
@@ -428,12 +428,7 @@ impl Template {
 }
 
 fn load_templates() -> Vec<Template> {
-    let near = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/stripe/events");
-    let dir = if near.exists() {
-        near
-    } else {
-        Path::new("/work/shared/stripe/events").to_path_buf()
-    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stripe/events");
     EVENT_FILES
         .iter()
         .map(|f| {

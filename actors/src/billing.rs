@@ -882,17 +882,12 @@ fn invoice_summary(obj: &Value, prices: &PriceMap, event_created_s: i64) -> Invo
 }
 
 /// Parses an outbox identifier back into `(account, first seq)`: meterd's own
-/// `{account}:{seq}` (or `{account}:{first}-{last}` for an aggregated range), and the
-/// `meterd-{account}-{seq}` form.
+/// `{account}:{seq}` (or `{account}:{first}-{last}` for an aggregated range).
 pub fn parse_identifier(ident: &str) -> Option<(AccountId, u64)> {
-    if let Some((acct, rest)) = ident.rsplit_once(':') {
-        let first = rest.split('-').next()?;
-        let seq = first.parse().ok()?;
-        return Some((AccountId::parse(acct).ok()?, seq));
-    }
-    let rest = ident.strip_prefix("meterd-")?;
-    let (acct, seq) = rest.rsplit_once('-')?;
-    Some((AccountId::parse(acct).ok()?, seq.parse().ok()?))
+    let (acct, rest) = ident.rsplit_once(':')?;
+    let first = rest.split('-').next()?;
+    let seq = first.parse().ok()?;
+    Some((AccountId::parse(acct).ok()?, seq))
 }
 
 fn meter_errors(ev: &Value) -> (Target, StripeChange) {
@@ -976,24 +971,18 @@ mod tests {
         let a = |s: &str| AccountId::parse(s).unwrap();
         assert_eq!(parse_identifier("acct_1:42"), Some((a("acct_1"), 42)));
         assert_eq!(parse_identifier("acct_1:42-50"), Some((a("acct_1"), 42)));
-        assert_eq!(
-            parse_identifier("meterd-acct_acme-000000004410"),
-            Some((a("acct_acme"), 4410))
-        );
+        assert_eq!(parse_identifier("meterd-acct_acme-000000004410"), None);
         assert_eq!(parse_identifier("something-else"), None);
         assert_eq!(parse_identifier("acct_1:x"), None);
     }
 
+    /// An event of the repository's Stripe story (`tests/fixtures/stripe/events/`).
     fn story(name: &str) -> Value {
-        let near = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/stripe/events")
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/stripe/events")
             .join(name);
-        let path = if near.exists() {
-            near
-        } else {
-            std::path::PathBuf::from("/work/shared/stripe/events").join(name)
-        };
-        serde_json::from_slice(&std::fs::read(&path).expect("shared/stripe/events")).unwrap()
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_slice(&bytes).unwrap()
     }
 
     fn prices() -> PriceMap {
@@ -1116,7 +1105,7 @@ mod tests {
         assert!(ids.iter().any(|r| r.account == acme
             && r.seq == 4410
             && r.code == "timestamp_too_far_in_past"
-            && r.identifier == "meterd-acct_acme-000000004410"));
+            && r.identifier == "acct_acme:4410"));
         assert!(matches!(c, StripeChange::MeterErrors { ref codes, .. } if codes.len() == 2));
 
         let unknown = serde_json::json!({"id":"evt_x","type":"charge.dispute.created","created":1,"object":"event"});

@@ -209,19 +209,11 @@ mod tests {
     // `open(path, "rb").read().decode("utf-8")`, 7140 bytes ending in a newline, sha256
     // 73f8d3634cf51d70…52f57ae1). Each header also passed `WebhookSignature.verify_header`.
 
-    /// `shared/stripe/events/customer.subscription.created.json`, exact bytes (next to the
-    /// workspace, or in /work/shared when the workspace was cloned elsewhere).
+    /// `tests/fixtures/stripe/events/customer.subscription.created.json`, exact bytes (a
+    /// missing file fails the build).
     fn event() -> Vec<u8> {
-        let near = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/stripe/events/customer.subscription.created.json");
-        let path = if near.exists() {
-            near
-        } else {
-            std::path::PathBuf::from(
-                "/work/shared/stripe/events/customer.subscription.created.json",
-            )
-        };
-        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        include_bytes!("../../tests/fixtures/stripe/events/customer.subscription.created.json")
+            .to_vec()
     }
     const EVENT_SECRET: &str = "whsec_test_meterd_0123456789abcdef";
     const EVENT_T: i64 = 1_790_845_203; // the event's own `created`

@@ -4,9 +4,17 @@
 //! request and drops the response headers. The outbox needs the status, `Retry-After` and
 //! `Stripe-Should-Retry` to decide what to do next, so [`StripeHttp`] implements the request
 //! crates' `StripeClient` trait over a pooled reqwest client (rustls with ring). The typed
-//! request builders stay the source of truth for paths and form encoding. This module never
-//! retries: the outbox owns retries, always with the same deterministic key. It never logs a
-//! secret or a request body.
+//! request builders stay the source of truth for paths and form encoding.
+//!
+//! Answers are read tolerantly: each call deserializes only the fields meterd uses (a
+//! customer's `id`, a session's `url`) into a small serde struct of its own, so a shape
+//! elsewhere in Stripe's object that the generated types do not expect (a newer API version,
+//! a `discount` without `source`) never fails a call Stripe has already carried out. Errors say
+//! whether the request failed ([`StripeCallError::Api`], network, timeout) or its answer could
+//! not be read ([`StripeCallError::Answer`]).
+//!
+//! This module never retries: the outbox owns retries, always with the same deterministic key.
+//! It never logs a secret or a request body.
 
 use std::time::Duration;
 
@@ -33,13 +41,18 @@ pub enum StripeCallError {
     Network(String),
     #[error("stripe did not answer in time")]
     Timeout,
-    #[error("unexpected answer from stripe: {0}")]
-    Decode(String),
+    /// Stripe answered 2xx (so it carried the request out), but the answer lacks what meterd
+    /// needs from it.
+    #[error("stripe accepted the request, but its answer could not be read: {0}")]
+    Answer(String),
+    /// meterd could not form the request; nothing was sent.
+    #[error("invalid request to stripe, not sent: {0}")]
+    Request(String),
 }
 
 impl StripeClientErr for StripeCallError {
     fn deserialize_err(msg: impl std::fmt::Display) -> Self {
-        StripeCallError::Decode(msg.to_string())
+        StripeCallError::Answer(msg.to_string())
     }
 }
 
@@ -64,9 +77,10 @@ impl StripeCallError {
 
     pub fn disposition(&self) -> Disposition {
         match self {
-            StripeCallError::Network(_) | StripeCallError::Timeout | StripeCallError::Decode(_) => {
+            StripeCallError::Network(_) | StripeCallError::Timeout | StripeCallError::Answer(_) => {
                 Disposition::Retry { after: None }
             }
+            StripeCallError::Request(_) => Disposition::Permanent,
             StripeCallError::Api {
                 status,
                 code,
@@ -189,30 +203,29 @@ impl StripeHttp {
             .header("Content-Type", "application/json")
             .body("{}");
         let bytes = send(r).await?;
-        let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-            StripeCallError::Decode(format!("POST v2/billing/meter_event_session: {e}"))
-        })?;
-        let token = v["authentication_token"]
-            .as_str()
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                StripeCallError::Decode(
-                    "the meter event session has no authentication_token".into(),
-                )
-            })?;
-        let time = |k: &str| {
-            v[k].as_str()
-                .and_then(crate::billing::parse_rfc3339)
-                .ok_or_else(|| {
-                    StripeCallError::Decode(format!(
-                        "the meter event session's `{k}` is not an RFC 3339 time"
-                    ))
-                })
+        #[derive(serde::Deserialize)]
+        struct Session {
+            authentication_token: String,
+            created: String,
+            expires_at: String,
+        }
+        let v: Session = read_answer("POST v2/billing/meter_event_session", &bytes)?;
+        if v.authentication_token.is_empty() {
+            return Err(StripeCallError::Answer(
+                "the meter event session has an empty authentication_token".into(),
+            ));
+        }
+        let time = |k: &str, v: &str| {
+            crate::billing::parse_rfc3339(v).ok_or_else(|| {
+                StripeCallError::Answer(format!(
+                    "the meter event session's `{k}` is not an RFC 3339 time"
+                ))
+            })
         };
         Ok(MeterEventSession {
-            token: token.to_owned(),
-            created_s: time("created")?,
-            expires_at_s: time("expires_at")?,
+            created_s: time("created", &v.created)?,
+            expires_at_s: time("expires_at", &v.expires_at)?,
+            token: v.authentication_token,
         })
     }
 
@@ -227,7 +240,7 @@ impl StripeHttp {
         events: &[StreamEvent],
     ) -> Result<(), StripeCallError> {
         if events.is_empty() || events.len() > STREAM_MAX_EVENTS {
-            return Err(StripeCallError::Decode(format!(
+            return Err(StripeCallError::Request(format!(
                 "a meter event stream request carries 1 to {STREAM_MAX_EVENTS} events, not {}",
                 events.len()
             )));
@@ -247,7 +260,7 @@ impl StripeHttp {
             })
             .collect();
         let body = serde_json::to_vec(&serde_json::json!({ "events": events }))
-            .map_err(|e| StripeCallError::Decode(e.to_string()))?;
+            .map_err(|e| StripeCallError::Request(e.to_string()))?;
         let r = self
             .http
             .post(format!("{}v2/billing/meter_event_stream", self.stream_base))
@@ -268,8 +281,7 @@ impl StripeHttp {
             .bearer_auth(&self.secret)
             .header("Stripe-Version", stripe_shared::version::VERSION.as_str());
         let bytes = send(r).await?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| StripeCallError::deserialize_err(format!("GET {path}: {e}")))
+        read_answer(&format!("GET {path}"), &bytes)
     }
 
     /// One page of the events Stripe failed to deliver, created at or after `since_s`, of
@@ -310,17 +322,18 @@ impl StripeHttp {
             ("stripe_customer_id".to_owned(), customer.to_owned()),
             ("value".to_owned(), value.to_string()),
         ]);
-        let key = stripe_client_core::IdempotencyKey::new(identifier)
-            .map_err(|e| StripeCallError::Decode(e.to_string()))?;
-        let ev = CreateBillingMeterEvent::new(event_name, payload)
+        #[derive(serde::Deserialize)]
+        struct MeterEvent {
+            identifier: String,
+        }
+        let req = CreateBillingMeterEvent::new(event_name, payload)
             .identifier(identifier)
-            .timestamp(timestamp_s)
-            .customize()
-            .request_strategy(RequestStrategy::Idempotent(key))
-            .send(self)
+            .timestamp(timestamp_s);
+        let ev: MeterEvent = self
+            .call("POST /v1/billing/meter_events", &req, Some(identifier))
             .await?;
         if ev.identifier != identifier {
-            return Err(StripeCallError::Decode(format!(
+            return Err(StripeCallError::Answer(format!(
                 "the meter event echoes identifier `{}`, not `{identifier}`",
                 ev.identifier
             )));
@@ -344,28 +357,50 @@ impl StripeHttp {
     pub async fn active_meters(&self) -> Result<Vec<(String, String)>, StripeCallError> {
         use stripe_billing::BillingMeterStatus;
         use stripe_billing::billing_meter::ListBillingMeter;
-        let list = ListBillingMeter::new()
+        #[derive(serde::Deserialize)]
+        struct Meter {
+            id: String,
+            event_name: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Meters {
+            data: Vec<Meter>,
+        }
+        let req = ListBillingMeter::new()
             .status(BillingMeterStatus::Active)
-            .limit(100)
-            .send(self)
-            .await?;
+            .limit(100);
+        let list: Meters = self.call("GET /v1/billing/meters", &req, None).await?;
         Ok(list
             .data
             .into_iter()
-            .map(|m| (m.id.to_string(), m.event_name))
+            .map(|m| (m.id, m.event_name))
             .collect())
     }
 
     /// What meterd needs to know about a price.
     pub async fn price(&self, id: &str) -> Result<PriceInfo, StripeCallError> {
         use stripe_product::price::RetrievePrice;
-        let p = RetrievePrice::new(id).send(self).await?;
+        #[derive(serde::Deserialize)]
+        struct Recurring {
+            #[serde(default)]
+            usage_type: Option<String>,
+            #[serde(default)]
+            meter: Option<String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Price {
+            active: bool,
+            #[serde(default)]
+            recurring: Option<Recurring>,
+        }
+        let p: Price = self
+            .call("GET /v1/prices/{price}", &RetrievePrice::new(id), None)
+            .await?;
         let recurring = p.recurring.as_ref();
         Ok(PriceInfo {
             active: p.active,
             recurring: recurring.is_some(),
-            metered: recurring
-                .is_some_and(|r| r.usage_type == stripe_shared::RecurringUsageType::Metered),
+            metered: recurring.is_some_and(|r| r.usage_type.as_deref() == Some("metered")),
             meter: recurring.and_then(|r| r.meter.clone()),
         })
     }
@@ -418,8 +453,23 @@ pub struct CheckoutCreated {
     pub url: String,
 }
 
-fn idempotency_key(key: &str) -> Result<stripe_client_core::IdempotencyKey, StripeCallError> {
-    stripe_client_core::IdempotencyKey::new(key).map_err(|e| StripeCallError::Decode(e.to_string()))
+fn idem_key(key: &str) -> Result<stripe_client_core::IdempotencyKey, StripeCallError> {
+    stripe_client_core::IdempotencyKey::new(key)
+        .map_err(|e| StripeCallError::Request(format!("idempotency key: {e}")))
+}
+
+/// The part of an answer that names an object: its `id`.
+#[derive(Debug, serde::Deserialize)]
+struct Named {
+    id: String,
+}
+
+/// Reads the fields `T` names from a 2xx answer, ignoring everything else in it.
+fn read_answer<T: serde::de::DeserializeOwned>(
+    what: &str,
+    bytes: &[u8],
+) -> Result<T, StripeCallError> {
+    serde_json::from_slice(bytes).map_err(|e| StripeCallError::Answer(format!("{what}: {e}")))
 }
 
 impl StripeHttp {
@@ -432,7 +482,6 @@ impl StripeHttp {
         email: Option<&str>,
     ) -> Result<String, StripeCallError> {
         use stripe_core::customer::CreateCustomer;
-        let key = idempotency_key(&format!("meterd-customer-{account_id}"))?;
         let metadata = std::collections::HashMap::from([(
             "meterd_account_id".to_owned(),
             account_id.to_owned(),
@@ -441,12 +490,9 @@ impl StripeHttp {
         if let Some(e) = email {
             req = req.email(e);
         }
-        let c = req
-            .customize()
-            .request_strategy(RequestStrategy::Idempotent(key))
-            .send(self)
-            .await?;
-        Ok(c.id.as_str().to_owned())
+        let key = format!("meterd-customer-{account_id}");
+        let c: Named = self.call("POST /v1/customers", &req, Some(&key)).await?;
+        Ok(c.id)
     }
 
     /// Creates a Checkout Session; returns its id and URL.
@@ -512,20 +558,19 @@ impl StripeHttp {
             sd.trial_period_days = Some(days);
             req = req.subscription_data(sd);
         }
-        let s = req
-            .customize()
-            .request_strategy(RequestStrategy::Idempotent(idempotency_key(
-                &r.idempotency_key,
-            )?))
-            .send(self)
+        #[derive(serde::Deserialize)]
+        struct Session {
+            id: String,
+            #[serde(default)]
+            url: Option<String>,
+        }
+        let s: Session = self
+            .call("POST /v1/checkout/sessions", &req, Some(&r.idempotency_key))
             .await?;
-        let url = s
-            .url
-            .ok_or_else(|| StripeCallError::Decode("the checkout session has no url".into()))?;
-        Ok(CheckoutCreated {
-            id: s.id.as_str().to_owned(),
-            url,
-        })
+        let url = s.url.filter(|u| !u.is_empty()).ok_or_else(|| {
+            StripeCallError::Answer(format!("checkout session {} has no url", s.id))
+        })?;
+        Ok(CheckoutCreated { id: s.id, url })
     }
 
     /// Creates a customer-portal session for `customer`; returns its URL.
@@ -539,7 +584,14 @@ impl StripeHttp {
         if let Some(u) = return_url {
             req = req.return_url(u);
         }
-        Ok(req.send(self).await?.url)
+        #[derive(serde::Deserialize)]
+        struct Session {
+            url: String,
+        }
+        let s: Session = self
+            .call("POST /v1/billing_portal/sessions", &req, None)
+            .await?;
+        Ok(s.url)
     }
 }
 
@@ -558,14 +610,30 @@ fn header_str<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a s
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-impl StripeClient for StripeHttp {
-    type Err = StripeCallError;
-
-    fn execute(
+impl StripeHttp {
+    /// Sends a request built by async-stripe's typed builder (`what` names it in errors), with
+    /// `idempotency_key` if given, and reads the fields `T` names from the answer.
+    async fn call<T: serde::de::DeserializeOwned>(
         &self,
-        req: CustomizedStripeRequest,
-    ) -> impl std::future::Future<Output = Result<Bytes, StripeCallError>> + Send {
-        let (rb, over) = req.into_pieces();
+        what: &str,
+        req: &impl StripeRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<T, StripeCallError> {
+        let strategy = idempotency_key
+            .map(|k| idem_key(k).map(RequestStrategy::Idempotent))
+            .transpose()?;
+        let bytes = self
+            .send_built(req.build(), strategy.as_ref(), None)
+            .await?;
+        read_answer(what, &bytes)
+    }
+
+    fn send_built(
+        &self,
+        rb: stripe_client_core::RequestBuilder,
+        strategy: Option<&RequestStrategy>,
+        timeout: Option<Duration>,
+    ) -> impl std::future::Future<Output = Result<Bytes, StripeCallError>> + Send + use<> {
         let mut url = format!("{}v1{}", self.base, rb.path);
         if let Some(q) = rb.query.as_deref().filter(|q| !q.is_empty()) {
             url.push('?');
@@ -581,10 +649,10 @@ impl StripeClient for StripeHttp {
             .request(method, url)
             .bearer_auth(&self.secret)
             .header("Stripe-Version", stripe_shared::version::VERSION.as_str());
-        if let Some(RequestStrategy::Idempotent(k)) = &over.request_strategy {
+        if let Some(RequestStrategy::Idempotent(k)) = strategy {
             r = r.header("Idempotency-Key", k.as_str());
         }
-        if let Some(t) = over.timeout {
+        if let Some(t) = timeout {
             r = r.timeout(t);
         }
         if let Some(body) = rb.body {
@@ -593,6 +661,20 @@ impl StripeClient for StripeHttp {
                 .body(body);
         }
         send(r)
+    }
+}
+
+/// async-stripe's own `send` (typed, strict answers) still works through this client; meterd
+/// itself reads answers with [`StripeHttp::call`].
+impl StripeClient for StripeHttp {
+    type Err = StripeCallError;
+
+    fn execute(
+        &self,
+        req: CustomizedStripeRequest,
+    ) -> impl std::future::Future<Output = Result<Bytes, StripeCallError>> + Send {
+        let (rb, over) = req.into_pieces();
+        self.send_built(rb, over.request_strategy.as_ref(), over.timeout)
     }
 }
 
@@ -640,6 +722,39 @@ mod tests {
     }
 
     #[test]
+    fn answers_are_read_for_the_fields_meterd_needs_only() {
+        // Stripe's own customer fixture: its `discount.source.coupon` is null and it carries
+        // fields newer than the generated types; a discount without `source` at all (seen from
+        // Stripe's mock server) failed the typed decode although the customer was created.
+        let fixtures: serde_json::Value = serde_json::from_str(include_str!(
+            "../../tests/fixtures/stripe/fixtures3.latest.json"
+        ))
+        .unwrap();
+        let mut customer = fixtures["resources"]["customer"].clone();
+        customer["id"] = "cus_1".into();
+        customer["discount"] = serde_json::json!({"object": "discount", "id": "di_1", "start": 1});
+        customer["a_field_from_the_future"] = serde_json::json!({"nested": [1, 2]});
+        let bytes = serde_json::to_vec(&customer).unwrap();
+        let c: Named = read_answer("POST /v1/customers", &bytes).unwrap();
+        assert_eq!(c.id, "cus_1");
+        // What meterd needs is missing: the error says the request went through.
+        let e =
+            read_answer::<Named>("POST /v1/customers", br#"{"object":"customer"}"#).unwrap_err();
+        assert!(matches!(e, StripeCallError::Answer(_)), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains("accepted the request"), "{text}");
+        assert!(
+            text.contains("POST /v1/customers") && text.contains("`id`"),
+            "{text}"
+        );
+        assert_eq!(e.disposition(), Disposition::Retry { after: None });
+        // A request that cannot be formed is never sent, and retrying cannot help.
+        let bad = idem_key("").map(|_| ()).unwrap_err();
+        assert!(matches!(bad, StripeCallError::Request(_)), "{bad:?}");
+        assert_eq!(bad.disposition(), Disposition::Permanent);
+    }
+
+    #[test]
     fn a_refused_session_token_is_recognised() {
         let expired = api(
             401,
@@ -671,7 +786,7 @@ mod tests {
             let events = vec![ev.clone(); n];
             assert!(matches!(
                 c.send_meter_event_stream("t", &events).await,
-                Err(StripeCallError::Decode(_))
+                Err(StripeCallError::Request(_))
             ));
         }
     }

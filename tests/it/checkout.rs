@@ -131,6 +131,61 @@ async fn subscription_checkout_creates_the_customer_once_and_the_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_answer_of_an_unexpected_shape_still_links_the_customer() {
+    let fake = FakeStripe::start().await;
+    // Seen from Stripe's own mock server: a `discount` without `source` (and fields newer than
+    // the generated types). Stripe created the customer; meterd needs only its `id`.
+    fake.set_customer_shape(json!({
+        "discount": {"object": "discount", "id": "di_1", "start": 1},
+        "a_field_from_the_future": {"x": [1, 2, 3]},
+        "invoice_settings": "not an object"
+    }));
+    let d = start(&fake).await;
+    let put = d.client.put_account("acme", json!({"plan": "free"})).await;
+    assert_eq!(put.status, 201, "{:?}", put.body);
+    let r = checkout(
+        &d,
+        "acme",
+        json!({"kind": "subscription", "plan": "team", "seats": 2}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(fake.customers().len(), 1);
+    let acct = d.client.get_account("acme").await;
+    assert_eq!(
+        acct.body["stripe_customer_id"], "cus_test_1",
+        "{:?}",
+        acct.body
+    );
+    let r = post(&d, "/v1/accounts/acme/portal", ADMIN_KEY, Some(json!({}))).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(fake.spec_violations(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stripe_answer_without_what_meterd_needs_is_a_502_that_says_so() {
+    let fake = FakeStripe::start().await;
+    fake.set_customer_shape(json!({"id": null}));
+    let d = start(&fake).await;
+    let put = d.client.put_account("acme", json!({"plan": "free"})).await;
+    assert_eq!(put.status, 201, "{:?}", put.body);
+    let r = checkout(
+        &d,
+        "acme",
+        json!({"kind": "subscription", "plan": "team", "seats": 2}),
+    )
+    .await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    assert_eq!(r.body["error"]["code"], "stripe_error");
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("accepted the request") && msg.contains("POST /v1/customers"),
+        "{msg}"
+    );
+    assert!(posts(&fake, "/v1/checkout/sessions").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_checkouts_are_400_and_call_no_stripe() {
     let fake = FakeStripe::start().await;
     let d = start(&fake).await;
@@ -166,7 +221,7 @@ async fn invalid_checkouts_are_400_and_call_no_stripe() {
     let r = checkout(
         &d,
         "nobody",
-        json!({"kind": "subscription", "plan": "team"}),
+        json!({"kind": "subscription", "plan": "team", "seats": 2}),
     )
     .await;
     assert_eq!(r.status, 404, "{:?}", r.body);
@@ -174,7 +229,7 @@ async fn invalid_checkouts_are_400_and_call_no_stripe() {
         &d,
         "/v1/accounts/acme/checkout",
         APP_KEY,
-        Some(json!({"kind": "subscription", "plan": "team"})),
+        Some(json!({"kind": "subscription", "plan": "team", "seats": 2})),
     )
     .await;
     assert_eq!(r.status, 403);

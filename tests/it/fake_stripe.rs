@@ -673,7 +673,7 @@ fn shared_event(name: &str) -> Value {
     serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
 }
 
-/// Every v1 `event` envelope in shared/stripe/events, in file-name order.
+/// Every v1 `event` envelope in tests/fixtures/stripe/events, in file-name order.
 fn shared_v1_events() -> Vec<Value> {
     let mut names: Vec<String> = std::fs::read_dir(shared_events_dir())
         .unwrap()

@@ -1,5 +1,5 @@
 //! Stripe webhooks end to end: signatures, the durable log, and the real event payloads of
-//! `shared/stripe/events/` applied to an account, in order, shuffled, and duplicated.
+//! `tests/fixtures/stripe/events/` applied to an account, in order, shuffled, and duplicated.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -47,7 +47,11 @@ fn story() -> Vec<(String, Vec<u8>)> {
         })
         .collect();
     out.sort();
-    assert_eq!(out.len(), 17, "every v1 delivery of shared/stripe/events");
+    assert_eq!(
+        out.len(),
+        17,
+        "every v1 delivery of tests/fixtures/stripe/events"
+    );
     out.into_iter().map(|(_, n, b)| (n, b)).collect()
 }
 
@@ -931,7 +935,7 @@ async fn an_event_about_an_older_subscription_never_takes_the_account_from_a_new
 }
 
 fn charge_refunded(event_id: &str, created: i64, refunded: i64) -> Vec<u8> {
-    let fixtures = crate::support::stripe_events_dir().join("../fixtures3.latest.json");
+    let fixtures = crate::support::stripe_fixtures_dir().join("fixtures3.latest.json");
     let f: Value = serde_json::from_slice(&std::fs::read(fixtures).unwrap()).unwrap();
     let mut charge = f["resources"]["charge"].clone();
     charge["customer"] = json!(CUSTOMER);

@@ -1,11 +1,12 @@
 //! A fake Stripe API on 127.0.0.1:0 for integration tests.
 //!
-//! Every request is checked against Stripe's own OpenAPI spec (`shared/stripe/spec3.json`):
+//! Every request is checked against Stripe's own OpenAPI spec (`tests/fixtures/stripe/
+//! spec3.trimmed.json`, the paths meterd calls, their request schemas verbatim):
 //! method and path, then the form body (POST) or the query (GET) with a small validator for the
 //! schema features these operations use (object, properties, required, additionalProperties,
 //! anyOf, array items, type, maxLength, enum). A failing request gets a Stripe-shaped 400 and is
 //! recorded in [`FakeStripe::spec_violations`]. Answers are complete objects built from
-//! `shared/stripe/fixtures3.latest.json`, so a typed SDK can parse them.
+//! `tests/fixtures/stripe/fixtures3.latest.json`, so a typed SDK can parse them.
 //!
 //! Stripe behaviour it copies: Bearer auth, meter-event `identifier` dedup for 24 h (400,
 //! `Stripe-Should-Retry: false`), `Idempotency-Key` replay (same key and parameters: the saved
@@ -33,7 +34,6 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -179,13 +179,18 @@ impl FakeStripe {
         self.inner.lock().prices.insert(id.into(), price);
     }
 
+    /// Customers the API creates from now on carry these top-level fields (over Stripe's own
+    /// fixture): for answers shaped unlike the generated types expect.
+    pub fn set_customer_shape(&self, fields: Value) {
+        self.inner.lock().customer_shape = fields.as_object().cloned().unwrap_or_default();
+    }
+
     /// A customer that exists without being created through the API.
     pub fn add_customer(&self, id: &str, email: Option<&str>) {
         let mut c = fixture("customer");
         c["id"] = json!(id);
         c["email"] = json!(email);
         c["created"] = json!(now_unix());
-        c["discount"] = Value::Null;
         let mut st = self.inner.lock();
         st.customers.retain(|(cid, _)| cid != id);
         st.customers.push((id.into(), c));
@@ -205,7 +210,7 @@ impl FakeStripe {
     }
 
     /// A v2 event (`object: v2.core.event`, string `id`) for `GET /v2/core/events/{id}`, e.g.
-    /// `shared/stripe/events/billing.meter.error_report_triggered.fetched.json`.
+    /// `tests/fixtures/stripe/events/billing.meter.error_report_triggered.fetched.json`.
     pub fn add_v2_event(&self, event: Value) {
         let id = object_id(&event, "add_v2_event");
         self.inner.lock().v2_events.insert(id, event);
@@ -648,6 +653,8 @@ struct State {
     meters: Vec<Meter>,
     prices: HashMap<String, Value>,
     customers: Vec<(String, Value)>,
+    /// Top-level fields set on every customer the API creates ([`FakeStripe::set_customer_shape`]).
+    customer_shape: Map<String, Value>,
     /// v1 events for `GET /v1/events`, in the order added.
     v1_events: Vec<StoredEvent>,
     v2_events: HashMap<String, Value>,
@@ -994,7 +1001,9 @@ impl State {
         let mut c = fixture("customer");
         c["id"] = json!(id);
         c["created"] = json!(now_unix());
-        c["discount"] = Value::Null;
+        for (k, v) in &self.customer_shape {
+            c[k.as_str()] = v.clone();
+        }
         for k in ["email", "name", "description", "phone"] {
             if let Some(v) = leaf(t, k).filter(|v| !v.is_empty()) {
                 c[k] = json!(v);
@@ -1629,15 +1638,9 @@ fn now_unix() -> i64 {
 // ---------------------------------------------------------------------------------------------
 // Spec and fixtures
 
+/// A JSON file of `tests/fixtures/stripe/`; a missing or broken one fails the test loudly.
 fn data_file(name: &str) -> Value {
-    let near = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/stripe")
-        .join(name);
-    let path = if near.exists() {
-        near
-    } else {
-        PathBuf::from("/work/shared/stripe").join(name)
-    };
+    let path = crate::support::stripe_fixtures_dir().join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("fake Stripe needs {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -1652,7 +1655,7 @@ struct Spec {
 fn spec() -> &'static Spec {
     static SPEC: OnceLock<Spec> = OnceLock::new();
     SPEC.get_or_init(|| {
-        let root = data_file("spec3.json");
+        let root = data_file("spec3.trimmed.json");
         let templates = root["paths"]
             .as_object()
             .map(|m| {
@@ -1701,7 +1704,10 @@ fn match_operation(method: &str, path: &str) -> Result<Operation, String> {
         .map(|(name, t)| (t.iter().filter(|s| !is_param(s)).count(), name, t))
         .collect();
     if candidates.is_empty() {
-        return Err(format!("no path in Stripe's spec matches {path}"));
+        return Err(format!(
+            "no path in Stripe's spec matches {path} (tests/fixtures/stripe/spec3.trimmed.json \
+             holds only the paths meterd calls: add it to trim_spec.py)"
+        ));
     }
     candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
     let lower = method.to_ascii_lowercase();

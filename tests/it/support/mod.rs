@@ -22,15 +22,21 @@ pub const APP_KEY: &str = "test-app-key-0123456789ab";
 /// The webhook signing secret test daemons accept.
 pub const WEBHOOK_SECRET: &str = "whsec_test_meterd_0123456789abcdef";
 
-/// `shared/stripe/events/`: next to the workspace, or in /work/shared when the workspace was
-/// cloned elsewhere (CI).
+/// `tests/fixtures/stripe/`: Stripe's trimmed spec, fixtures and event payloads (MIT, see its
+/// README). Panics when it is missing: a fixture is never silently skipped.
+pub fn stripe_fixtures_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stripe");
+    assert!(
+        dir.join("LICENSE").is_file(),
+        "{} is missing: the Stripe fixtures are part of the repository",
+        dir.display()
+    );
+    dir
+}
+
+/// `tests/fixtures/stripe/events/`: real webhook payloads, one consistent story.
 pub fn stripe_events_dir() -> PathBuf {
-    let near = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/stripe/events");
-    if near.exists() {
-        near
-    } else {
-        PathBuf::from("/work/shared/stripe/events")
-    }
+    stripe_fixtures_dir().join("events")
 }
 
 /// The shipped `config.toml` text with Stripe at `api_base` (a fake) and fast retries, for

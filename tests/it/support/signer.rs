@@ -40,7 +40,7 @@ mod tests {
         let event = std::fs::read(
             crate::support::stripe_events_dir().join("customer.subscription.created.json"),
         )
-        .expect("shared/stripe/events");
+        .expect("tests/fixtures/stripe/events");
         assert_eq!(
             sign(&event, "whsec_test_meterd_0123456789abcdef", 1_790_845_203),
             "t=1790845203,v1=6fd61f1f4a631a297491a655c5f073da9f0ecc2d296ac63c6684387a8816b97c"
