@@ -665,7 +665,7 @@ impl StripeHttp {
 }
 
 /// async-stripe's own `send` (typed, strict answers) still works through this client; meterd
-/// itself reads answers with [`StripeHttp::call`].
+/// itself reads answers with `StripeHttp::call`.
 impl StripeClient for StripeHttp {
     type Err = StripeCallError;
 
