@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 
-use bincode::{Decode, Encode};
 use serde_json::Value;
 
 use crate::ledger::Alert;
@@ -26,7 +25,7 @@ pub const MAX_TRANSACTIONS: usize = 500;
 const MAX_ENDED: usize = 32;
 
 /// One item of a subscription.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubItem {
     pub id: String,
     pub price: String,
@@ -40,7 +39,7 @@ pub struct SubItem {
 }
 
 /// A subscription as the last applied event described it.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscriptionInfo {
     pub id: String,
     /// When the subscription was created (unix s): the newest live one is the account's.
@@ -62,7 +61,7 @@ pub struct SubscriptionInfo {
 }
 
 /// An invoice as Stripe described it last.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvoiceSummary {
     /// `None` for an upcoming invoice (a preview).
     pub id: Option<String>,
@@ -89,7 +88,7 @@ pub struct InvoiceSummary {
     pub event_created_s: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransactionKind {
     /// An invoice paid.
     Payment,
@@ -110,7 +109,7 @@ impl TransactionKind {
 }
 
 /// Money that moved, in minor units.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transaction {
     /// The invoice, checkout session or refund it is about (unique per kind).
     pub id: String,
@@ -127,7 +126,7 @@ pub struct Transaction {
 }
 
 /// What an applied event changed in [`BillingState`].
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BillingFact {
     None,
     Subscription {
@@ -166,7 +165,7 @@ pub enum BillingFact {
 }
 
 /// Whether an event changed the account.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StripeOutcome {
     Applied,
     /// Older than what the account holds (or about a deleted subscription): recorded so a
@@ -187,7 +186,7 @@ impl StripeOutcome {
 }
 
 /// The ledger entry of one Stripe event applied to one account.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StripeRecord {
     pub event_id: String,
     pub event_type: String,
@@ -198,7 +197,7 @@ pub struct StripeRecord {
 }
 
 /// A payment method and whether it is attached, as of `at_s`.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentMethodState {
     pub id: String,
     pub attached: bool,
@@ -206,7 +205,7 @@ pub struct PaymentMethodState {
 }
 
 /// The fold of an account's `Stripe` entries.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BillingState {
     pub subscription: Option<SubscriptionInfo>,
     /// `(created, rank)` of the last subscription event applied.
@@ -452,7 +451,8 @@ pub enum Target {
 /// A meter event a Stripe error report names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportedEvent {
-    pub account: AccountId,
+    /// The account id, or its hash (see [`crate::identifier`]): the store resolves it.
+    pub owner: String,
     /// The ledger entry (the first of an aggregated range).
     pub seq: u64,
     pub code: String,
@@ -881,15 +881,6 @@ fn invoice_summary(obj: &Value, prices: &PriceMap, event_created_s: i64) -> Invo
     }
 }
 
-/// Parses an outbox identifier back into `(account, first seq)`: meterd's own
-/// `{account}:{seq}` (or `{account}:{first}-{last}` for an aggregated range).
-pub fn parse_identifier(ident: &str) -> Option<(AccountId, u64)> {
-    let (acct, rest) = ident.rsplit_once(':')?;
-    let first = rest.split('-').next()?;
-    let seq = first.parse().ok()?;
-    Some((AccountId::parse(acct).ok()?, seq))
-}
-
 fn meter_errors(ev: &Value) -> (Target, StripeChange) {
     let data = ev.get("data");
     let mut codes = Vec::new();
@@ -913,11 +904,11 @@ fn meter_errors(ev: &Value) -> (Target, StripeChange) {
             .flatten()
         {
             if let Some(ident) = e.get("request").and_then(|r| s(r, "identifier"))
-                && let Some((account, seq)) = parse_identifier(ident)
+                && let Some(parsed) = crate::identifier::parse(ident)
             {
                 idents.push(ReportedEvent {
-                    account,
-                    seq,
+                    owner: parsed.owner,
+                    seq: parsed.seq,
                     code: code.clone(),
                     identifier: ident.to_owned(),
                 });
@@ -964,16 +955,6 @@ mod tests {
         assert_eq!(parse_rfc3339("2026-11-20 10:15:03Z"), None);
         assert_eq!(parse_rfc3339("2026-13-20T10:15:03Z"), None);
         assert_eq!(parse_rfc3339("2026-11-20T10:15:03+01:00"), None);
-    }
-
-    #[test]
-    fn identifiers_parse_back_to_account_and_seq() {
-        let a = |s: &str| AccountId::parse(s).unwrap();
-        assert_eq!(parse_identifier("acct_1:42"), Some((a("acct_1"), 42)));
-        assert_eq!(parse_identifier("acct_1:42-50"), Some((a("acct_1"), 42)));
-        assert_eq!(parse_identifier("meterd-acct_acme-000000004410"), None);
-        assert_eq!(parse_identifier("something-else"), None);
-        assert_eq!(parse_identifier("acct_1:x"), None);
     }
 
     /// An event of the repository's Stripe story (`tests/fixtures/stripe/events/`).
@@ -1102,7 +1083,7 @@ mod tests {
             panic!("{t:?}")
         };
         assert_eq!(ids.len(), 3);
-        assert!(ids.iter().any(|r| r.account == acme
+        assert!(ids.iter().any(|r| r.owner == acme.as_str()
             && r.seq == 4410
             && r.code == "timestamp_too_far_in_past"
             && r.identifier == "acct_acme:4410"));

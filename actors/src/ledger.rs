@@ -11,14 +11,12 @@
 
 use std::collections::BTreeMap;
 
-use bincode::{Decode, Encode};
-
 use crate::billing::{BillingState, StripeRecord};
 use crate::model::{MeterRule, Overage, Period, SpendCap, UnixMs};
 use crate::plan::{MeterOverride, SubscriptionStatus};
 
 /// Everything the account knows about itself besides its balances.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountProfile {
     pub plan: String,
     pub seats: u32,
@@ -36,7 +34,7 @@ pub struct AccountProfile {
 }
 
 /// Why a consume was refused. Each one is a recorded decision, replayed identically.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DenyCode {
     /// A hard cap (`block` overage) would be exceeded.
     CapReached,
@@ -62,14 +60,14 @@ impl DenyCode {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Allowed,
     Denied(DenyCode),
 }
 
 /// One consume decision and everything needed to answer it again.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumeRecord {
     pub meter: String,
     pub quantity: u64,
@@ -96,7 +94,7 @@ pub struct ConsumeRecord {
 }
 
 /// What an alert is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Encode, Decode)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AlertKind {
     /// `used` reached `threshold` % of the included allowance.
     Usage,
@@ -134,7 +132,7 @@ impl AlertKind {
 }
 
 /// One alert.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Alert {
     pub kind: AlertKind,
     pub meter: String,
@@ -147,7 +145,7 @@ pub struct Alert {
 }
 
 /// An alert fired in the current period, with the entry that fired it.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FiredAlert {
     pub seq: u64,
     pub at_ms: UnixMs,
@@ -155,7 +153,7 @@ pub struct FiredAlert {
 }
 
 /// Whether credits were bought or given away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreditCategory {
     Paid,
     Promotional,
@@ -171,7 +169,7 @@ impl CreditCategory {
 }
 
 /// The terms of a credit grant.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrantTerms {
     /// Lower burns first (0 is the highest priority; the default is 50, as in Stripe).
     pub priority: u32,
@@ -185,7 +183,7 @@ pub struct GrantTerms {
 }
 
 /// One grant of credits and what is left of it. Its id is the seq of the granting entry.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     pub amount: u64,
     pub remaining: u64,
@@ -203,7 +201,7 @@ impl Grant {
 
 /// A credit grant (positive `amount`, with `grant` terms) or adjustment (negative `amount`,
 /// burned from live grants in burn order, listed in `burns`).
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreditRecord {
     pub amount: i64,
     pub reason: String,
@@ -215,7 +213,7 @@ pub struct CreditRecord {
     pub credits_after: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryKind {
     /// The account was created or its profile changed.
     AccountUpserted(AccountProfile),
@@ -261,7 +259,7 @@ impl EntryKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerEntry {
     /// Per-account sequence number: 1, 2, 3, ... with no gaps.
     pub seq: u64,
@@ -270,7 +268,7 @@ pub struct LedgerEntry {
 }
 
 /// Usage of one meter in the current period.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MeterUsage {
     pub used: u64,
     pub billable: u64,
@@ -286,7 +284,7 @@ impl MeterUsage {
 }
 
 /// An open reservation: capacity held for work whose size is known only at the end.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hold {
     pub meter: String,
     pub quantity: u64,
@@ -296,7 +294,7 @@ pub struct Hold {
 }
 
 /// A reservation decision (allowed: a hold exists; denied: recorded like a consume denial).
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HoldRecord {
     pub meter: String,
     pub quantity: u64,
@@ -313,7 +311,7 @@ pub struct HoldRecord {
 }
 
 /// The end of a reservation: committed (with the actual quantity), released, or expired.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettleRecord {
     /// The seq of the `Reserved` entry.
     pub rid: u64,
@@ -337,7 +335,7 @@ pub struct SettleRecord {
 }
 
 /// An account's balances: the fold of its ledger.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Balances {
     pub period: Period,
     pub meters: BTreeMap<String, MeterUsage>,

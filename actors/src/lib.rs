@@ -12,6 +12,7 @@
 
 pub mod account;
 pub mod billing;
+pub mod identifier;
 pub mod janitor;
 pub mod ledger;
 pub mod model;

@@ -195,14 +195,14 @@ pub struct Plan {
 }
 
 /// The most money an account may be charged for usage in one period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpendCap {
     /// Minor units of the plan's currency.
     pub amount: u64,
     pub action: SpendCapAction,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpendCapAction {
     /// Deny consumption that would pass the cap (402 `spend_cap_reached`).
     Block,
@@ -321,7 +321,7 @@ impl fmt::Debug for Clock {
 }
 
 /// A billing period `[start_ms, end_ms)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Period {
     pub start_ms: UnixMs,
     pub end_ms: UnixMs,

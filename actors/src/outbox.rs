@@ -37,7 +37,6 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::Rng;
-use sha2::{Digest, Sha256};
 
 use crate::account::Accounts;
 use crate::model::{AccountId, Clock, Period, UnixMs};
@@ -211,38 +210,11 @@ pub struct OutboxState {
 
 pub struct OutboxActor;
 
-/// The meter event identifier (and idempotency key) of ledger entry `seq` of `account`: at
-/// most 100 characters, derived from nothing else.
-pub fn identifier(account: &AccountId, seq: u64) -> String {
-    let plain = format!("{account}:{seq}");
-    if plain.len() <= 100 {
-        return plain;
-    }
-    format!("{}:{seq}", hashed(account))
-}
-
-/// The identifier of a batch of entries `first..=last` of `account`: `{account}:{first}-{last}`,
-/// with the account hashed when that would exceed 100 characters (at most 83 then). It never
-/// equals an entry's identifier (those end in digits after the last `:`, without `-`).
-pub fn batch_identifier(account: &AccountId, first: u64, last: u64) -> String {
-    let plain = format!("{account}:{first}-{last}");
-    if plain.len() <= 100 {
-        return plain;
-    }
-    format!("{}:{first}-{last}", hashed(account))
-}
-
-/// `h` and 40 hex digits of the account id's SHA-256.
-fn hashed(account: &AccountId) -> String {
-    let h = Sha256::digest(account.as_str().as_bytes());
-    format!("h{}", &hex::encode(h)[..40])
-}
-
 /// The identifier of a queued record (keyed `seq`): an entry's or a batch's.
 pub fn record_identifier(account: &AccountId, seq: u64, record: &OutboxRecord) -> String {
     match &record.batch {
-        Some(b) => batch_identifier(account, seq, b.last_seq),
-        None => identifier(account, seq),
+        Some(b) => crate::identifier::batch(account, seq, b.last_seq),
+        None => crate::identifier::entry(account, seq),
     }
 }
 
@@ -1139,41 +1111,6 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn identifiers_derive_from_account_and_seq_and_fit_stripe() {
-        let a = AccountId::parse("team_42").unwrap();
-        assert_eq!(identifier(&a, 7), "team_42:7");
-        let long = AccountId::parse(&"x".repeat(128)).unwrap();
-        let id = identifier(&long, u64::MAX);
-        assert!(id.len() <= 100, "{}", id.len());
-        assert_eq!(id, identifier(&long, u64::MAX), "deterministic");
-        assert_ne!(identifier(&long, 1), identifier(&long, 2));
-    }
-
-    #[test]
-    fn batch_identifiers_name_the_range_and_fit_stripe() {
-        let a = AccountId::parse("team_42").unwrap();
-        assert_eq!(batch_identifier(&a, 3, 17), "team_42:3-17");
-        assert_ne!(batch_identifier(&a, 3, 17), identifier(&a, 3));
-        // The worst case: a 128-character id and the largest sequence numbers.
-        let long = AccountId::parse(&"x".repeat(128)).unwrap();
-        let id = batch_identifier(&long, u64::MAX - 1, u64::MAX);
-        assert!(id.len() <= 100, "{}", id.len());
-        assert!(
-            id.ends_with(&format!(":{}-{}", u64::MAX - 1, u64::MAX)),
-            "{id}"
-        );
-        assert_eq!(id, batch_identifier(&long, u64::MAX - 1, u64::MAX));
-        assert_ne!(batch_identifier(&long, 1, 2), batch_identifier(&long, 1, 3));
-        // 58 characters is the longest id kept in plain text with 20-digit seqs.
-        let edge = AccountId::parse(&"y".repeat(100 - 42)).unwrap();
-        assert_eq!(
-            batch_identifier(&edge, u64::MAX, u64::MAX).len(),
-            100,
-            "kept plain at exactly 100"
-        );
-    }
 
     #[test]
     fn windows_are_aligned_and_settings_resolve_account_then_meter_then_default() {

@@ -7,8 +7,6 @@
 
 use std::collections::BTreeMap;
 
-use bincode::{Decode, Encode};
-
 use crate::ledger::{AccountProfile, Alert, AlertKind, Balances, meter_limit};
 use crate::model::{
     Catalog, MeterRule, Overage, Plan, PlanKind, SpendCap, UnixMs, ValidationError,
@@ -16,7 +14,7 @@ use crate::model::{
 use crate::pricing::{MeterPricing, PeriodCost, PlanPricing, PricingError, period_cost};
 
 /// Subscription status, as Stripe names them. Set by admin now, by Stripe webhooks later.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Encode, Decode)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SubscriptionStatus {
     #[default]
     Active,
@@ -90,7 +88,7 @@ pub fn access(status: SubscriptionStatus, since_ms: UnixMs, now: UnixMs, grace_m
 }
 
 /// Per-account overrides of a `custom` plan's meter rules (enterprise contracts).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MeterOverride {
     pub included: Option<u64>,
     /// `Some(None)` is not representable on purpose: an override replaces the whole policy.
@@ -98,7 +96,7 @@ pub struct MeterOverride {
 }
 
 /// A storable copy of [`Overage`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OverageOverride {
     Block,
     Credits { credits_per_unit: u64 },

@@ -26,7 +26,9 @@
 //! - `batched`:  same key → the batch's first seq and formation time: entries merged into a
 //!   batch (recovery skips them). `sent` and `batched` are pruned after 40 days once the
 //!   account's snapshot covers the entry.
-//! - `meta`:     `format` → store format version.
+//! - `hashed_ids`: `h{40 hex}` → account id: the accounts whose meter event identifiers may
+//!   carry a hash of the id (see [`crate::identifier`]), written with the account's creation.
+//! - `meta`:     `format` → the data dir's format version (see [`migrate`]).
 //!
 //! Durability: sled 0.34.7 deadlocks when several threads call `flush_async` at once (upstream
 //! issues #1308, #1241) and its `flush` makes data safe from a process crash but not from a
@@ -35,6 +37,10 @@
 
 mod codec;
 mod events;
+#[cfg(test)]
+mod golden;
+mod migrate;
+pub mod records;
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -49,8 +55,12 @@ pub use events::{EventSource, MeterErrorRecord, WebhookRecord, WebhookStatus};
 use crate::ledger::{AccountProfile, Balances, LedgerEntry};
 use crate::model::{AccountId, UnixMs};
 
-/// The on-disk format this build writes and understands.
-pub const FORMAT_VERSION: u32 = 1;
+/// The data dir format this build writes and understands (older ones are migrated at open,
+/// see [`migrate`]).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The tree of the hashed-identifier index.
+const HASHED_IDS: &str = "hashed_ids";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -63,7 +73,10 @@ pub enum StoreError {
     },
     #[error("corrupt record in `{tree}`: {detail}")]
     Corrupt { tree: &'static str, detail: String },
-    #[error("store format {found} is newer than this build understands ({FORMAT_VERSION})")]
+    #[error(
+        "the data dir has format {found}, newer than this build's format {FORMAT_VERSION}: it was \
+         written by a newer meterd; run that release (or newer) on it"
+    )]
     NewerFormat { found: u32 },
     #[error(transparent)]
     Commit(#[from] CommitError),
@@ -118,7 +131,7 @@ pub struct IdemRecord {
 }
 
 /// A derived copy of an account's state up to `last_seq`.
-#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountSnapshot {
     pub profile: AccountProfile,
     pub balances: Balances,
@@ -153,6 +166,7 @@ struct Inner {
     webhook_bodies: sled::Tree,
     customers: sled::Tree,
     meter_errors: sled::Tree,
+    hashed_ids: sled::Tree,
     flush_tx: mpsc::Sender<FlushCmd>,
     failed: Arc<AtomicBool>,
     stats: Arc<FlushStats>,
@@ -179,18 +193,7 @@ impl Store {
             source,
         })?;
         let db = open_db(cfg)?;
-        let meta = db.open_tree("meta")?;
-        match meta.get(b"format")? {
-            Some(v) => {
-                let found = codec::decode_format(&v)?;
-                if found > FORMAT_VERSION {
-                    return Err(StoreError::NewerFormat { found });
-                }
-            }
-            None => {
-                meta.insert(b"format", &FORMAT_VERSION.to_be_bytes())?;
-            }
-        }
+        migrate::check_and_migrate(&db, &cfg.path)?;
         let sync_file = match cfg.sync {
             SyncMode::Fdatasync => {
                 let p = cfg.path.join("db");
@@ -227,6 +230,7 @@ impl Store {
                 webhook_bodies: db.open_tree("webhook_bodies")?,
                 customers: db.open_tree("customers")?,
                 meter_errors: db.open_tree("meter_errors")?,
+                hashed_ids: db.open_tree(HASHED_IDS)?,
                 flush_tx,
                 failed,
                 stats,
@@ -286,12 +290,34 @@ impl Store {
 
     // ---- ledger ----
 
+    /// Appends a ledger entry. An account's creation (its first entry) also indexes its hashed
+    /// identifier when it may need one, in the same commit.
     pub fn append_entry(&self, account: &AccountId, entry: &LedgerEntry) -> Result<(), StoreError> {
         let bytes = codec::encode_entry(entry)?;
+        if matches!(entry.kind, crate::ledger::EntryKind::AccountUpserted(_))
+            && crate::identifier::may_be_hashed(account)
+        {
+            self.inner.hashed_ids.insert(
+                crate::identifier::hashed(account),
+                account.as_str().as_bytes(),
+            )?;
+        }
         self.inner
             .ledger
             .insert(codec::ledger_key(account, entry.seq), bytes)?;
         Ok(())
+    }
+
+    /// The account an identifier's owner part names (see [`crate::identifier::parse`]): the
+    /// account whose hash it is, else the account id it spells. `None`: no account (an
+    /// invalid id, or a hash meterd never indexed).
+    pub fn identifier_owner(&self, owner: &str) -> Result<Option<AccountId>, StoreError> {
+        if crate::identifier::looks_hashed(owner)
+            && let Some(a) = migrate::account_of_hashed(&self.inner.hashed_ids, owner)?
+        {
+            return Ok(Some(a));
+        }
+        Ok(AccountId::parse(owner).ok())
     }
 
     pub fn read_entry(
@@ -1295,5 +1321,134 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(err, StoreError::NewerFormat { .. }));
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("format {}", FORMAT_VERSION + 1))
+                && msg.contains(&format!("format {FORMAT_VERSION}")),
+            "names both versions: {msg}"
+        );
+    }
+
+    fn upserted(seq: u64) -> LedgerEntry {
+        LedgerEntry {
+            seq,
+            at_ms: 5,
+            kind: EntryKind::AccountUpserted(crate::ledger::AccountProfile {
+                plan: "free".into(),
+                seats: 1,
+                email: None,
+                stripe_customer_id: None,
+                metadata: Vec::new(),
+                created_at_ms: 5,
+                status: Default::default(),
+                status_since_ms: 5,
+                overrides: Default::default(),
+                spend_cap: None,
+            }),
+        }
+    }
+
+    fn format_of(dir: &std::path::Path) -> u32 {
+        let db = sled::open(dir).unwrap();
+        let v = db
+            .open_tree("meta")
+            .unwrap()
+            .get(b"format")
+            .unwrap()
+            .unwrap();
+        codec::decode_format(&v).unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_identifier_of_a_long_account_resolves_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let long = AccountId::parse(&format!("org.{}", "x".repeat(100))).unwrap();
+        let short = AccountId::parse("acme").unwrap();
+        s.append_entry(&long, &upserted(1)).unwrap();
+        s.append_entry(&short, &upserted(1)).unwrap();
+        for ident in [
+            crate::identifier::entry(&long, u64::MAX),
+            crate::identifier::batch(&long, 7, 9),
+            crate::identifier::entry(&short, 3),
+        ] {
+            let p = crate::identifier::parse(&ident).unwrap();
+            let owner = s.identifier_owner(&p.owner).unwrap();
+            let expect = if ident.starts_with("acme") {
+                &short
+            } else {
+                &long
+            };
+            assert_eq!(owner.as_ref(), Some(expect), "{ident}");
+        }
+        // A hash nobody indexed is no account; neither is an invalid id.
+        let stranger = crate::identifier::hashed(&AccountId::parse(&"y".repeat(90)).unwrap());
+        let resolved = s.identifier_owner(&stranger).unwrap();
+        assert_eq!(
+            resolved.as_ref().map(AccountId::as_str),
+            Some(stranger.as_str()),
+            "an unindexed hash is read as a plain id, which names no account"
+        );
+        assert_eq!(s.identifier_owner("not valid!").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_format_1_data_dir_is_migrated_once_and_keeps_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = AccountId::parse(&"L".repeat(100)).unwrap();
+        let short = AccountId::parse("acme").unwrap();
+        // What release 7 left: format 1, records, no hash index.
+        {
+            let s = open(dir.path());
+            s.append_entry(&long, &upserted(1)).unwrap();
+            s.append_entry(&long, &entry(2)).unwrap();
+            s.append_entry(&short, &upserted(1)).unwrap();
+            s.close().unwrap();
+        }
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.drop_tree(HASHED_IDS).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(b"format", &1u32.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        assert_eq!(format_of(dir.path()), 1);
+        for _ in 0..2 {
+            // The second open finds format 2 and migrates nothing.
+            let s = open(dir.path());
+            let hash = crate::identifier::hashed(&long);
+            assert_eq!(s.identifier_owner(&hash).unwrap(), Some(long.clone()));
+            assert_eq!(s.read_entry(&long, 2).unwrap(), Some(entry(2)));
+            assert_eq!(s.read_entry(&short, 1).unwrap(), Some(upserted(1)));
+            assert_eq!(s.inner.hashed_ids.len(), 1, "only ids that may be hashed");
+            s.close().unwrap();
+            drop(s);
+            assert_eq!(format_of(dir.path()), FORMAT_VERSION);
+        }
+    }
+
+    #[tokio::test]
+    async fn data_without_a_format_stamp_is_refused_and_a_new_dir_is_stamped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open(dir.path());
+            s.close().unwrap();
+        }
+        assert_eq!(format_of(dir.path()), FORMAT_VERSION);
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree("ledger").unwrap().insert(b"x", b"y").unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(&StoreConfig {
+            path: dir.path().to_path_buf(),
+            sync: SyncMode::Flush,
+            cache_capacity_bytes: 1 << 20,
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("no format version"), "{err}");
     }
 }

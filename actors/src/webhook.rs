@@ -346,6 +346,8 @@ impl WebhookState {
                 tracing::warn!(subscription = %info.id, prices = ?prices, "no configured plan has these Stripe prices (set [plans.<p>] stripe_price); such subscriptions leave the account's plan unchanged");
             }
         }
+        // Identifier owners that name no account (not even through the hash index).
+        let mut unresolved = Vec::new();
         let accounts: Vec<(AccountId, StripeChange)> = match target {
             Target::None => {
                 return Ok((WebhookStatus::Ignored, "no account concerned".into()));
@@ -368,9 +370,13 @@ impl WebhookState {
                 let mut by: BTreeMap<AccountId, Vec<(String, u64)>> = BTreeMap::new();
                 let now = self.args.clock.now_ms();
                 for r in list {
+                    let Some(account) = self.args.store.identifier_owner(&r.owner)? else {
+                        unresolved.push(format!("{}: unknown account", r.owner));
+                        continue;
+                    };
                     // Marks the outbox record: Stripe accepted it, then found it invalid.
                     self.args.store.record_meter_error(
-                        &r.account,
+                        &account,
                         r.seq,
                         &MeterErrorRecord {
                             code: r.code.clone(),
@@ -379,7 +385,7 @@ impl WebhookState {
                             reported_ms: now,
                         },
                     )?;
-                    let codes = by.entry(r.account).or_default();
+                    let codes = by.entry(account).or_default();
                     match codes.iter_mut().find(|(c, _)| *c == r.code) {
                         Some((_, n)) => *n += 1,
                         None => codes.push((r.code, 1)),
@@ -425,6 +431,7 @@ impl WebhookState {
                 Err(e) => return Err(Failure::Retry(e.to_string())),
             }
         }
+        outcomes.extend(unresolved);
         Ok((WebhookStatus::Applied, outcomes.join("; ")))
     }
 

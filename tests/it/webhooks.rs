@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use meterd::config::Config;
-use meterd_actors::model::Clock;
+use meterd_actors::model::{AccountId, Clock};
 use serde_json::{Value, json};
 
 use crate::support::fake_stripe::FakeStripe;
@@ -768,6 +768,58 @@ async fn a_thin_event_is_fetched_from_stripe_and_alerts_the_accounts_it_names() 
             .any(|x| x["kind"] == "meter_errors"),
         "{alerts}"
     );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn an_error_report_naming_a_hashed_identifier_reaches_its_long_account() {
+    let fake = FakeStripe::start().await;
+    // An account id too long for `{account}:{seq}` in Stripe's 100 characters: meterd sends
+    // `h{40 hex}:{seq}` for it, and the report names that.
+    let long = format!("org.example.{}", "w".repeat(100));
+    let hashed = meterd_actors::identifier::hashed(&AccountId::parse(&long).unwrap());
+    let mut fetched: Value =
+        serde_json::from_slice(&event("billing.meter.error_report_triggered.fetched.json"))
+            .unwrap();
+    fetched["id"] = json!("evt_test_hashed_1");
+    fetched["data"]["reason"]["error_types"] = json!([{
+        "code": "meter_event_customer_not_found",
+        "error_count": 2,
+        "sample_errors": [
+            {"error_message": "No customer.", "request": {"identifier": format!("{hashed}:7")}},
+            {"error_message": "No customer.", "request": {"identifier": format!("{hashed}:9-12")}}
+        ]
+    }]);
+    fake.add_v2_event(fetched.clone());
+    let d = TestDaemon::start_stripe(tempfile::tempdir().unwrap(), &fake, story_on_fake).await;
+    let r = d.client.put_account(&long, json!({"plan": "free"})).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let mut thin: Value =
+        serde_json::from_slice(&event("billing.meter.error_report_triggered.json")).unwrap();
+    thin["id"] = json!("evt_test_hashed_1");
+    let body = serde_json::to_vec(&thin).unwrap();
+    let r = deliver(&d, &Clock::System, &body).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    settled(&d.client).await;
+    let applied = log(&d.client, Some("applied")).await;
+    let outcome = applied["events"][0]["outcome"].as_str().unwrap().to_owned();
+    assert!(outcome.contains(&format!("{long}: applied")), "{outcome}");
+    let r = admin(&d.client, "/v1/admin/meter-errors").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let marked: Vec<(String, u64)> = r.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["account_id"].as_str().unwrap().to_owned(),
+                e["ledger_seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(marked, vec![(long.clone(), 7), (long.clone(), 9)]);
+    let a = get(&d.client, &format!("/v1/accounts/{long}")).await;
+    assert_eq!(a["stripe"]["meter_errors"], 2, "{a}");
     d.stop().await;
 }
 

@@ -1,54 +1,39 @@
 //! Versioned bincode 2 records and sortable keys.
 //!
-//! Every stored value is an enum whose variant is its format version, so a later build can
-//! read old records and refuse records it does not know. Integer key parts are big-endian so
-//! sled's byte order is numeric order.
+//! Every stored value is an enum whose variant is its record version, over the frozen types of
+//! [`super::records`] (never a domain type), so a later build reads old records and refuses
+//! records it does not know. Integer key parts are big-endian so sled's byte order is numeric
+//! order.
 
 use bincode::{Decode, Encode};
 
+use super::records::{Freeze, v1};
 use super::{AccountSnapshot, IdemOp, IdemRecord, StoreError};
 use crate::ledger::LedgerEntry;
 use crate::model::{AccountId, UnixMs};
 
+/// A `ledger` value.
 #[derive(Debug, Encode, Decode)]
 pub enum StoredEntry {
-    V1(LedgerEntry),
+    V1(v1::LedgerEntry),
 }
 
-/// Encodes exactly like [`StoredEntry`] without cloning the entry.
-#[derive(Encode)]
-enum StoredEntryRef<'a> {
-    V1(&'a LedgerEntry),
-}
-
-#[derive(Encode)]
-enum StoredSnapshotRef<'a> {
-    #[cfg_attr(not(test), allow(dead_code))]
-    V1(&'a SnapshotV1),
-    V2(&'a AccountSnapshot),
-}
-
-/// A snapshot written before accounts held Stripe billing state (which is then empty: no
-/// build before V2 wrote `Stripe` entries).
-#[derive(Debug, Clone, Encode, Decode)]
-pub struct SnapshotV1 {
-    pub profile: crate::ledger::AccountProfile,
-    pub balances: crate::ledger::Balances,
-    pub last_seq: u64,
-}
-
+/// An `accounts` value.
 #[derive(Debug, Encode, Decode)]
 pub enum StoredSnapshot {
-    V1(Box<SnapshotV1>),
-    V2(Box<AccountSnapshot>),
+    /// Release 6: before accounts held Stripe billing state (read back with an empty one: no
+    /// build before V2 wrote `Stripe` entries).
+    V1(Box<v1::SnapshotV1>),
+    V2(Box<v1::AccountSnapshot>),
 }
 
+/// A `notify` value.
 #[derive(Debug, Encode, Decode)]
 pub enum StoredNotification {
     V1 {
         account: String,
         seq: u64,
-        alert: crate::ledger::Alert,
+        alert: v1::Alert,
     },
 }
 
@@ -61,7 +46,7 @@ pub(super) fn encode_notification(
         &StoredNotification::V1 {
             account: account.to_owned(),
             seq,
-            alert: alert.clone(),
+            alert: Freeze::freeze(alert),
         },
         "notify",
     )
@@ -75,12 +60,12 @@ pub(super) fn decode_notification(
             account,
             seq,
             alert,
-        } => Ok((account, seq, alert)),
+        } => Ok((account, seq, alert.thaw())),
     }
 }
 
 /// A billable ledger entry on its way to Stripe.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxItem {
     pub meter: String,
     /// Billable units.
@@ -95,7 +80,7 @@ pub struct OutboxItem {
 
 /// Several billable ledger entries of one account and meter, merged into one meter event.
 /// The record's key holds the first entry's seq; the members' keys are in the `batched` tree.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxBatch {
     /// The last member's seq: the event's identifier names `first-last`.
     pub last_seq: u64,
@@ -128,47 +113,36 @@ impl OutboxRecord {
     }
 }
 
+/// An `outbox` or `dead` value.
 #[derive(Debug, Encode, Decode)]
 pub enum StoredOutbox {
-    /// Written before aggregation existed. Decoded as attempted (the build that wrote it may
-    /// have sent it), so it is never merged into a batch.
-    V1(OutboxItem),
+    /// Release 6, before aggregation. Decoded as attempted (the build that wrote it may have
+    /// sent it), so it is never merged into a batch.
+    V1(v1::OutboxItem),
     V2 {
-        item: OutboxItem,
-        batch: Option<OutboxBatch>,
-        attempted: bool,
-    },
-}
-
-/// Encodes exactly like [`StoredOutbox::V2`] without cloning.
-#[derive(Encode)]
-enum StoredOutboxRef<'a> {
-    #[allow(dead_code)]
-    V1(&'a OutboxItem),
-    V2 {
-        item: &'a OutboxItem,
-        batch: &'a Option<OutboxBatch>,
+        item: v1::OutboxItem,
+        batch: Option<v1::OutboxBatch>,
         attempted: bool,
     },
 }
 
 pub(super) fn encode_outbox(r: &OutboxRecord) -> Result<Vec<u8>, StoreError> {
     enc(
-        &StoredOutboxRef::V2 {
-            item: &r.item,
-            batch: &r.batch,
+        &StoredOutbox::V2 {
+            item: Freeze::freeze(&r.item),
+            batch: Freeze::freeze(&r.batch),
             attempted: r.attempted,
         },
         "outbox",
     )
 }
 
-/// Encodes a just-queued entry (never sent, not a batch) without cloning it.
+/// Encodes a just-queued entry (never sent, not a batch).
 pub(super) fn encode_fresh_outbox(item: &OutboxItem) -> Result<Vec<u8>, StoreError> {
     enc(
-        &StoredOutboxRef::V2 {
-            item,
-            batch: &None,
+        &StoredOutbox::V2 {
+            item: Freeze::freeze(item),
+            batch: None,
             attempted: false,
         },
         "outbox",
@@ -178,7 +152,7 @@ pub(super) fn encode_fresh_outbox(item: &OutboxItem) -> Result<Vec<u8>, StoreErr
 pub(super) fn decode_outbox(bytes: &[u8]) -> Result<OutboxRecord, StoreError> {
     match dec::<StoredOutbox>(bytes, "outbox")? {
         StoredOutbox::V1(item) => Ok(OutboxRecord {
-            item,
+            item: item.thaw(),
             batch: None,
             attempted: true,
         }),
@@ -187,8 +161,8 @@ pub(super) fn decode_outbox(bytes: &[u8]) -> Result<OutboxRecord, StoreError> {
             batch,
             attempted,
         } => Ok(OutboxRecord {
-            item,
-            batch,
+            item: item.thaw(),
+            batch: batch.thaw(),
             attempted,
         }),
     }
@@ -273,28 +247,31 @@ pub(super) fn dec<T: Decode<()>>(bytes: &[u8], tree: &'static str) -> Result<T, 
 }
 
 pub(super) fn encode_entry(e: &LedgerEntry) -> Result<Vec<u8>, StoreError> {
-    enc(&StoredEntryRef::V1(e), "ledger")
+    enc(&StoredEntry::V1(Freeze::freeze(e)), "ledger")
 }
 
 pub(super) fn decode_entry(bytes: &[u8]) -> Result<LedgerEntry, StoreError> {
     match dec::<StoredEntry>(bytes, "ledger")? {
-        StoredEntry::V1(e) => Ok(e),
+        StoredEntry::V1(e) => Ok(e.thaw()),
     }
 }
 
 pub(super) fn encode_snapshot(s: &AccountSnapshot) -> Result<Vec<u8>, StoreError> {
-    enc(&StoredSnapshotRef::V2(s), "accounts")
+    enc(
+        &StoredSnapshot::V2(Box::new(v1::AccountSnapshot::freeze(s))),
+        "accounts",
+    )
 }
 
 pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<AccountSnapshot, StoreError> {
     match dec::<StoredSnapshot>(bytes, "accounts")? {
         StoredSnapshot::V1(s) => Ok(AccountSnapshot {
             billing: Default::default(),
-            profile: s.profile,
-            balances: s.balances,
+            profile: s.profile.thaw(),
+            balances: s.balances.thaw(),
             last_seq: s.last_seq,
         }),
-        StoredSnapshot::V2(s) => Ok(*s),
+        StoredSnapshot::V2(s) => Ok((*s).thaw()),
     }
 }
 
@@ -375,64 +352,7 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_written_before_billing_state_reads_back_with_an_empty_one() {
-        use crate::ledger::{AccountProfile, Balances};
-        use crate::model::Period;
-        use crate::plan::SubscriptionStatus;
-        let v1 = SnapshotV1 {
-            profile: AccountProfile {
-                plan: "free".into(),
-                seats: 1,
-                email: None,
-                stripe_customer_id: Some("cus_1".into()),
-                metadata: Vec::new(),
-                created_at_ms: 1,
-                status: SubscriptionStatus::Active,
-                status_since_ms: 1,
-                overrides: Default::default(),
-                spend_cap: None,
-            },
-            balances: Balances::new(Period {
-                start_ms: 0,
-                end_ms: 10,
-            }),
-            last_seq: 9,
-        };
-        let old = enc(&StoredSnapshotRef::V1(&v1), "accounts").unwrap();
-        assert_eq!(old[0], 0, "V1 is variant 0");
-        let s = decode_snapshot(&old).unwrap();
-        assert_eq!((s.last_seq, s.profile.plan.as_str()), (9, "free"));
-        assert_eq!(s.billing, Default::default());
-        let new = encode_snapshot(&s).unwrap();
-        assert_eq!(new[0], 1, "written as V2");
-        assert_eq!(decode_snapshot(&new).unwrap(), s);
-    }
-
-    #[test]
-    fn borrowed_and_owned_encodings_are_identical() {
-        use crate::ledger::{EntryKind, LedgerEntry};
-        use crate::model::Period;
-        let e = LedgerEntry {
-            seq: 3,
-            at_ms: 4,
-            kind: EntryKind::PeriodRolled {
-                from: Period {
-                    start_ms: 0,
-                    end_ms: 1,
-                },
-                to: Period {
-                    start_ms: 1,
-                    end_ms: 2,
-                },
-            },
-        };
-        let owned = bincode::encode_to_vec(StoredEntry::V1(e.clone()), config()).unwrap();
-        assert_eq!(encode_entry(&e).unwrap(), owned);
-        assert_eq!(decode_entry(&owned).unwrap(), e);
-    }
-
-    #[test]
-    fn outbox_records_of_the_first_format_still_decode_and_are_never_merged() {
+    fn outbox_records_of_release_6_still_decode_and_are_never_merged() {
         let item = OutboxItem {
             meter: "tokens".into(),
             value: 9,
@@ -441,8 +361,7 @@ mod tests {
             next_at_ms: 1_700_000_000_000,
             last_error: None,
         };
-        // What the build before aggregation wrote.
-        let v1 = bincode::encode_to_vec(StoredOutbox::V1(item.clone()), config()).unwrap();
+        let v1 = enc(&StoredOutbox::V1(Freeze::freeze(&item)), "outbox").unwrap();
         assert_eq!(v1[0], 0);
         let r = decode_outbox(&v1).unwrap();
         assert_eq!(r.item, item);
@@ -451,7 +370,6 @@ mod tests {
             r.attempted,
             "it may have been sent under its own identifier"
         );
-        // New records are V2, written by reference exactly as the owned enum.
         let rec = OutboxRecord {
             item: item.clone(),
             batch: Some(OutboxBatch {
@@ -463,16 +381,6 @@ mod tests {
         };
         let v2 = encode_outbox(&rec).unwrap();
         assert_eq!(v2[0], 1, "V2 is variant 1");
-        let owned = bincode::encode_to_vec(
-            StoredOutbox::V2 {
-                item: rec.item.clone(),
-                batch: rec.batch.clone(),
-                attempted: false,
-            },
-            config(),
-        )
-        .unwrap();
-        assert_eq!(v2, owned);
         assert_eq!(decode_outbox(&v2).unwrap(), rec);
         assert_eq!(
             decode_outbox(&encode_fresh_outbox(&item).unwrap()).unwrap(),

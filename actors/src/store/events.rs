@@ -1,13 +1,12 @@
 //! The webhook event log and the Stripe customer index.
 
-use bincode::{Decode, Encode};
-
 use super::codec::{dec, enc, ledger_key, split_ledger_key};
+use super::records::{Freeze, v1};
 use super::{Store, StoreError};
 use crate::model::{AccountId, UnixMs};
 
 /// Where an event in the log is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WebhookStatus {
     /// Waiting to be applied (first time or after a failure, at `next_at_ms`).
     Pending,
@@ -42,7 +41,7 @@ impl WebhookStatus {
 }
 
 /// How an event reached the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventSource {
     Webhook,
     /// Listed from Stripe's events API by a backfill.
@@ -59,7 +58,7 @@ impl EventSource {
 }
 
 /// One Stripe event in the log (its body is stored apart).
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookRecord {
     pub id: String,
     pub event_type: String,
@@ -79,7 +78,7 @@ pub struct WebhookRecord {
 }
 
 /// A meter event Stripe reported invalid after accepting it.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeterErrorRecord {
     /// Stripe's error code (`meter_event_customer_not_found`, ...).
     pub code: String,
@@ -90,23 +89,35 @@ pub struct MeterErrorRecord {
     pub reported_ms: UnixMs,
 }
 
-#[derive(Debug, Encode, Decode)]
+/// A `meter_errors` value.
+#[derive(Debug, bincode::Encode, bincode::Decode)]
 enum StoredMeterError {
-    V1(MeterErrorRecord),
+    V1(v1::MeterErrorRecord),
 }
 
-#[derive(Debug, Encode, Decode)]
+/// A `webhooks` value.
+#[derive(Debug, bincode::Encode, bincode::Decode)]
 enum StoredWebhook {
-    V1(WebhookRecord),
+    V1(v1::WebhookRecord),
 }
 
-fn encode(r: &WebhookRecord) -> Result<Vec<u8>, StoreError> {
-    enc(&StoredWebhook::V1(r.clone()), "webhooks")
+pub(super) fn encode_webhook(r: &WebhookRecord) -> Result<Vec<u8>, StoreError> {
+    enc(&StoredWebhook::V1(Freeze::freeze(r)), "webhooks")
 }
 
-fn decode(b: &[u8]) -> Result<WebhookRecord, StoreError> {
+pub(super) fn decode_webhook(b: &[u8]) -> Result<WebhookRecord, StoreError> {
     match dec::<StoredWebhook>(b, "webhooks")? {
-        StoredWebhook::V1(r) => Ok(r),
+        StoredWebhook::V1(r) => Ok(r.thaw()),
+    }
+}
+
+pub(super) fn encode_meter_error(r: &MeterErrorRecord) -> Result<Vec<u8>, StoreError> {
+    enc(&StoredMeterError::V1(Freeze::freeze(r)), "meter_errors")
+}
+
+pub(super) fn decode_meter_error(b: &[u8]) -> Result<MeterErrorRecord, StoreError> {
+    match dec::<StoredMeterError>(b, "meter_errors")? {
+        StoredMeterError::V1(r) => Ok(r.thaw()),
     }
 }
 
@@ -120,16 +131,17 @@ impl Store {
             return Ok(false);
         }
         self.inner.webhook_bodies.insert(key, body)?;
-        let swapped =
-            self.inner
-                .webhooks
-                .compare_and_swap(key, None as Option<&[u8]>, Some(encode(rec)?))?;
+        let swapped = self.inner.webhooks.compare_and_swap(
+            key,
+            None as Option<&[u8]>,
+            Some(encode_webhook(rec)?),
+        )?;
         Ok(swapped.is_ok())
     }
 
     pub fn event(&self, id: &str) -> Result<Option<WebhookRecord>, StoreError> {
         match self.inner.webhooks.get(id.as_bytes())? {
-            Some(v) => Ok(Some(decode(&v)?)),
+            Some(v) => Ok(Some(decode_webhook(&v)?)),
             None => Ok(None),
         }
     }
@@ -146,7 +158,7 @@ impl Store {
     pub fn update_event(&self, rec: &WebhookRecord) -> Result<(), StoreError> {
         self.inner
             .webhooks
-            .insert(rec.id.as_bytes(), encode(rec)?)?;
+            .insert(rec.id.as_bytes(), encode_webhook(rec)?)?;
         Ok(())
     }
 
@@ -168,7 +180,7 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.inner.webhooks.range(start..) {
             let (k, v) = kv?;
-            let Ok(r) = decode(&v) else {
+            let Ok(r) = decode_webhook(&v) else {
                 tracing::error!(key = %String::from_utf8_lossy(&k), "undecodable record in the stripe event log; skipped");
                 continue;
             };
@@ -187,7 +199,7 @@ impl Store {
         let mut c = [0u64; 4];
         for kv in self.inner.webhooks.iter() {
             let (_, v) = kv?;
-            let Ok(r) = decode(&v) else { continue };
+            let Ok(r) = decode_webhook(&v) else { continue };
             let i = match r.status {
                 WebhookStatus::Pending => 0,
                 WebhookStatus::Applied => 1,
@@ -205,7 +217,7 @@ impl Store {
         let mut n = 0;
         for kv in self.inner.webhooks.iter() {
             let (k, v) = kv?;
-            let r = decode(&v)?;
+            let r = decode_webhook(&v)?;
             if r.received_ms < before_ms && r.status != WebhookStatus::Pending {
                 self.inner.webhooks.remove(&k)?;
                 self.inner.webhook_bodies.remove(&k)?;
@@ -225,10 +237,9 @@ impl Store {
         seq: u64,
         rec: &MeterErrorRecord,
     ) -> Result<(), StoreError> {
-        self.inner.meter_errors.insert(
-            ledger_key(account, seq),
-            enc(&StoredMeterError::V1(rec.clone()), "meter_errors")?,
-        )?;
+        self.inner
+            .meter_errors
+            .insert(ledger_key(account, seq), encode_meter_error(rec)?)?;
         Ok(())
     }
 
@@ -241,8 +252,7 @@ impl Store {
         for kv in self.inner.meter_errors.iter().take(limit) {
             let (k, v) = kv?;
             let (a, seq) = split_ledger_key(&k)?;
-            let StoredMeterError::V1(r) = dec::<StoredMeterError>(&v, "meter_errors")?;
-            out.push((a, seq, r));
+            out.push((a, seq, decode_meter_error(&v)?));
         }
         Ok(out)
     }
