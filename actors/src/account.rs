@@ -22,18 +22,19 @@ use sha2::{Digest, Sha256};
 
 use crate::ledger::{
     AccountFold, AccountProfile, Balances, ConsumeDecision, ConsumeRecord, CreditCategory,
-    CreditRecord, DenyCode, EntryKind, FoldError, GrantTerms, HoldRecord, LedgerEntry, Outcome,
-    SettleRecord, decide_commit, decide_consume, decide_release, meter_limit,
+    CreditRecord, EntryKind, FoldError, GrantTerms, HoldRecord, LedgerEntry, SettleRecord,
+    decide_commit, decide_consume, decide_release, meter_limit,
 };
 use crate::model::{
     AccountId, Catalog, Clock, IdempotencyKey, Metadata, Period, Plan, PlanKind, ValidationError,
     validate_metadata,
 };
+use crate::model::{DenyCode, Outcome};
+use crate::model::{MeterOverride, SubscriptionStatus};
 use crate::model::{SpendCap, SpendCapAction};
 use crate::plan::{
-    Access, Entitlement, MeterOverride, SubscriptionStatus, access, alerts_for, current_cost,
-    effective_rule, effective_rules, effective_spend_cap, feature_entitlement, meter_entitlement,
-    suggested_plan, usage_cost_with,
+    Access, Entitlement, access, alerts_for, current_cost, effective_rule, effective_rules,
+    effective_spend_cap, feature_entitlement, meter_entitlement, suggested_plan, usage_cost_with,
 };
 use crate::pricing::{PeriodCost, projected};
 use crate::store::{AccountSnapshot, CommitError, IdemOp, IdemRecord, Store, StoreError};
@@ -655,7 +656,7 @@ fn consume_record(
     cmd: ConsumeCmd,
     digest: [u8; 32],
     d: ConsumeDecision,
-    alerts: Vec<crate::ledger::Alert>,
+    alerts: Vec<crate::model::Alert>,
 ) -> ConsumeRecord {
     ConsumeRecord {
         meter: cmd.meter,
@@ -1001,7 +1002,7 @@ impl AccountState {
         &self,
         seq: u64,
         now: i64,
-        alerts: &[crate::ledger::Alert],
+        alerts: &[crate::model::Alert],
     ) -> Result<(), StoreError> {
         for (i, a) in alerts.iter().enumerate() {
             let idx = u32::try_from(i).unwrap_or(u32::MAX);

@@ -15,9 +15,9 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::ledger::Alert;
 use crate::model::AccountId;
-use crate::plan::SubscriptionStatus;
+use crate::model::Alert;
+use crate::model::SubscriptionStatus;
 
 /// At most this many invoice summaries and transactions are kept on an account (newest).
 pub const MAX_INVOICES: usize = 100;

@@ -12,8 +12,10 @@
 use std::collections::BTreeMap;
 
 use crate::billing::{BillingState, StripeRecord};
-use crate::model::{MeterRule, Overage, Period, SpendCap, UnixMs};
-use crate::plan::{MeterOverride, SubscriptionStatus};
+use crate::model::{
+    Alert, AlertKind, DenyCode, MeterOverride, MeterRule, Outcome, Overage, Period, SpendCap,
+    SubscriptionStatus, UnixMs,
+};
 
 /// Everything the account knows about itself besides its balances.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,39 +33,6 @@ pub struct AccountProfile {
     pub overrides: BTreeMap<String, MeterOverride>,
     /// The account's own spend cap (else the plan's).
     pub spend_cap: Option<SpendCap>,
-}
-
-/// Why a consume was refused. Each one is a recorded decision, replayed identically.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DenyCode {
-    /// A hard cap (`block` overage) would be exceeded.
-    CapReached,
-    /// The credit balance cannot pay for the overage.
-    InsufficientCredits,
-    /// The account's plan has no rule for this meter.
-    MeterNotInPlan,
-    /// The subscription is canceled, unpaid, incomplete, or past due beyond the grace period.
-    SubscriptionInactive,
-    /// The period's usage spend would pass the account's spend cap (`block` action).
-    SpendCapReached,
-}
-
-impl DenyCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DenyCode::CapReached => "cap_reached",
-            DenyCode::InsufficientCredits => "insufficient_credits",
-            DenyCode::MeterNotInPlan => "meter_not_in_plan",
-            DenyCode::SubscriptionInactive => "subscription_inactive",
-            DenyCode::SpendCapReached => "spend_cap_reached",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Allowed,
-    Denied(DenyCode),
 }
 
 /// One consume decision and everything needed to answer it again.
@@ -91,57 +60,6 @@ pub struct ConsumeRecord {
     pub credits_after: u64,
     /// Alerts this consume raised (each at most once per period per meter and threshold).
     pub alerts: Vec<Alert>,
-}
-
-/// What an alert is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum AlertKind {
-    /// `used` reached `threshold` % of the included allowance.
-    Usage,
-    /// The period's usage spend reached `threshold` % of the spend cap.
-    Spend,
-    /// The live credit balance dropped below `threshold` credits.
-    LowCredits,
-    /// Stripe: the trial ends soon (`meter`: the subscription; `value`: the end, unix s).
-    TrialEnding,
-    /// Stripe: an invoice payment failed (`meter`: the invoice; `threshold`: the attempt;
-    /// `value`: the amount due).
-    PaymentFailed,
-    /// Stripe: metered charges are due on an invoice (`meter`: the invoice or `upcoming`;
-    /// `value`: the metered amount; `limit`: the total).
-    InvoiceDue,
-    /// Stripe: the customer's last payment method was removed (`meter`: the method).
-    PaymentMethodRemoved,
-    /// Stripe reported invalid meter events (`meter`: the Stripe meter; `value`: the count).
-    MeterErrors,
-}
-
-impl AlertKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AlertKind::Usage => "usage",
-            AlertKind::Spend => "spend",
-            AlertKind::LowCredits => "low_credits",
-            AlertKind::TrialEnding => "trial_ending",
-            AlertKind::PaymentFailed => "payment_failed",
-            AlertKind::InvoiceDue => "invoice_due",
-            AlertKind::PaymentMethodRemoved => "payment_method_removed",
-            AlertKind::MeterErrors => "meter_errors",
-        }
-    }
-}
-
-/// One alert.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Alert {
-    pub kind: AlertKind,
-    pub meter: String,
-    /// Percent for `usage` and `spend`; credits for `low_credits`.
-    pub threshold: u64,
-    /// The value that crossed it (units, minor units, or credits).
-    pub value: u64,
-    /// What the threshold is of (included units, the cap in minor units, or the threshold).
-    pub limit: u64,
 }
 
 /// An alert fired in the current period, with the entry that fired it.

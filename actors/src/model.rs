@@ -448,6 +448,189 @@ pub fn format_rfc3339(ms: UnixMs) -> String {
     )
 }
 
+// ---------------------------------------------------------------------------------------------
+// Account vocabulary: subscription status, per-account overrides, decisions and alerts. Shared
+// by the ledger (which records them), the plan rules and the billing fold (which produce them).
+
+/// Subscription status, as Stripe names them. Set by admin now, by Stripe webhooks later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SubscriptionStatus {
+    #[default]
+    Active,
+    Trialing,
+    PastDue,
+    Canceled,
+    Unpaid,
+    Incomplete,
+}
+
+impl SubscriptionStatus {
+    pub const ALL: [SubscriptionStatus; 6] = [
+        SubscriptionStatus::Active,
+        SubscriptionStatus::Trialing,
+        SubscriptionStatus::PastDue,
+        SubscriptionStatus::Canceled,
+        SubscriptionStatus::Unpaid,
+        SubscriptionStatus::Incomplete,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriptionStatus::Active => "active",
+            SubscriptionStatus::Trialing => "trialing",
+            SubscriptionStatus::PastDue => "past_due",
+            SubscriptionStatus::Canceled => "canceled",
+            SubscriptionStatus::Unpaid => "unpaid",
+            SubscriptionStatus::Incomplete => "incomplete",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        Self::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| {
+                ValidationError::new(format!(
+                    "unknown status `{s}`; one of: active, trialing, past_due, canceled, unpaid, incomplete"
+                ))
+            })
+    }
+}
+
+/// Per-account overrides of a `custom` plan's meter rules (enterprise contracts).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MeterOverride {
+    pub included: Option<u64>,
+    /// `Some(None)` is not representable on purpose: an override replaces the whole policy.
+    pub overage: Option<OverageOverride>,
+}
+
+/// A storable copy of [`Overage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverageOverride {
+    Block,
+    Credits { credits_per_unit: u64 },
+    Bill,
+    Unlimited,
+}
+
+impl From<OverageOverride> for Overage {
+    fn from(o: OverageOverride) -> Self {
+        match o {
+            OverageOverride::Block => Overage::Block,
+            OverageOverride::Credits { credits_per_unit } => Overage::Credits { credits_per_unit },
+            OverageOverride::Bill => Overage::Bill,
+            OverageOverride::Unlimited => Overage::Unlimited,
+        }
+    }
+}
+
+impl OverageOverride {
+    pub fn parse(s: &str, credits_per_unit: Option<u64>) -> Result<Self, ValidationError> {
+        match (s, credits_per_unit) {
+            ("block", None) => Ok(OverageOverride::Block),
+            ("bill", None) => Ok(OverageOverride::Bill),
+            ("unlimited", None) => Ok(OverageOverride::Unlimited),
+            ("credits", Some(n)) if n >= 1 => Ok(OverageOverride::Credits {
+                credits_per_unit: n,
+            }),
+            ("credits", _) => Err(ValidationError::new(
+                "overage `credits` needs credits_per_unit of at least 1",
+            )),
+            (_, Some(_)) => Err(ValidationError::new(
+                "credits_per_unit is only meaningful with overage `credits`",
+            )),
+            (other, None) => Err(ValidationError::new(format!(
+                "unknown overage `{other}`; one of: block, credits, bill, unlimited"
+            ))),
+        }
+    }
+}
+
+/// Why a consume was refused. Each one is a recorded decision, replayed identically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyCode {
+    /// A hard cap (`block` overage) would be exceeded.
+    CapReached,
+    /// The credit balance cannot pay for the overage.
+    InsufficientCredits,
+    /// The account's plan has no rule for this meter.
+    MeterNotInPlan,
+    /// The subscription is canceled, unpaid, incomplete, or past due beyond the grace period.
+    SubscriptionInactive,
+    /// The period's usage spend would pass the account's spend cap (`block` action).
+    SpendCapReached,
+}
+
+impl DenyCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyCode::CapReached => "cap_reached",
+            DenyCode::InsufficientCredits => "insufficient_credits",
+            DenyCode::MeterNotInPlan => "meter_not_in_plan",
+            DenyCode::SubscriptionInactive => "subscription_inactive",
+            DenyCode::SpendCapReached => "spend_cap_reached",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    Denied(DenyCode),
+}
+
+/// What an alert is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AlertKind {
+    /// `used` reached `threshold` % of the included allowance.
+    Usage,
+    /// The period's usage spend reached `threshold` % of the spend cap.
+    Spend,
+    /// The live credit balance dropped below `threshold` credits.
+    LowCredits,
+    /// Stripe: the trial ends soon (`meter`: the subscription; `value`: the end, unix s).
+    TrialEnding,
+    /// Stripe: an invoice payment failed (`meter`: the invoice; `threshold`: the attempt;
+    /// `value`: the amount due).
+    PaymentFailed,
+    /// Stripe: metered charges are due on an invoice (`meter`: the invoice or `upcoming`;
+    /// `value`: the metered amount; `limit`: the total).
+    InvoiceDue,
+    /// Stripe: the customer's last payment method was removed (`meter`: the method).
+    PaymentMethodRemoved,
+    /// Stripe reported invalid meter events (`meter`: the Stripe meter; `value`: the count).
+    MeterErrors,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::Usage => "usage",
+            AlertKind::Spend => "spend",
+            AlertKind::LowCredits => "low_credits",
+            AlertKind::TrialEnding => "trial_ending",
+            AlertKind::PaymentFailed => "payment_failed",
+            AlertKind::InvoiceDue => "invoice_due",
+            AlertKind::PaymentMethodRemoved => "payment_method_removed",
+            AlertKind::MeterErrors => "meter_errors",
+        }
+    }
+}
+
+/// One alert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    pub kind: AlertKind,
+    pub meter: String,
+    /// Percent for `usage` and `spend`; credits for `low_credits`.
+    pub threshold: u64,
+    /// The value that crossed it (units, minor units, or credits).
+    pub value: u64,
+    /// What the threshold is of (included units, the cap in minor units, or the threshold).
+    pub limit: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,56 +7,12 @@
 
 use std::collections::BTreeMap;
 
-use crate::ledger::{AccountProfile, Alert, AlertKind, Balances, meter_limit};
+use crate::ledger::{AccountProfile, Balances, meter_limit};
 use crate::model::{
-    Catalog, MeterRule, Overage, Plan, PlanKind, SpendCap, UnixMs, ValidationError,
+    Alert, AlertKind, Catalog, MeterRule, Overage, Plan, PlanKind, SpendCap, SubscriptionStatus,
+    UnixMs,
 };
 use crate::pricing::{MeterPricing, PeriodCost, PlanPricing, PricingError, period_cost};
-
-/// Subscription status, as Stripe names them. Set by admin now, by Stripe webhooks later.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SubscriptionStatus {
-    #[default]
-    Active,
-    Trialing,
-    PastDue,
-    Canceled,
-    Unpaid,
-    Incomplete,
-}
-
-impl SubscriptionStatus {
-    pub const ALL: [SubscriptionStatus; 6] = [
-        SubscriptionStatus::Active,
-        SubscriptionStatus::Trialing,
-        SubscriptionStatus::PastDue,
-        SubscriptionStatus::Canceled,
-        SubscriptionStatus::Unpaid,
-        SubscriptionStatus::Incomplete,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SubscriptionStatus::Active => "active",
-            SubscriptionStatus::Trialing => "trialing",
-            SubscriptionStatus::PastDue => "past_due",
-            SubscriptionStatus::Canceled => "canceled",
-            SubscriptionStatus::Unpaid => "unpaid",
-            SubscriptionStatus::Incomplete => "incomplete",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self, ValidationError> {
-        Self::ALL
-            .into_iter()
-            .find(|x| x.as_str() == s)
-            .ok_or_else(|| {
-                ValidationError::new(format!(
-                    "unknown status `{s}`; one of: active, trialing, past_due, canceled, unpaid, incomplete"
-                ))
-            })
-    }
-}
 
 /// Whether the account may use what its plan offers right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,56 +40,6 @@ pub fn access(status: SubscriptionStatus, since_ms: UnixMs, now: UnixMs, grace_m
         SubscriptionStatus::Canceled
         | SubscriptionStatus::Unpaid
         | SubscriptionStatus::Incomplete => Access::Denied,
-    }
-}
-
-/// Per-account overrides of a `custom` plan's meter rules (enterprise contracts).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct MeterOverride {
-    pub included: Option<u64>,
-    /// `Some(None)` is not representable on purpose: an override replaces the whole policy.
-    pub overage: Option<OverageOverride>,
-}
-
-/// A storable copy of [`Overage`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OverageOverride {
-    Block,
-    Credits { credits_per_unit: u64 },
-    Bill,
-    Unlimited,
-}
-
-impl From<OverageOverride> for Overage {
-    fn from(o: OverageOverride) -> Self {
-        match o {
-            OverageOverride::Block => Overage::Block,
-            OverageOverride::Credits { credits_per_unit } => Overage::Credits { credits_per_unit },
-            OverageOverride::Bill => Overage::Bill,
-            OverageOverride::Unlimited => Overage::Unlimited,
-        }
-    }
-}
-
-impl OverageOverride {
-    pub fn parse(s: &str, credits_per_unit: Option<u64>) -> Result<Self, ValidationError> {
-        match (s, credits_per_unit) {
-            ("block", None) => Ok(OverageOverride::Block),
-            ("bill", None) => Ok(OverageOverride::Bill),
-            ("unlimited", None) => Ok(OverageOverride::Unlimited),
-            ("credits", Some(n)) if n >= 1 => Ok(OverageOverride::Credits {
-                credits_per_unit: n,
-            }),
-            ("credits", _) => Err(ValidationError::new(
-                "overage `credits` needs credits_per_unit of at least 1",
-            )),
-            (_, Some(_)) => Err(ValidationError::new(
-                "credits_per_unit is only meaningful with overage `credits`",
-            )),
-            (other, None) => Err(ValidationError::new(format!(
-                "unknown overage `{other}`; one of: block, credits, bill, unlimited"
-            ))),
-        }
     }
 }
 
@@ -406,7 +312,7 @@ pub fn meter_entitlement(
 mod tests {
     use super::*;
     use crate::ledger::MeterUsage;
-    use crate::model::Period;
+    use crate::model::{MeterOverride, OverageOverride, Period};
 
     const HOUR: i64 = 3_600_000;
 

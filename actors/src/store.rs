@@ -763,7 +763,7 @@ impl Store {
         seq: u64,
         idx: u32,
         at_ms: UnixMs,
-        alert: &crate::ledger::Alert,
+        alert: &crate::model::Alert,
     ) -> Result<(), StoreError> {
         let mut key = (at_ms.max(0) as u64).to_be_bytes().to_vec();
         key.extend_from_slice(&codec::ledger_key(account, seq));
@@ -777,7 +777,7 @@ impl Store {
     pub fn queued_alerts(
         &self,
         limit: usize,
-    ) -> Result<Vec<(String, u64, crate::ledger::Alert)>, StoreError> {
+    ) -> Result<Vec<(String, u64, crate::model::Alert)>, StoreError> {
         let mut out = Vec::new();
         for item in self.inner.notify.iter().take(limit) {
             let (_, v) = item?;

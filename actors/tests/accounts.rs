@@ -10,7 +10,8 @@ use std::time::Duration;
 use meterd_actors::account::{
     AccountDeps, AccountError, AccountSettings, Accounts, ConsumeCmd, CreditCmd, UpsertCmd,
 };
-use meterd_actors::ledger::{ConsumeRecord, EntryKind, LedgerEntry, Outcome};
+use meterd_actors::ledger::{ConsumeRecord, EntryKind, LedgerEntry};
+use meterd_actors::model::Outcome;
 use meterd_actors::model::{
     AccountId, Catalog, Clock, IdempotencyKey, MeterRule, Overage, Plan, PlanKind,
 };

@@ -24,13 +24,13 @@ use meterd_actors::account::{
     CreditCmd, CreditReply, GrantInput, ReserveCmd, ReserveReply, SettleReply, TopUpCmd, UpsertCmd,
 };
 use meterd_actors::ledger::{
-    AccountFold, Balances, CreditCategory, DenyCode, EntryKind, Grant, GrantTerms, LedgerEntry,
-    Outcome, SettleRecord,
+    AccountFold, Balances, CreditCategory, EntryKind, Grant, GrantTerms, LedgerEntry, SettleRecord,
 };
 use meterd_actors::model::{
     AccountId, Catalog, Clock, CreditPackage, IdempotencyKey, MeterRule, Overage, Period, Plan,
     PlanKind, days_from_civil,
 };
+use meterd_actors::model::{DenyCode, Outcome};
 use meterd_actors::pricing::PriceModel;
 use meterd_actors::store::{Store, StoreConfig, SyncMode};
 use meterd_actors::verify::verify_store;

@@ -17,8 +17,9 @@ use poem_openapi::{Enum, Object, OpenApi, Tags};
 use serde::Deserialize;
 
 use meterd_actors::account::{AccountError, Accounts, ConsumeCmd, ConsumeReply};
-use meterd_actors::ledger::{ConsumeRecord, DenyCode, Outcome};
+use meterd_actors::ledger::ConsumeRecord;
 use meterd_actors::model::{AccountId, IdempotencyKey, Metadata};
+use meterd_actors::model::{DenyCode, Outcome};
 
 use super::auth::ApiKeyAuth;
 use super::body::LargeJsonBody;

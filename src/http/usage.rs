@@ -12,7 +12,8 @@ use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 
 use meterd_actors::account::{AccountError, AccountView, Accounts};
-use meterd_actors::ledger::{EntryKind, Outcome};
+use meterd_actors::ledger::EntryKind;
+use meterd_actors::model::Outcome;
 use meterd_actors::model::{AccountId, Period, UnixMs, format_rfc3339};
 use meterd_actors::plan::plan_pricing;
 use meterd_actors::pricing::period_cost;

@@ -10,8 +10,9 @@ use poem_openapi::Object;
 use serde::Deserialize;
 
 use meterd_actors::account::{AccountView, ConsumeReply, CreditReply, MeterView};
-use meterd_actors::ledger::{Alert, ConsumeRecord, EntryKind, LedgerEntry, Outcome};
+use meterd_actors::ledger::{ConsumeRecord, EntryKind, LedgerEntry};
 use meterd_actors::model::format_rfc3339;
+use meterd_actors::model::{Alert, Outcome};
 use meterd_actors::plan::{Access, Entitlement};
 
 /// `PUT /v1/accounts/{id}`. On update, omitted fields keep their value.

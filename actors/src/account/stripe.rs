@@ -11,9 +11,10 @@
 use crate::billing::{
     BillingFact, StripeChange, StripeOutcome, StripeRecord, Transaction, TransactionKind, status_of,
 };
-use crate::ledger::{Alert, AlertKind, EntryKind};
+use crate::ledger::EntryKind;
+use crate::model::SubscriptionStatus;
+use crate::model::{Alert, AlertKind};
 use crate::model::{IdempotencyKey, Period, ValidationError};
-use crate::plan::SubscriptionStatus;
 use crate::store::{IdemOp, StoreError};
 
 use super::{AccountError, AccountState, TopUpCmd};

@@ -40,7 +40,7 @@ pub enum StoredNotification {
 pub(super) fn encode_notification(
     account: &str,
     seq: u64,
-    alert: &crate::ledger::Alert,
+    alert: &crate::model::Alert,
 ) -> Result<Vec<u8>, StoreError> {
     enc(
         &StoredNotification::V1 {
@@ -54,7 +54,7 @@ pub(super) fn encode_notification(
 
 pub(super) fn decode_notification(
     bytes: &[u8],
-) -> Result<(String, u64, crate::ledger::Alert), StoreError> {
+) -> Result<(String, u64, crate::model::Alert), StoreError> {
     match dec::<StoredNotification>(bytes, "notify")? {
         StoredNotification::V1 {
             account,

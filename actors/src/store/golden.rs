@@ -22,12 +22,12 @@ use crate::billing::{
     SubItem, SubscriptionInfo, Transaction, TransactionKind,
 };
 use crate::ledger::{
-    AccountProfile, Alert, AlertKind, Balances, ConsumeRecord, CreditCategory, CreditRecord,
-    DenyCode, EntryKind, FiredAlert, Grant, GrantTerms, Hold, HoldRecord, LedgerEntry, MeterUsage,
-    Outcome, SettleRecord,
+    AccountProfile, Balances, ConsumeRecord, CreditCategory, CreditRecord, EntryKind, FiredAlert,
+    Grant, GrantTerms, Hold, HoldRecord, LedgerEntry, MeterUsage, SettleRecord,
 };
+use crate::model::{Alert, AlertKind, DenyCode, Outcome};
+use crate::model::{MeterOverride, OverageOverride, SubscriptionStatus};
 use crate::model::{Period, SpendCap, SpendCapAction};
-use crate::plan::{MeterOverride, OverageOverride, SubscriptionStatus};
 
 const GOLDEN: &str = include_str!("../../tests/golden/records.txt");
 const GOLDEN_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/records.txt");

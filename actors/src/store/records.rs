@@ -133,12 +133,11 @@ pub mod v1 {
     use crate::billing as b;
     use crate::ledger as l;
     use crate::model as m;
-    use crate::plan as p;
     use crate::store::events as ev;
 
     frozen_struct!(Period => m::Period { start_ms: i64, end_ms: i64 });
 
-    frozen_unit_enum!(SubscriptionStatus => p::SubscriptionStatus {
+    frozen_unit_enum!(SubscriptionStatus => m::SubscriptionStatus {
         Active, Trialing, PastDue, Canceled, Unpaid, Incomplete,
     });
 
@@ -151,30 +150,30 @@ pub mod v1 {
         Unlimited,
     }
 
-    impl Freeze<p::OverageOverride> for OverageOverride {
-        fn freeze(d: &p::OverageOverride) -> Self {
+    impl Freeze<m::OverageOverride> for OverageOverride {
+        fn freeze(d: &m::OverageOverride) -> Self {
             match *d {
-                p::OverageOverride::Block => Self::Block,
-                p::OverageOverride::Credits { credits_per_unit } => {
+                m::OverageOverride::Block => Self::Block,
+                m::OverageOverride::Credits { credits_per_unit } => {
                     Self::Credits { credits_per_unit }
                 }
-                p::OverageOverride::Bill => Self::Bill,
-                p::OverageOverride::Unlimited => Self::Unlimited,
+                m::OverageOverride::Bill => Self::Bill,
+                m::OverageOverride::Unlimited => Self::Unlimited,
             }
         }
-        fn thaw(self) -> p::OverageOverride {
+        fn thaw(self) -> m::OverageOverride {
             match self {
-                Self::Block => p::OverageOverride::Block,
+                Self::Block => m::OverageOverride::Block,
                 Self::Credits { credits_per_unit } => {
-                    p::OverageOverride::Credits { credits_per_unit }
+                    m::OverageOverride::Credits { credits_per_unit }
                 }
-                Self::Bill => p::OverageOverride::Bill,
-                Self::Unlimited => p::OverageOverride::Unlimited,
+                Self::Bill => m::OverageOverride::Bill,
+                Self::Unlimited => m::OverageOverride::Unlimited,
             }
         }
     }
 
-    frozen_struct!(MeterOverride => p::MeterOverride {
+    frozen_struct!(MeterOverride => m::MeterOverride {
         included: Option<u64>,
         overage: Option<OverageOverride>,
     });
@@ -196,7 +195,7 @@ pub mod v1 {
         spend_cap: Option<SpendCap>,
     });
 
-    frozen_unit_enum!(DenyCode => l::DenyCode {
+    frozen_unit_enum!(DenyCode => m::DenyCode {
         CapReached, InsufficientCredits, MeterNotInPlan, SubscriptionInactive, SpendCapReached,
     });
 
@@ -206,27 +205,27 @@ pub mod v1 {
         Denied(DenyCode),
     }
 
-    impl Freeze<l::Outcome> for Outcome {
-        fn freeze(d: &l::Outcome) -> Self {
+    impl Freeze<m::Outcome> for Outcome {
+        fn freeze(d: &m::Outcome) -> Self {
             match d {
-                l::Outcome::Allowed => Self::Allowed,
-                l::Outcome::Denied(c) => Self::Denied(DenyCode::freeze(c)),
+                m::Outcome::Allowed => Self::Allowed,
+                m::Outcome::Denied(c) => Self::Denied(DenyCode::freeze(c)),
             }
         }
-        fn thaw(self) -> l::Outcome {
+        fn thaw(self) -> m::Outcome {
             match self {
-                Self::Allowed => l::Outcome::Allowed,
-                Self::Denied(c) => l::Outcome::Denied(c.thaw()),
+                Self::Allowed => m::Outcome::Allowed,
+                Self::Denied(c) => m::Outcome::Denied(c.thaw()),
             }
         }
     }
 
-    frozen_unit_enum!(AlertKind => l::AlertKind {
+    frozen_unit_enum!(AlertKind => m::AlertKind {
         Usage, Spend, LowCredits, TrialEnding, PaymentFailed, InvoiceDue, PaymentMethodRemoved,
         MeterErrors,
     });
 
-    frozen_struct!(Alert => l::Alert {
+    frozen_struct!(Alert => m::Alert {
         kind: AlertKind,
         meter: String,
         threshold: u64,
