@@ -45,8 +45,8 @@ pub enum WebhookMsg {
     /// List undelivered events from Stripe and log the missing ones.
     Backfill(RpcReplyPort<Result<BackfillReport, String>>),
     Stats(RpcReplyPort<WebhookStats>),
-    /// Test only: fail the actor as a bug would.
-    #[doc(hidden)]
+    /// Fault injection (tests only): fail the actor as a bug would.
+    #[cfg(feature = "fault-injection")]
     Crash,
 }
 
@@ -216,6 +216,7 @@ impl Actor for WebhookActor {
                 s.pending = state.queue.len();
                 let _ = reply.send(s);
             }
+            #[cfg(feature = "fault-injection")]
             WebhookMsg::Crash => return Err("crash requested".into()),
         }
         Ok(())
@@ -628,8 +629,8 @@ impl Webhooks {
         ractor::call_t!(self.actor(), WebhookMsg::Stats, 2000).ok()
     }
 
-    /// Test and fault-injection hook: makes the actor fail.
-    #[doc(hidden)]
+    /// Fault injection (tests only): makes the actor fail.
+    #[cfg(feature = "fault-injection")]
     pub fn crash(&self) {
         let _ = self.actor().cast(WebhookMsg::Crash);
     }

@@ -391,8 +391,8 @@ impl Accounts {
         self.call(id, AccountMsg::Get).await
     }
 
-    /// Test and fault-injection hook: makes the account's actor fail.
-    #[doc(hidden)]
+    /// Fault injection (tests only): makes the account's actor fail.
+    #[cfg(feature = "fault-injection")]
     pub async fn crash(&self, id: &AccountId) -> Result<(), AccountError> {
         self.directory
             .cast(DirectoryMsg::Route(id.clone(), AccountMsg::Crash))

@@ -1,0 +1,181 @@
+//! Recovery and the write helpers every handler shares: rebuild from snapshot plus ledger tail,
+//! append an entry, snapshot, and reply after the group commit.
+
+use super::*;
+
+/// Rebuilds an account from its snapshot plus the ledger entries after it, and repairs the
+/// derived idempotency index for those entries (it may have been lost in a crash).
+pub(super) fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64), StoreError> {
+    let mut fold = AccountFold::default();
+    let mut snapshot_seq = 0;
+    if let Some(s) = store.get_snapshot(id)? {
+        snapshot_seq = s.last_seq;
+        fold = AccountFold {
+            profile: Some(s.profile),
+            balances: Some(s.balances),
+            billing: s.billing,
+            last_seq: s.last_seq,
+        };
+    }
+    loop {
+        let batch = store.entries_after(id, fold.last_seq, 1024)?;
+        if batch.is_empty() {
+            break;
+        }
+        for e in &batch {
+            fold.apply(e).map_err(|err| corrupt(id, err))?;
+            let alerts = match &e.kind {
+                EntryKind::Consume(c) => c.alerts.as_slice(),
+                EntryKind::Settled(r) => r.alerts.as_slice(),
+                EntryKind::Stripe(r) => r.alerts.as_slice(),
+                _ => &[],
+            };
+            for (i, a) in alerts.iter().enumerate() {
+                let idx = u32::try_from(i).unwrap_or(u32::MAX);
+                store.queue_alert(id, e.seq, idx, e.at_ms, a)?;
+            }
+            queue_billable(store, id, e, false)?;
+            if let Some((op, key)) = idem_of(&e.kind) {
+                let rec = IdemRecord {
+                    seq: e.seq,
+                    at_ms: e.at_ms,
+                };
+                store.put_idem(id, op, &key, rec)?;
+            }
+        }
+    }
+    // The customer index is written before the entry that links a customer; a crash in
+    // between, or data from before the index existed, is repaired here.
+    if let Some(c) = fold
+        .profile
+        .as_ref()
+        .and_then(|p| p.stripe_customer_id.as_ref())
+        && store.customer_account(c)?.as_ref() != Some(id)
+    {
+        store.link_customer(c, id)?;
+    }
+    Ok((fold, snapshot_seq))
+}
+
+/// Queues a billable entry (the `bill` overage of a consume or a commit) for Stripe. Derived
+/// from the entry alone, so recovery can queue again what a crash lost; the store skips what
+/// was already sent or dead-lettered.
+pub(super) fn queue_billable(
+    store: &Store,
+    id: &AccountId,
+    e: &LedgerEntry,
+    fresh: bool,
+) -> Result<(), StoreError> {
+    let (meter, value) = match &e.kind {
+        EntryKind::Consume(c) if c.outcome == Outcome::Allowed && c.billable > 0 => {
+            (&c.meter, c.billable)
+        }
+        EntryKind::Settled(r) if r.billable > 0 => (&r.meter, r.billable),
+        _ => return Ok(()),
+    };
+    store.queue_outbox(
+        id,
+        e.seq,
+        &crate::store::OutboxItem {
+            meter: meter.clone(),
+            value,
+            at_ms: e.at_ms,
+            attempts: 0,
+            next_at_ms: e.at_ms,
+            last_error: None,
+        },
+        fresh,
+    )
+}
+
+pub(super) fn corrupt(id: &AccountId, err: FoldError) -> StoreError {
+    StoreError::Corrupt {
+        tree: "ledger",
+        detail: format!("account {id}: {err}"),
+    }
+}
+
+impl AccountState {
+    pub(super) fn append(
+        &mut self,
+        kind: EntryKind,
+        at_ms: i64,
+    ) -> Result<LedgerEntry, StoreError> {
+        // Index a newly linked Stripe customer before the entry (webhooks find accounts by it).
+        if let EntryKind::AccountUpserted(p) = &kind
+            && let Some(c) = &p.stripe_customer_id
+            && self
+                .fold
+                .profile
+                .as_ref()
+                .and_then(|x| x.stripe_customer_id.as_ref())
+                != Some(c)
+        {
+            self.deps.store.link_customer(c, &self.id)?;
+        }
+        let entry = LedgerEntry {
+            seq: self.fold.last_seq + 1,
+            at_ms,
+            kind,
+        };
+        // Fold first: an entry that does not follow is a bug and must never reach disk. On
+        // any error the handler fails the actor, which discards this in-memory state and
+        // restarts from the store, so no rollback is needed here.
+        self.fold.apply(&entry).map_err(|e| corrupt(&self.id, e))?;
+        self.deps.store.append_entry(&self.id, &entry)?;
+        Ok(entry)
+    }
+
+    pub(super) fn after_write(&mut self) -> Result<(), StoreError> {
+        if self.fold.last_seq - self.snapshot_seq >= self.deps.settings.snapshot_every {
+            self.write_snapshot()?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn write_snapshot(&mut self) -> Result<(), StoreError> {
+        if let (Some(profile), Some(balances)) = (&self.fold.profile, &self.fold.balances) {
+            self.deps.store.put_snapshot(
+                &self.id,
+                &AccountSnapshot {
+                    profile: profile.clone(),
+                    balances: balances.clone(),
+                    billing: self.fold.billing.clone(),
+                    last_seq: self.fold.last_seq,
+                },
+            )?;
+            self.snapshot_seq = self.fold.last_seq;
+        }
+        Ok(())
+    }
+
+    /// Sends `r` once everything this actor wrote so far is durable.
+    pub(super) fn reply_after_commit<T: Send + 'static>(
+        &self,
+        reply: RpcReplyPort<Result<T, AccountError>>,
+        r: Result<T, AccountError>,
+    ) {
+        self.deps.store.commit(move |c| {
+            let out = match c {
+                Ok(()) => r,
+                Err(e) => Err(e.into()),
+            };
+            let _ = reply.send(out);
+        });
+    }
+
+    pub(super) fn catalog_plan(&self, profile: &AccountProfile) -> Result<&Plan, AccountError> {
+        self.deps.catalog.plans.get(&profile.plan).ok_or_else(|| {
+            AccountError::Storage(format!(
+                "account {} is on plan `{}`, which is no longer configured",
+                self.id, profile.plan
+            ))
+        })
+    }
+
+    pub(super) fn access_at(&self, profile: &AccountProfile, now: i64) -> Access {
+        let grace =
+            i64::try_from(self.deps.settings.past_due_grace.as_millis()).unwrap_or(i64::MAX);
+        access(profile.status, profile.status_since_ms, now, grace)
+    }
+}
