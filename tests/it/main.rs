@@ -21,5 +21,6 @@ mod reservations;
 mod shutdown;
 mod stream;
 mod support;
+mod upgrade;
 mod usage;
 mod webhooks;
