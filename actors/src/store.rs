@@ -28,7 +28,7 @@
 //!   account's snapshot covers the entry.
 //! - `hashed_ids`: `h{40 hex}` → account id: the accounts whose meter event identifiers may
 //!   carry a hash of the id (see [`crate::identifier`]), written with the account's creation.
-//! - `meta`:     `format` → the data dir's format version (see [`migrate`]).
+//! - `meta`:     `format` → the data dir's format version (see `migrate`).
 //!
 //! Durability: sled 0.34.7 deadlocks when several threads call `flush_async` at once (upstream
 //! issues #1308, #1241) and its `flush` makes data safe from a process crash but not from a
@@ -56,7 +56,7 @@ use crate::ledger::{AccountProfile, Balances, LedgerEntry};
 use crate::model::{AccountId, UnixMs};
 
 /// The data dir format this build writes and understands (older ones are migrated at open,
-/// see [`migrate`]).
+/// see `migrate`).
 pub const FORMAT_VERSION: u32 = 2;
 
 /// The tree of the hashed-identifier index.
