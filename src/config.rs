@@ -551,10 +551,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_owned(),
-            message: e.to_string(),
-        })?;
+        let raw = read_raw(text, origin)?;
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             origin: origin.to_owned(),
             key: key.to_owned(),
@@ -858,6 +855,30 @@ impl Config {
             webhooks,
         })
     }
+}
+
+/// Reads `text` into the raw sections. A serde error names the key it concerns
+/// (`server.listen_port`); a TOML syntax error, or one about the document as a whole (a
+/// missing section), has no key.
+fn read_raw(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
+    let parse_error = |message: String| ConfigError::Parse {
+        origin: origin.to_owned(),
+        message,
+    };
+    let de = toml::Deserializer::parse(text).map_err(|e| parse_error(e.to_string()))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let message = e.into_inner().to_string();
+        if key == "." || key == "?" {
+            parse_error(message)
+        } else {
+            ConfigError::Invalid {
+                origin: origin.to_owned(),
+                key,
+                message,
+            }
+        }
+    })
 }
 
 /// The outbox's aggregation windows from `[stripe]`: each one 0 (off) or a divisor of 86,400 s
