@@ -1,16 +1,18 @@
 //! The catalog: `[meters]`, `[plans]` with their meter rules and price models, and
 //! `[[credit_packages]]`. (A plan's Stripe keys are checked with `[stripe]`, in
-//! [`super::stripe`].)
+//! [`super::stripe`]. A plan's `kind`, a rule's `overage`, `spend_cap.action` and a package's
+//! `credits`, at least 1, are typed, so serde checks them: see [`super::raw`].)
 
 use std::collections::BTreeMap;
 
 use meterd_actors::model::{
     Catalog, CreditPackage, DEFAULT_ALERT_THRESHOLDS, MeterRule, Overage, Plan, PlanKind, SpendCap,
-    SpendCapAction,
 };
 use meterd_actors::pricing::{Decimal, PriceModel, Tier};
 
-use super::raw::{RawCreditPackage, RawMeter, RawMeterRule, RawPlan, RawPrice, RawTier};
+use super::raw::{
+    RawCreditPackage, RawMeter, RawMeterRule, RawOverage, RawPlan, RawPrice, RawTier,
+};
 use super::{Invalid, invalid};
 
 pub(super) fn build(
@@ -42,13 +44,10 @@ pub(super) fn build(
         if !valid_name(&c.name) {
             return Err(invalid(format!("{key}.name"), "invalid package name"));
         }
-        if c.credits == 0 {
-            return Err(invalid(format!("{key}.credits"), "must be at least 1"));
-        }
         validate_currency(&c.currency).map_err(|m| invalid(format!("{key}.currency"), m))?;
         catalog.credit_packages.push(CreditPackage {
             name: c.name.clone(),
-            credits: c.credits,
+            credits: c.credits.get(),
             price: c.price,
             currency: c.currency.clone(),
         });
@@ -65,21 +64,7 @@ fn plan(name: &str, p: &RawPlan, meters: &BTreeMap<String, RawMeter>) -> Result<
             "plan names are 1-64 characters of A-Z a-z 0-9 _ -",
         ));
     }
-    let kind = match p.kind.as_str() {
-        "free" => PlanKind::Free,
-        "metered" => PlanKind::Metered,
-        "flat" => PlanKind::Flat,
-        "seat" => PlanKind::Seat,
-        "custom" => PlanKind::Custom,
-        "prepaid" => PlanKind::Prepaid,
-        other => {
-            return Err(invalid(
-                format!("{key}.kind"),
-                format!("`{other}` is not one of: free, metered, flat, seat, custom, prepaid"),
-            ));
-        }
-    };
-    if kind == PlanKind::Seat && p.min_seats == 0 {
+    if p.kind == PlanKind::Seat && p.min_seats == 0 {
         return Err(invalid(
             format!("{key}.min_seats"),
             "a seat plan needs min_seats of at least 1",
@@ -109,22 +94,17 @@ fn plan(name: &str, p: &RawPlan, meters: &BTreeMap<String, RawMeter>) -> Result<
             "percentages from 1 to 100 in increasing order",
         ));
     }
-    let spend_cap = match &p.spend_cap {
-        None => None,
-        Some(c) => Some(SpendCap {
-            amount: c.amount,
-            action: SpendCapAction::parse(&c.action)
-                .map_err(|e| invalid(format!("{key}.spend_cap.action"), e.to_string()))?,
-        }),
-    };
     Ok(Plan {
         alert_thresholds,
         low_credit_threshold: p.low_credit_threshold,
         monthly_credits: p.monthly_credits,
         monthly_credits_rollover_cap: p.monthly_credits_rollover_cap,
-        spend_cap,
+        spend_cap: p.spend_cap.as_ref().map(|c| SpendCap {
+            amount: c.amount,
+            action: c.action,
+        }),
         name: name.to_owned(),
-        kind,
+        kind: p.kind,
         currency: p.currency.clone(),
         base_price: p.base_price,
         seat_price: p.seat_price,
@@ -137,29 +117,23 @@ fn plan(name: &str, p: &RawPlan, meters: &BTreeMap<String, RawMeter>) -> Result<
 /// `[plans.<p>.meters.<m>]` (its key is `rkey`): the overage, and a price exactly when the
 /// overage is billed.
 fn meter_rule(rkey: &str, r: &RawMeterRule) -> Result<MeterRule, Invalid> {
-    let overage = match (r.overage.as_str(), r.credits_per_unit) {
-        ("block", None) => Overage::Block,
-        ("bill", None) => Overage::Bill,
-        ("unlimited", None) => Overage::Unlimited,
-        ("credits", Some(n)) if n >= 1 => Overage::Credits {
+    let overage = match (r.overage, r.credits_per_unit) {
+        (RawOverage::Block, None) => Overage::Block,
+        (RawOverage::Bill, None) => Overage::Bill,
+        (RawOverage::Unlimited, None) => Overage::Unlimited,
+        (RawOverage::Credits, Some(n)) if n >= 1 => Overage::Credits {
             credits_per_unit: n,
         },
-        ("credits", _) => {
+        (RawOverage::Credits, _) => {
             return Err(invalid(
                 format!("{rkey}.credits_per_unit"),
                 "overage = \"credits\" needs credits_per_unit of at least 1",
             ));
         }
-        ("block" | "bill" | "unlimited", Some(_)) => {
+        (RawOverage::Block | RawOverage::Bill | RawOverage::Unlimited, Some(_)) => {
             return Err(invalid(
                 format!("{rkey}.credits_per_unit"),
                 "only meaningful with overage = \"credits\"",
-            ));
-        }
-        (other, _) => {
-            return Err(invalid(
-                format!("{rkey}.overage"),
-                format!("`{other}` is not one of: block, credits, bill, unlimited"),
             ));
         }
     };

@@ -5,8 +5,8 @@
 //! against the folder of the config file. There is deliberately no `Default for Config`: the
 //! shipped `config.toml` (embedded in the binary as [`EMBEDDED_DEFAULT`]) is the default.
 //!
-//! [`Config::parse`] reads the file into the serde types of `raw` (which rejects unknown keys
-//! and values of the wrong type), then hands each section to its builder, which checks the
+//! [`Config::parse`] reads the file into the serde types of `raw` (which checks types, string
+//! choices and nonzero settings), then hands each section to its builder, which checks the
 //! rest and names the offending key in any error:
 //!
 //! - `service`: `[server]`, `[storage]`, `[accounts]`, `[idempotency]`, `[auth]`, `[log]`;

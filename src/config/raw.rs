@@ -1,14 +1,21 @@
 //! The file format: `config.toml` as serde reads it, before any check across keys.
 //!
-//! Every table rejects unknown keys, and every default of an optional key lives here.
-//! [`from_toml`] reports a serde error (an unknown key, a value of the wrong type) with the
-//! full key it concerns. Every other check is a section builder's (see the parent module).
+//! Every table rejects unknown keys, and every default of an optional key lives here. Checks
+//! that a type can state are serde's: string choices (`storage.sync`, `log.format`,
+//! `plans.<p>.kind`, `plans.<p>.meters.<m>.overage`, `plans.<p>.spend_cap.action`,
+//! `stripe.meter_events`) are read by `string_choice!` functions, and settings that must be
+//! at least 1 are `NonZero*`. [`from_toml`] reports a serde error with the full key it
+//! concerns. Every other check is a section builder's (see the parent module).
 
 use std::collections::BTreeMap;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 
+use meterd_actors::model::{PlanKind, SpendCapAction};
+use meterd_actors::outbox::MeterEventsMode;
+use meterd_actors::store::SyncMode;
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{ConfigError, LogFormat};
 
 /// Reads `text`. A serde error names the key it concerns (`storage.sync`); a TOML syntax
 /// error, or one about the document as a whole (a missing section), has no key.
@@ -31,6 +38,61 @@ pub(super) fn from_toml(text: &str, origin: &str) -> Result<RawConfig, ConfigErr
             }
         }
     })
+}
+
+/// `fn $name(deserializer) -> Result<$ty, _>` for a string choice, `"text" => value`. Another
+/// string is serde's "unknown variant `…`, expected …" and a value of another type "invalid
+/// type: …, expected a string" (a derived enum would get toml's vaguer "wanted string or
+/// table").
+macro_rules! string_choice {
+    ($name:ident -> $ty:ty { $($text:literal => $value:expr),+ $(,)? }) => {
+        fn $name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+            match String::deserialize(d)?.as_str() {
+                $($text => Ok($value),)+
+                other => Err(serde::de::Error::unknown_variant(other, &[$($text),+])),
+            }
+        }
+    };
+}
+
+string_choice!(sync_mode -> SyncMode {
+    "fdatasync" => SyncMode::Fdatasync,
+    "flush" => SyncMode::Flush,
+});
+string_choice!(log_format -> LogFormat { "text" => LogFormat::Text, "json" => LogFormat::Json });
+string_choice!(plan_kind -> PlanKind {
+    "free" => PlanKind::Free,
+    "metered" => PlanKind::Metered,
+    "flat" => PlanKind::Flat,
+    "seat" => PlanKind::Seat,
+    "custom" => PlanKind::Custom,
+    "prepaid" => PlanKind::Prepaid,
+});
+string_choice!(overage -> RawOverage {
+    "block" => RawOverage::Block,
+    "credits" => RawOverage::Credits,
+    "bill" => RawOverage::Bill,
+    "unlimited" => RawOverage::Unlimited,
+});
+string_choice!(spend_cap_action -> SpendCapAction {
+    "block" => SpendCapAction::Block,
+    "notify" => SpendCapAction::Notify,
+});
+string_choice!(meter_events_mode -> MeterEventsMode {
+    "v1" => MeterEventsMode::V1,
+    "stream" => MeterEventsMode::Stream,
+});
+
+/// A nonzero default, checked when compiling.
+macro_rules! nonzero {
+    ($n:literal) => {
+        const {
+            match std::num::NonZero::new($n) {
+                Some(n) => n,
+                None => panic!("a nonzero default is zero"),
+            }
+        }
+    };
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,14 +145,14 @@ fn default_shutdown_timeout() -> u64 {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawStorage {
     pub data_dir: String,
-    #[serde(default = "default_sync")]
-    pub sync: String,
+    #[serde(default = "default_sync", deserialize_with = "sync_mode")]
+    pub sync: SyncMode,
     #[serde(default = "default_cache_mb")]
     pub cache_capacity_mb: u64,
 }
 
-fn default_sync() -> String {
-    "fdatasync".into()
+fn default_sync() -> SyncMode {
+    SyncMode::Fdatasync
 }
 fn default_cache_mb() -> u64 {
     256
@@ -99,20 +161,20 @@ fn default_cache_mb() -> u64 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawAccounts {
-    pub idle_timeout_s: u64,
-    pub max_live: usize,
+    pub idle_timeout_s: NonZeroU64,
+    pub max_live: NonZeroUsize,
     pub call_timeout_ms: u64,
-    pub snapshot_every: u64,
+    pub snapshot_every: NonZeroU64,
     pub past_due_grace_hours: u64,
 }
 
 impl Default for RawAccounts {
     fn default() -> Self {
         Self {
-            idle_timeout_s: 300,
-            max_live: 100_000,
+            idle_timeout_s: nonzero!(300),
+            max_live: nonzero!(100_000),
             call_timeout_ms: 5_000,
-            snapshot_every: 1_000,
+            snapshot_every: nonzero!(1_000),
             past_due_grace_hours: 72,
         }
     }
@@ -122,14 +184,14 @@ impl Default for RawAccounts {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawIdempotency {
     pub retention_hours: u64,
-    pub sweep_interval_s: u64,
+    pub sweep_interval_s: NonZeroU64,
 }
 
 impl Default for RawIdempotency {
     fn default() -> Self {
         Self {
             retention_hours: 72,
-            sweep_interval_s: 60,
+            sweep_interval_s: nonzero!(60),
         }
     }
 }
@@ -144,14 +206,15 @@ pub(super) struct RawAuth {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawLog {
-    pub format: String,
+    #[serde(deserialize_with = "log_format")]
+    pub format: LogFormat,
     pub level: String,
 }
 
 impl Default for RawLog {
     fn default() -> Self {
         Self {
-            format: "text".into(),
+            format: LogFormat::Text,
             level: "info".into(),
         }
     }
@@ -181,7 +244,8 @@ pub(super) struct RawMeter {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPlan {
-    pub kind: String,
+    #[serde(deserialize_with = "plan_kind")]
+    pub kind: PlanKind,
     #[serde(default = "default_currency")]
     pub currency: String,
     #[serde(default)]
@@ -213,7 +277,8 @@ pub(super) struct RawPlan {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSpendCap {
     pub amount: u64,
-    pub action: String,
+    #[serde(deserialize_with = "spend_cap_action")]
+    pub action: SpendCapAction,
 }
 
 fn default_currency() -> String {
@@ -225,11 +290,21 @@ fn default_currency() -> String {
 pub(super) struct RawMeterRule {
     #[serde(default)]
     pub included: u64,
-    pub overage: String,
+    #[serde(deserialize_with = "overage")]
+    pub overage: RawOverage,
     pub credits_per_unit: Option<u64>,
     /// Shorthand for `price = { model = "per_unit", unit_price = … }`.
     pub unit_price: Option<String>,
     pub price: Option<RawPrice>,
+}
+
+/// `plans.<p>.meters.<m>.overage`; `credits` goes with `credits_per_unit`.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum RawOverage {
+    Block,
+    Credits,
+    Bill,
+    Unlimited,
 }
 
 /// A price model for billable overage.
@@ -265,7 +340,7 @@ pub(super) struct RawTier {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCreditPackage {
     pub name: String,
-    pub credits: u64,
+    pub credits: NonZeroU64,
     pub price: u64,
     #[serde(default = "default_currency")]
     pub currency: String,
@@ -276,16 +351,16 @@ pub(super) struct RawCreditPackage {
 pub(super) struct RawStripe {
     pub api_base: String,
     pub secret_key_env: String,
-    pub timeout_ms: u64,
-    pub calls_per_second: u32,
-    pub concurrency: usize,
-    pub max_attempts: u32,
+    pub timeout_ms: NonZeroU64,
+    pub calls_per_second: NonZeroU32,
+    pub concurrency: NonZeroUsize,
+    pub max_attempts: NonZeroU32,
     pub base_backoff_ms: u64,
     pub max_backoff_s: u64,
-    pub breaker_failures: u32,
+    pub breaker_failures: NonZeroU32,
     pub breaker_cooldown_s: u64,
-    pub poll_ms: u64,
-    pub batch: usize,
+    pub poll_ms: NonZeroU64,
+    pub batch: NonZeroUsize,
     pub strict: bool,
     pub meters: BTreeMap<String, RawStripeMeter>,
     pub checkout_success_url: Option<String>,
@@ -297,7 +372,8 @@ pub(super) struct RawStripe {
     /// Account id → meter → aggregation window (seconds).
     pub aggregate_accounts: BTreeMap<String, BTreeMap<String, u64>>,
     /// `"v1"` (one request per event) or `"stream"` (the v2 meter event stream).
-    pub meter_events: String,
+    #[serde(deserialize_with = "meter_events_mode")]
+    pub meter_events: MeterEventsMode,
     pub meter_events_stream_base: String,
 }
 
@@ -306,16 +382,16 @@ impl Default for RawStripe {
         Self {
             api_base: "https://api.stripe.com/".into(),
             secret_key_env: "STRIPE_SECRET_KEY".into(),
-            timeout_ms: 10_000,
-            calls_per_second: 25,
-            concurrency: 8,
-            max_attempts: 12,
+            timeout_ms: nonzero!(10_000),
+            calls_per_second: nonzero!(25),
+            concurrency: nonzero!(8),
+            max_attempts: nonzero!(12),
             base_backoff_ms: 500,
             max_backoff_s: 600,
-            breaker_failures: 5,
+            breaker_failures: nonzero!(5),
             breaker_cooldown_s: 30,
-            poll_ms: 200,
-            batch: 100,
+            poll_ms: nonzero!(200),
+            batch: nonzero!(100),
             strict: false,
             meters: BTreeMap::new(),
             checkout_success_url: None,
@@ -324,7 +400,7 @@ impl Default for RawStripe {
             refetch_on_webhook: false,
             aggregate_s: 0,
             aggregate_accounts: BTreeMap::new(),
-            meter_events: "v1".into(),
+            meter_events: MeterEventsMode::V1,
             meter_events_stream_base: meterd_actors::stripe::DEFAULT_STREAM_BASE.into(),
         }
     }
@@ -347,7 +423,7 @@ pub(super) struct RawWebhooks {
     pub secret_env: String,
     pub tolerance_s: u64,
     pub max_body_bytes: usize,
-    pub max_attempts: u32,
+    pub max_attempts: NonZeroU32,
     pub base_backoff_ms: u64,
     pub max_backoff_s: u64,
     pub retention_days: u64,
@@ -362,7 +438,7 @@ impl Default for RawWebhooks {
             secret_env: "STRIPE_WEBHOOK_SECRET".into(),
             tolerance_s: 300,
             max_body_bytes: 1024 * 1024,
-            max_attempts: 10,
+            max_attempts: nonzero!(10),
             base_backoff_ms: 1000,
             max_backoff_s: 3600,
             retention_days: 35,

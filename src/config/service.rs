@@ -1,5 +1,7 @@
 //! The daemon's own sections: `[server]`, `[storage]`, `[accounts]`, `[idempotency]`, `[auth]`
-//! and `[log]`, one builder each.
+//! and `[log]`, one builder each. (`storage.sync`, `log.format` and the `accounts` and
+//! `idempotency` settings that must be at least 1 are typed, so serde checks them: see
+//! [`super::raw`].)
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -60,45 +62,26 @@ pub(super) struct Storage {
 }
 
 pub(super) fn storage(raw: &RawStorage, base: &Path) -> Result<Storage, Invalid> {
-    let sync = match raw.sync.as_str() {
-        "fdatasync" => SyncMode::Fdatasync,
-        "flush" => SyncMode::Flush,
-        other => {
-            return Err(invalid(
-                "storage.sync",
-                format!("`{other}` is not one of: fdatasync, flush"),
-            ));
-        }
-    };
     if raw.data_dir.is_empty() {
         return Err(invalid("storage.data_dir", "must not be empty"));
     }
     Ok(Storage {
         // `join` keeps an absolute path as it is.
         data_dir: base.join(&raw.data_dir),
-        sync,
+        sync: raw.sync,
         cache_capacity_bytes: raw.cache_capacity_mb.max(1) * 1024 * 1024,
     })
 }
 
 pub(super) fn accounts(raw: &RawAccounts) -> Result<AccountSettings, Invalid> {
-    if raw.idle_timeout_s == 0 {
-        return Err(invalid("accounts.idle_timeout_s", "must be at least 1"));
-    }
-    if raw.max_live == 0 {
-        return Err(invalid("accounts.max_live", "must be at least 1"));
-    }
     if raw.call_timeout_ms < 10 {
         return Err(invalid("accounts.call_timeout_ms", "must be at least 10"));
     }
-    if raw.snapshot_every == 0 {
-        return Err(invalid("accounts.snapshot_every", "must be at least 1"));
-    }
     Ok(AccountSettings {
-        idle_timeout: Duration::from_secs(raw.idle_timeout_s),
-        snapshot_every: raw.snapshot_every,
+        idle_timeout: Duration::from_secs(raw.idle_timeout_s.get()),
+        snapshot_every: raw.snapshot_every.get(),
         call_timeout: Duration::from_millis(raw.call_timeout_ms),
-        max_live: raw.max_live,
+        max_live: raw.max_live.get(),
         past_due_grace: Duration::from_secs(raw.past_due_grace_hours * 3600),
     })
 }
@@ -116,15 +99,9 @@ pub(super) fn idempotency(raw: &RawIdempotency) -> Result<Idempotency, Invalid> 
             "must be at least 72: clients retry for up to three days",
         ));
     }
-    if raw.sweep_interval_s == 0 {
-        return Err(invalid(
-            "idempotency.sweep_interval_s",
-            "must be at least 1",
-        ));
-    }
     Ok(Idempotency {
         retention: Duration::from_secs(raw.retention_hours * 3600),
-        sweep_interval: Duration::from_secs(raw.sweep_interval_s),
+        sweep_interval: Duration::from_secs(raw.sweep_interval_s.get()),
     })
 }
 
@@ -150,32 +127,13 @@ pub(super) fn auth(raw: RawAuth) -> Result<RawAuth, Invalid> {
     Ok(raw)
 }
 
-/// `[log]`.
-pub(super) struct Log {
-    pub format: LogFormat,
-    pub level: String,
-}
-
 /// `[log]`: `level` must be a filter that tracing accepts.
-pub(super) fn log(raw: RawLog) -> Result<Log, Invalid> {
-    let format = match raw.format.as_str() {
-        "text" => LogFormat::Text,
-        "json" => LogFormat::Json,
-        other => {
-            return Err(invalid(
-                "log.format",
-                format!("`{other}` is not one of: text, json"),
-            ));
-        }
-    };
+pub(super) fn log(raw: RawLog) -> Result<RawLog, Invalid> {
     if tracing_subscriber::EnvFilter::try_new(&raw.level).is_err() {
         return Err(invalid(
             "log.level",
             format!("`{}` is not a log filter such as `info`", raw.level),
         ));
     }
-    Ok(Log {
-        format,
-        level: raw.level,
-    })
+    Ok(raw)
 }

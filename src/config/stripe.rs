@@ -1,5 +1,7 @@
 //! `[stripe]`: the API client, meter event names, the outbox's aggregation windows, Checkout
 //! and portal URLs, and the Stripe prices of each plan (`[plans.<p>] stripe_price`, …).
+//! (`stripe.meter_events` and the settings that must be at least 1 are typed, so serde checks
+//! them: see [`super::raw`].)
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -78,16 +80,6 @@ pub(super) fn build(
     catalog: &Catalog,
 ) -> Result<StripeConfig, Invalid> {
     let api_base = http_base("stripe.api_base", &st.api_base)?;
-    let meter_events = match st.meter_events.as_str() {
-        "v1" => MeterEventsMode::V1,
-        "stream" => MeterEventsMode::Stream,
-        other => {
-            return Err(invalid(
-                "stripe.meter_events",
-                format!("`{other}` is neither \"v1\" nor \"stream\""),
-            ));
-        }
-    };
     let meter_events_stream_base = http_base(
         "stripe.meter_events_stream_base",
         &st.meter_events_stream_base,
@@ -97,19 +89,6 @@ pub(super) fn build(
             "stripe.secret_key_env",
             "not an environment variable name",
         ));
-    }
-    for (key, v) in [
-        ("stripe.timeout_ms", st.timeout_ms),
-        ("stripe.calls_per_second", u64::from(st.calls_per_second)),
-        ("stripe.max_attempts", u64::from(st.max_attempts)),
-        ("stripe.breaker_failures", u64::from(st.breaker_failures)),
-        ("stripe.poll_ms", st.poll_ms),
-        ("stripe.batch", st.batch as u64),
-        ("stripe.concurrency", st.concurrency as u64),
-    ] {
-        if v == 0 {
-            return Err(invalid(key, "must be at least 1"));
-        }
     }
     let mut event_names = BTreeMap::new();
     for (meter, m) in &st.meters {
@@ -154,16 +133,16 @@ pub(super) fn build(
     Ok(StripeConfig {
         api_base,
         secret_key_env: st.secret_key_env.clone(),
-        timeout: Duration::from_millis(st.timeout_ms),
-        calls_per_second: st.calls_per_second,
-        concurrency: st.concurrency,
-        max_attempts: st.max_attempts,
+        timeout: Duration::from_millis(st.timeout_ms.get()),
+        calls_per_second: st.calls_per_second.get(),
+        concurrency: st.concurrency.get(),
+        max_attempts: st.max_attempts.get(),
         base_backoff: Duration::from_millis(st.base_backoff_ms.max(1)),
         max_backoff: Duration::from_secs(st.max_backoff_s.max(1)),
-        breaker_failures: st.breaker_failures,
+        breaker_failures: st.breaker_failures.get(),
         breaker_cooldown: Duration::from_secs(st.breaker_cooldown_s),
-        poll: Duration::from_millis(st.poll_ms),
-        batch: st.batch,
+        poll: Duration::from_millis(st.poll_ms.get()),
+        batch: st.batch.get(),
         strict: st.strict,
         event_names,
         checkout_success_url: st.checkout_success_url.clone(),
@@ -172,7 +151,7 @@ pub(super) fn build(
         plans: stripe_plans(plans)?,
         refetch_on_webhook: st.refetch_on_webhook,
         aggregation,
-        meter_events,
+        meter_events: st.meter_events,
         meter_events_stream_base,
     })
 }

@@ -1,5 +1,6 @@
 //! `[webhooks]`: receiving Stripe's events, the event log and applying events; also that each
 //! licensed Stripe price belongs to one plan, so a subscription event names its plan.
+//! (`webhooks.max_attempts` is typed nonzero, so serde checks it: see [`super::raw`].)
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -52,9 +53,6 @@ pub(super) fn build(
             "must be from 1024 to 16777216",
         ));
     }
-    if w.max_attempts == 0 {
-        return Err(invalid("webhooks.max_attempts", "must be at least 1"));
-    }
     if w.retention_days < 30 {
         return Err(invalid(
             "webhooks.retention_days",
@@ -100,7 +98,7 @@ pub(super) fn build(
         secret_env: w.secret_env.clone(),
         tolerance_s: w.tolerance_s,
         max_body_bytes: w.max_body_bytes,
-        max_attempts: w.max_attempts,
+        max_attempts: w.max_attempts.get(),
         base_backoff: Duration::from_millis(w.base_backoff_ms.max(1)),
         max_backoff: Duration::from_secs(w.max_backoff_s.max(1)),
         retention: Duration::from_secs(w.retention_days * 86_400),
