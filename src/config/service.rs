@@ -1,0 +1,139 @@
+//! The daemon's own sections: `[server]`, `[storage]`, `[accounts]`, `[idempotency]`, `[auth]`
+//! and `[log]`, one builder each. (`storage.sync`, `log.format` and the `accounts` and
+//! `idempotency` settings that must be at least 1 are typed, so serde checks them: see
+//! [`super::raw`].)
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meterd_actors::account::AccountSettings;
+use meterd_actors::store::SyncMode;
+
+use super::raw::{RawAccounts, RawAuth, RawIdempotency, RawLog, RawServer, RawStorage};
+use super::{Invalid, invalid, valid_env_name};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[server]`.
+pub(super) struct Server {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub max_batch_body_bytes: usize,
+    pub shutdown_timeout: Duration,
+}
+
+pub(super) fn server(raw: &RawServer) -> Result<Server, Invalid> {
+    let listen: SocketAddr = raw.listen.parse().map_err(|e| {
+        invalid(
+            "server.listen",
+            format!(
+                "`{}` is not an address like 127.0.0.1:8787 ({e})",
+                raw.listen
+            ),
+        )
+    })?;
+    if raw.max_batch_body_bytes < raw.max_body_bytes {
+        return Err(invalid(
+            "server.max_batch_body_bytes",
+            "must be at least server.max_body_bytes",
+        ));
+    }
+    if raw.max_body_bytes < 256 {
+        return Err(invalid("server.max_body_bytes", "must be at least 256"));
+    }
+    Ok(Server {
+        listen,
+        max_body_bytes: raw.max_body_bytes,
+        max_batch_body_bytes: raw.max_batch_body_bytes,
+        shutdown_timeout: Duration::from_secs(raw.shutdown_timeout_s.max(1)),
+    })
+}
+
+/// `[storage]`; a relative `data_dir` resolves against `base`.
+pub(super) struct Storage {
+    pub data_dir: PathBuf,
+    pub sync: SyncMode,
+    pub cache_capacity_bytes: u64,
+}
+
+pub(super) fn storage(raw: &RawStorage, base: &Path) -> Result<Storage, Invalid> {
+    if raw.data_dir.is_empty() {
+        return Err(invalid("storage.data_dir", "must not be empty"));
+    }
+    Ok(Storage {
+        // `join` keeps an absolute path as it is.
+        data_dir: base.join(&raw.data_dir),
+        sync: raw.sync,
+        cache_capacity_bytes: raw.cache_capacity_mb.max(1) * 1024 * 1024,
+    })
+}
+
+pub(super) fn accounts(raw: &RawAccounts) -> Result<AccountSettings, Invalid> {
+    if raw.call_timeout_ms < 10 {
+        return Err(invalid("accounts.call_timeout_ms", "must be at least 10"));
+    }
+    Ok(AccountSettings {
+        idle_timeout: Duration::from_secs(raw.idle_timeout_s.get()),
+        snapshot_every: raw.snapshot_every.get(),
+        call_timeout: Duration::from_millis(raw.call_timeout_ms),
+        max_live: raw.max_live.get(),
+        past_due_grace: Duration::from_secs(raw.past_due_grace_hours * 3600),
+    })
+}
+
+/// `[idempotency]`.
+pub(super) struct Idempotency {
+    pub retention: Duration,
+    pub sweep_interval: Duration,
+}
+
+pub(super) fn idempotency(raw: &RawIdempotency) -> Result<Idempotency, Invalid> {
+    if raw.retention_hours < 72 {
+        return Err(invalid(
+            "idempotency.retention_hours",
+            "must be at least 72: clients retry for up to three days",
+        ));
+    }
+    Ok(Idempotency {
+        retention: Duration::from_secs(raw.retention_hours * 3600),
+        sweep_interval: Duration::from_secs(raw.sweep_interval_s.get()),
+    })
+}
+
+/// `[auth]`: the names of two distinct environment variables.
+pub(super) fn auth(raw: RawAuth) -> Result<RawAuth, Invalid> {
+    for (key, var) in [
+        ("auth.admin_key_env", &raw.admin_key_env),
+        ("auth.app_key_env", &raw.app_key_env),
+    ] {
+        if !valid_env_name(var) {
+            return Err(invalid(
+                key,
+                format!("`{var}` is not an environment variable name"),
+            ));
+        }
+    }
+    if raw.admin_key_env == raw.app_key_env {
+        return Err(invalid(
+            "auth.app_key_env",
+            "must differ from auth.admin_key_env",
+        ));
+    }
+    Ok(raw)
+}
+
+/// `[log]`: `level` must be a filter that tracing accepts.
+pub(super) fn log(raw: RawLog) -> Result<RawLog, Invalid> {
+    if tracing_subscriber::EnvFilter::try_new(&raw.level).is_err() {
+        return Err(invalid(
+            "log.level",
+            format!("`{}` is not a log filter such as `info`", raw.level),
+        ));
+    }
+    Ok(raw)
+}
