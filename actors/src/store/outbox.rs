@@ -1,0 +1,379 @@
+//! The Stripe outbox trees: `outbox`, `dead`, `sent` and `batched` (queue, dead letters,
+//! delivered, merged into batches), batch formation and pruning.
+
+use super::*;
+
+/// A queued outbox record as the outbox actor reads it, with its stored bytes (so a batch
+/// only forms from exactly what was read).
+#[derive(Debug, Clone)]
+pub struct QueuedRecord {
+    pub account: AccountId,
+    pub seq: u64,
+    pub record: OutboxRecord,
+    raw: sled::IVec,
+}
+
+/// Where pruning of the `sent` and `batched` trees continues.
+#[derive(Debug, Clone, Default)]
+pub struct PruneCursor {
+    sent: Vec<u8>,
+    batched: Vec<u8>,
+}
+
+/// Records [`Store::prune`] may delete.
+#[derive(Debug, Default)]
+pub struct PrunePlan {
+    sent: Vec<(sled::IVec, sled::IVec)>,
+    batched: Vec<(sled::IVec, sled::IVec)>,
+}
+
+impl Store {
+    /// Queues billable entry `seq` for Stripe. A `fresh` entry (just appended) is inserted
+    /// directly: the outbox only ever sends or merges durable entries, so a fresh seq cannot
+    /// have been sent or batched. Otherwise (recovery) it is skipped if already queued, sent,
+    /// dead, or merged into a batch (pending, sent or dead alike: its `batched` mark stays).
+    /// A recovery racing with the batch that takes the entry can still insert it just after
+    /// the batch removed it; the outbox deletes such a marked single instead of sending it
+    /// ([`Store::is_batched`]).
+    pub fn queue_outbox(
+        &self,
+        account: &AccountId,
+        seq: u64,
+        item: &OutboxItem,
+        fresh: bool,
+    ) -> Result<(), StoreError> {
+        let key = codec::ledger_key(account, seq);
+        let value = codec::encode_fresh_outbox(item)?;
+        if fresh {
+            self.inner.outbox.insert(&key, value)?;
+            return Ok(());
+        }
+        if self.inner.sent.contains_key(&key)?
+            || self.inner.dead.contains_key(&key)?
+            || self.inner.batched.contains_key(&key)?
+        {
+            return Ok(());
+        }
+        let _ = self
+            .inner
+            .outbox
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(value))?;
+        Ok(())
+    }
+
+    /// Up to `limit` queued (or dead) records, oldest key first, starting after `after`
+    /// (exclusive).
+    #[allow(clippy::type_complexity)]
+    pub fn outbox_items(
+        &self,
+        dead: bool,
+        after: Option<(AccountId, u64)>,
+        limit: usize,
+    ) -> Result<Vec<(AccountId, u64, OutboxRecord)>, StoreError> {
+        let tree = if dead {
+            &self.inner.dead
+        } else {
+            &self.inner.outbox
+        };
+        let from = match &after {
+            Some((a, s)) => {
+                let mut k = codec::ledger_key(a, *s);
+                k.push(0);
+                k
+            }
+            None => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for item in tree.range(from..).take(limit) {
+            let (k, v) = item?;
+            let (a, s) = codec::split_ledger_key(&k)?;
+            out.push((a, s, codec::decode_outbox(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// One page of the queue for the outbox actor: up to `limit` records from `from`
+    /// (inclusive; `None`: the start), with their stored bytes for [`Store::form_batch`].
+    /// The bool is true when the end of the queue was reached.
+    pub fn outbox_page(
+        &self,
+        from: Option<&(AccountId, u64)>,
+        limit: usize,
+    ) -> Result<(Vec<QueuedRecord>, bool), StoreError> {
+        let from = match from {
+            Some((a, s)) => codec::ledger_key(a, *s),
+            None => Vec::new(),
+        };
+        let mut out = Vec::new();
+        let mut iter = self.inner.outbox.range(from..);
+        for item in iter.by_ref().take(limit) {
+            let (k, v) = item?;
+            let (account, seq) = codec::split_ledger_key(&k)?;
+            out.push(QueuedRecord {
+                account,
+                seq,
+                record: codec::decode_outbox(&v)?,
+                raw: v,
+            });
+        }
+        let end = out.len() < limit || iter.next().is_none();
+        Ok((out, end))
+    }
+
+    /// Updates a queued record (a failed attempt, a wait, the attempted flag).
+    pub fn update_outbox(
+        &self,
+        account: &AccountId,
+        seq: u64,
+        record: &OutboxRecord,
+    ) -> Result<(), StoreError> {
+        self.inner.outbox.insert(
+            codec::ledger_key(account, seq),
+            codec::encode_outbox(record)?,
+        )?;
+        Ok(())
+    }
+
+    /// Marks a queued record (an entry or a whole batch) delivered: it leaves the queue for
+    /// good.
+    pub fn mark_sent(
+        &self,
+        account: &AccountId,
+        seq: u64,
+        at_ms: UnixMs,
+    ) -> Result<(), StoreError> {
+        let key = codec::ledger_key(account, seq);
+        self.inner.sent.insert(&key, &at_ms.to_be_bytes())?;
+        self.inner.outbox.remove(&key)?;
+        Ok(())
+    }
+
+    /// Moves a queued record (an entry or a whole batch) to the dead letters, with the reason
+    /// in `last_error`.
+    pub fn mark_dead(
+        &self,
+        account: &AccountId,
+        seq: u64,
+        record: &OutboxRecord,
+    ) -> Result<(), StoreError> {
+        let key = codec::ledger_key(account, seq);
+        self.inner
+            .dead
+            .insert(&key, codec::encode_outbox(record)?)?;
+        self.inner.outbox.remove(&key)?;
+        Ok(())
+    }
+
+    /// Moves a dead letter back to the queue, due now (a batch stays the same batch, under
+    /// the same identifier). Due at `now` or the usage's own time, whichever is earlier, so it
+    /// is due at once even if the caller's clock runs ahead of the outbox's. False if there is
+    /// no such dead letter.
+    pub fn revive(&self, account: &AccountId, seq: u64, now: UnixMs) -> Result<bool, StoreError> {
+        let key = codec::ledger_key(account, seq);
+        let Some(v) = self.inner.dead.remove(&key)? else {
+            return Ok(false);
+        };
+        let mut record = codec::decode_outbox(&v)?;
+        record.item.attempts = 0;
+        record.item.next_at_ms = now.min(record.item.at_ms);
+        self.inner
+            .outbox
+            .insert(&key, codec::encode_outbox(&record)?)?;
+        Ok(true)
+    }
+
+    /// (queued, dead, sent) counts: records, so a batch counts once.
+    pub fn outbox_counts(&self) -> (usize, usize, usize) {
+        (
+            self.inner.outbox.len(),
+            self.inner.dead.len(),
+            self.inner.sent.len(),
+        )
+    }
+
+    /// Merges queued entries (`members`, in seq order, at least two, all of `account`) into
+    /// one batch record keyed by the first, in one atomic sled transaction: each member is
+    /// removed and marked in `batched`, and the batch record is inserted. Nothing happens
+    /// (false) if a member changed or is already marked since it was read. The caller makes
+    /// the members durable before (a barrier) and the batch durable before sending it.
+    ///
+    /// sled runs a transaction under its global write lock, so it is atomic with respect to
+    /// every other operation; the first transaction switches sled to taking that lock's read
+    /// side on every operation, for the rest of the process (only when aggregation is used).
+    pub fn form_batch(
+        &self,
+        account: &AccountId,
+        members: &[QueuedRecord],
+        item: OutboxItem,
+        window_ms: i64,
+        now: UnixMs,
+    ) -> Result<bool, StoreError> {
+        use sled::Transactional;
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let (Some(first), Some(last)) = (members.first(), members.last()) else {
+            return Ok(false);
+        };
+        let record = OutboxRecord {
+            item,
+            batch: Some(OutboxBatch {
+                last_seq: last.seq,
+                members: u32::try_from(members.len()).unwrap_or(u32::MAX),
+                window_ms,
+            }),
+            attempted: false,
+        };
+        let value = codec::encode_outbox(&record)?;
+        let first_key = codec::ledger_key(account, first.seq);
+        let mark = codec::encode_mark(first.seq, now);
+        let keys: Vec<(Vec<u8>, &sled::IVec)> = members
+            .iter()
+            .map(|m| (codec::ledger_key(account, m.seq), &m.raw))
+            .collect();
+        let r: Result<(), TransactionError<()>> = (&self.inner.outbox, &self.inner.batched)
+            .transaction(|(o, b)| {
+                for (key, raw) in &keys {
+                    if o.get(key)?.as_ref() != Some(*raw) || b.get(key)?.is_some() {
+                        return Err(ConflictableTransactionError::Abort(()));
+                    }
+                    o.remove(key.as_slice())?;
+                    b.insert(key.as_slice(), &mark[..])?;
+                }
+                o.insert(first_key.as_slice(), value.as_slice())?;
+                Ok(())
+            });
+        match r {
+            Ok(()) => Ok(true),
+            Err(TransactionError::Abort(())) => Ok(false),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// True if entry `seq` was merged into a batch: a queued single with this key is a
+    /// re-queued member (recovery raced with the batch) and must never be sent.
+    pub fn is_batched(&self, account: &AccountId, seq: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .inner
+            .batched
+            .contains_key(codec::ledger_key(account, seq))?)
+    }
+
+    /// Deletes a queued record if it still holds exactly what was read. True if deleted.
+    pub fn drop_queued(&self, q: &QueuedRecord) -> Result<bool, StoreError> {
+        Ok(self
+            .inner
+            .outbox
+            .compare_and_swap(
+                codec::ledger_key(&q.account, q.seq),
+                Some(&q.raw),
+                None as Option<&[u8]>,
+            )?
+            .is_ok())
+    }
+
+    /// Reads one page (up to `max` keys of each tree, from `cursor`) of what may be pruned:
+    /// `sent` records delivered before `cutoff_ms` and `batched` marks of batches formed before
+    /// it, whose entry the account's snapshot covers. Recovery replays only entries after the
+    /// snapshot, so such an entry can never be queued again. Make the snapshots durable (a
+    /// barrier) before [`Store::prune`]: then a crash cannot bring back an older snapshot.
+    pub fn prune_candidates(
+        &self,
+        cursor: &PruneCursor,
+        cutoff_ms: UnixMs,
+        max: usize,
+    ) -> Result<(PrunePlan, PruneCursor), StoreError> {
+        let mut plan = PrunePlan::default();
+        let mut next = PruneCursor::default();
+        // The snapshot's last seq of the account last looked at (keys come sorted by account).
+        let mut covered: Option<(AccountId, u64)> = None;
+        for (tree, from, to, out, is_mark) in [
+            (
+                &self.inner.sent,
+                &cursor.sent,
+                &mut next.sent,
+                &mut plan.sent,
+                false,
+            ),
+            (
+                &self.inner.batched,
+                &cursor.batched,
+                &mut next.batched,
+                &mut plan.batched,
+                true,
+            ),
+        ] {
+            let mut last = None;
+            for item in tree.range(from.clone()..).take(max) {
+                let (k, v) = item?;
+                let at = if is_mark {
+                    codec::decode_mark(&v)?.1
+                } else {
+                    codec::decode_sent_at(&v)?
+                };
+                last = Some(k.clone());
+                if at >= cutoff_ms {
+                    continue;
+                }
+                let (account, seq) = codec::split_ledger_key(&k)?;
+                let snap = match &covered {
+                    Some((a, s)) if *a == account => *s,
+                    _ => {
+                        let s = self.get_snapshot(&account)?.map_or(0, |s| s.last_seq);
+                        covered = Some((account, s));
+                        s
+                    }
+                };
+                if seq <= snap {
+                    out.push((k, v));
+                }
+            }
+            // Continue after the last key read; wrap around at the end.
+            *to = match last {
+                Some(k) => {
+                    let mut n = k.to_vec();
+                    n.push(0);
+                    n
+                }
+                None => Vec::new(),
+            };
+        }
+        Ok((plan, next))
+    }
+
+    /// Deletes what [`Store::prune_candidates`] found (each only if unchanged). Returns how
+    /// many records were deleted.
+    pub fn prune(&self, plan: &PrunePlan) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for (tree, records) in [
+            (&self.inner.sent, &plan.sent),
+            (&self.inner.batched, &plan.batched),
+        ] {
+            for (k, v) in records {
+                if tree
+                    .compare_and_swap(k, Some(v), None as Option<&[u8]>)?
+                    .is_ok()
+                {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Records in the `batched` tree (entries merged into batches and not yet pruned).
+    pub fn batched_count(&self) -> usize {
+        self.inner.batched.len()
+    }
+}
+
+impl PruneCursor {
+    /// True when both trees wrapped around (a full pass ended).
+    pub fn at_start(&self) -> bool {
+        self.sent.is_empty() && self.batched.is_empty()
+    }
+}
+
+impl PrunePlan {
+    pub fn is_empty(&self) -> bool {
+        self.sent.is_empty() && self.batched.is_empty()
+    }
+}
