@@ -432,7 +432,6 @@ pub async fn run_with_clock(
     .await
     .map_err(|e| anyhow::anyhow!("cannot start the webhook actor: {e}"))?;
     let receiver = Arc::new(crate::http::webhooks::Receiver {
-        store: store.clone(),
         webhooks: webhooks.clone(),
         secrets: secrets.webhook_secrets.clone(),
         tolerance_s: w.tolerance_s,
@@ -443,7 +442,7 @@ pub async fn run_with_clock(
     let ready = Arc::new(AtomicBool::new(true));
     let app = crate::http::app(crate::http::AppDeps {
         accounts: accounts.clone(),
-        store: store.clone(),
+        store: store.reader(),
         keys,
         max_body_bytes: config.max_body_bytes,
         max_batch_body_bytes: config.max_batch_body_bytes,

@@ -23,7 +23,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, OpenApiService, Tags};
 
 use meterd_actors::account::Accounts;
-use meterd_actors::store::Store;
+use meterd_actors::store::StoreReader;
 
 use self::accounts::AccountsApi;
 use self::auth::ApiKeys;
@@ -37,7 +37,7 @@ enum HealthTags {
 
 struct HealthApi {
     accounts: Accounts,
-    store: Store,
+    store: StoreReader,
     ready: Arc<AtomicBool>,
     outbox: meterd_actors::outbox::Outbox,
     webhooks: meterd_actors::webhook::Webhooks,
@@ -127,7 +127,7 @@ impl HealthApi {
 pub struct AppDeps {
     pub outbox: meterd_actors::outbox::Outbox,
     pub accounts: Accounts,
-    pub store: Store,
+    pub store: StoreReader,
     pub keys: ApiKeys,
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,

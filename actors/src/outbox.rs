@@ -44,7 +44,7 @@ use rand::Rng;
 
 use crate::account::Accounts;
 use crate::model::{AccountId, Clock, Period, UnixMs};
-use crate::store::{OutboxItem, OutboxRecord, PruneCursor, QueuedRecord, Store};
+use crate::store::{OutboxItem, OutboxRecord, PruneCursor, QueuedRecord, Store, StoreError};
 mod aggregation;
 mod pacing;
 mod send;
@@ -83,6 +83,9 @@ pub enum OutboxMsg {
     /// Deliver what is due (scheduled by the actor itself).
     Tick,
     Stats(RpcReplyPort<OutboxStats>),
+    /// Queue dead letters again (admin): one (`Some`), or up to 10,000 (`None`). Answers how
+    /// many were revived. Handled here, so a revive never races the actor's own moves.
+    Revive(Option<(AccountId, u64)>, RpcReplyPort<Result<u64, String>>),
 }
 
 /// How meter events reach Stripe.
@@ -236,6 +239,9 @@ impl Actor for OutboxActor {
                 state.tick().await?;
                 myself.send_after(state.args.settings.poll, || OutboxMsg::Tick);
             }
+            OutboxMsg::Revive(which, reply) => {
+                let _ = reply.send(state.revive(which).map_err(|e| e.to_string()));
+            }
             OutboxMsg::Stats(reply) => {
                 let (queued, dead, sent) = state.args.store.outbox_counts();
                 let mut s = state.stats;
@@ -251,6 +257,27 @@ impl Actor for OutboxActor {
 }
 
 impl OutboxState {
+    fn revive(&mut self, which: Option<(AccountId, u64)>) -> Result<u64, StoreError> {
+        let now = self.args.clock.now_ms();
+        let store = &self.args.store;
+        let targets = match which {
+            Some(one) => vec![one],
+            None => store
+                .outbox_items(true, None, 10_000)?
+                .into_iter()
+                .map(|(a, seq, _)| (a, seq))
+                .collect(),
+        };
+        let mut n = 0;
+        for (a, seq) in targets {
+            if store.revive(&a, seq, now)? {
+                tracing::info!(account = %a, seq, "outbox dead letter revived");
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     async fn tick(&mut self) -> Result<(), ActorProcessingErr> {
         let Some(client) = self.args.settings.client.clone() else {
             return Ok(());
@@ -442,6 +469,34 @@ impl Outbox {
         }
         let (_, end) = window_of(record.item.at_ms, w);
         Some(end + GRACE_MS)
+    }
+
+    /// Queues dead letter `seq` of `account` again: `Ok(false)` if there is no such dead
+    /// letter. Waits behind a send in progress (at most the Stripe timeout).
+    pub async fn revive(&self, account: &AccountId, seq: u64) -> Result<bool, String> {
+        self.call_revive(Some((account.clone(), seq)))
+            .await
+            .map(|n| n > 0)
+    }
+
+    /// Queues up to 10,000 dead letters again; answers how many.
+    pub async fn revive_all(&self) -> Result<u64, String> {
+        self.call_revive(None).await
+    }
+
+    async fn call_revive(&self, which: Option<(AccountId, u64)>) -> Result<u64, String> {
+        match self
+            .actor
+            .call(
+                |r| OutboxMsg::Revive(which, r),
+                Some(Duration::from_secs(60)),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            Ok(_) => Err("the outbox did not answer in time".into()),
+            Err(e) => Err(format!("the outbox is not running: {e}")),
+        }
     }
 
     pub fn stop(&self) {

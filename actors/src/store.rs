@@ -177,6 +177,67 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// A read-only view of the store, for the HTTP routes: committed ledger pages, the outbox
+/// lists, the webhook log and the store's health. Every write goes through an actor's handle
+/// (`Accounts`, `Outbox`, `Webhooks`), so the type system keeps routes from writing.
+#[derive(Clone)]
+pub struct StoreReader(Store);
+
+impl StoreReader {
+    /// True once a flush has failed: nothing more can be acknowledged.
+    pub fn has_failed(&self) -> bool {
+        self.0.has_failed()
+    }
+
+    /// Up to `limit` ledger entries of `account` after `after`, in order.
+    pub fn entries_after(
+        &self,
+        account: &AccountId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.0.entries_after(account, after, limit)
+    }
+
+    /// Queued (`dead = false`) or dead-lettered outbox records, from `after`.
+    pub fn outbox_items(
+        &self,
+        dead: bool,
+        after: Option<(AccountId, u64)>,
+        limit: usize,
+    ) -> Result<Vec<(AccountId, u64, OutboxRecord)>, StoreError> {
+        self.0.outbox_items(dead, after, limit)
+    }
+
+    /// Counts of the webhook log by status: pending, applied, ignored, failed.
+    pub fn event_counts(&self) -> Result<[u64; 4], StoreError> {
+        self.0.event_counts()
+    }
+
+    /// A page of the webhook log.
+    pub fn events(
+        &self,
+        status: Option<WebhookStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<WebhookRecord>, StoreError> {
+        self.0.events(status, after, limit)
+    }
+
+    /// One event of the webhook log.
+    pub fn event(&self, id: &str) -> Result<Option<WebhookRecord>, StoreError> {
+        self.0.event(id)
+    }
+
+    /// Meter events Stripe reported invalid.
+    pub fn meter_errors(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(AccountId, u64, MeterErrorRecord)>, StoreError> {
+        self.0.meter_errors(limit)
+    }
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Store")
@@ -184,6 +245,11 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
+    /// The read-only view the HTTP routes get.
+    pub fn reader(&self) -> StoreReader {
+        StoreReader(self.clone())
+    }
+
     /// Opens (or creates) the store and starts its flusher thread.
     pub fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
         std::fs::create_dir_all(&cfg.path).map_err(|source| StoreError::Io {

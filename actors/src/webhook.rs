@@ -549,6 +549,8 @@ pub struct Webhooks {
     /// The live actor; replaced by the supervisor when it restarts one.
     actor: Arc<RwLock<ActorRef<WebhookMsg>>>,
     stopping: Arc<AtomicBool>,
+    /// The event log, for [`Webhooks::intake`].
+    store: Store,
 }
 
 impl Webhooks {
@@ -563,6 +565,7 @@ impl Webhooks {
             .map_err(|e| e.to_string())?;
         let shared = Arc::new(RwLock::new(actor));
         let stopping = Arc::new(AtomicBool::new(false));
+        let store = args.store.clone();
         let supervisor = {
             let (shared, stopping) = (shared.clone(), stopping.clone());
             tokio::spawn(async move {
@@ -598,6 +601,7 @@ impl Webhooks {
             Webhooks {
                 actor: shared,
                 stopping,
+                store,
             },
             supervisor,
         ))
@@ -611,6 +615,28 @@ impl Webhooks {
     }
 
     /// Tells the actor an event was logged.
+    /// Takes a verified delivery: logs it unless its id is there already, waits until the log
+    /// is durable (a duplicate waits too: its first delivery may not be on disk yet), and
+    /// announces it to the actor. `Ok(true)`: new. A duplicate whose first delivery was logged
+    /// but never acknowledged (its flush failed, or the request was cancelled) may never have
+    /// reached the actor, so a pending one is announced again. Only then may the delivery be
+    /// acknowledged to Stripe.
+    pub async fn intake(&self, rec: &WebhookRecord, body: &[u8]) -> Result<bool, String> {
+        let new = self.store.log_event(rec, body).map_err(|e| e.to_string())?;
+        self.store.barrier().await.map_err(|e| e.to_string())?;
+        let pending = !new
+            && self
+                .store
+                .event(&rec.id)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.status == WebhookStatus::Pending);
+        if new || pending {
+            self.logged(&rec.id, rec.created_s);
+        }
+        Ok(new)
+    }
+
     pub fn logged(&self, id: &str, created_s: i64) {
         let _ = self
             .actor()

@@ -153,3 +153,25 @@ fn the_cycle_finder_finds_cycles() {
     let model: Vec<&String> = real.get("model").into_iter().flatten().collect();
     assert!(model.iter().all(|m| *m == "pricing"), "{model:?}");
 }
+
+/// The HTTP routes never write to the store: they hold a `StoreReader` and call the actors'
+/// handles (`Accounts`, `Outbox`, `Webhooks`) for every change.
+#[test]
+fn routes_hold_only_the_read_only_store_view() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../src");
+    let mut files = vec![root.join("http.rs")];
+    rust_files(&root.join("http"), &mut files);
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            let words = code.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+            assert!(
+                !words.into_iter().any(|w| w == "Store"),
+                "{}:{}: a route names the writable `Store`: {line}",
+                f.display(),
+                n + 1
+            );
+        }
+    }
+}

@@ -16,7 +16,7 @@ use meterd_actors::model::format_rfc3339;
 use meterd_actors::model::{DenyCode, Outcome};
 use meterd_actors::model::{IdempotencyKey, Metadata, SpendCap, SpendCapAction};
 use meterd_actors::model::{MeterOverride, OverageOverride, SubscriptionStatus};
-use meterd_actors::store::Store;
+use meterd_actors::store::StoreReader;
 
 use super::auth::ApiKeyAuth;
 use super::body::JsonBody;
@@ -31,7 +31,7 @@ enum ApiTags {
 
 pub struct AccountsApi {
     pub accounts: Accounts,
-    pub store: Store,
+    pub store: StoreReader,
 }
 
 #[derive(ApiResponse)]

@@ -10,7 +10,7 @@ use poem_openapi::{Object, OpenApi, Tags};
 
 use meterd_actors::model::{AccountId, format_rfc3339};
 use meterd_actors::outbox::Outbox;
-use meterd_actors::store::Store;
+use meterd_actors::store::StoreReader;
 
 use super::auth::ApiKeyAuth;
 use super::error::ApiError;
@@ -22,7 +22,7 @@ enum AdminTags {
 }
 
 pub struct AdminApi {
-    pub store: Store,
+    pub store: StoreReader,
     pub outbox: Outbox,
 }
 
@@ -104,10 +104,6 @@ fn parse_item_id(id: &str) -> Option<(AccountId, u64)> {
         return None;
     }
     Some((AccountId::parse(account).ok()?, seq.parse().ok()?))
-}
-
-fn now_ms() -> i64 {
-    meterd_actors::model::Clock::System.now_ms()
 }
 
 #[OpenApi(tag = "AdminTags::Admin")]
@@ -207,13 +203,13 @@ impl AdminApi {
         };
         let (account, seq) = parse_item_id(&id).ok_or_else(not_found)?;
         let revived = self
-            .store
-            .revive(&account, seq, now_ms())
+            .outbox
+            .revive(&account, seq)
+            .await
             .map_err(ApiError::unavailable)?;
         if !revived {
             return Err(not_found());
         }
-        tracing::info!(account = %account, seq, "outbox dead letter revived");
         Ok(Json(RevivedView { revived: 1 }))
     }
 
@@ -221,23 +217,11 @@ impl AdminApi {
     #[oai(path = "/v1/admin/outbox/retry-dead", method = "post")]
     async fn retry_dead(&self, auth: ApiKeyAuth) -> Result<Json<RevivedView>, ApiError> {
         auth.require_admin()?;
-        let store = self.store.clone();
-        let revived = tokio::task::spawn_blocking(move || -> Result<u64, String> {
-            let dead = store
-                .outbox_items(true, None, 10_000)
-                .map_err(|e| e.to_string())?;
-            let now = now_ms();
-            let mut n = 0;
-            for (a, seq, _) in dead {
-                if store.revive(&a, seq, now).map_err(|e| e.to_string())? {
-                    n += 1;
-                }
-            }
-            Ok(n)
-        })
-        .await
-        .map_err(ApiError::unavailable)?
-        .map_err(ApiError::unavailable)?;
+        let revived = self
+            .outbox
+            .revive_all()
+            .await
+            .map_err(ApiError::unavailable)?;
         tracing::info!(revived, "outbox dead letters revived");
         Ok(Json(RevivedView { revived }))
     }

@@ -17,7 +17,7 @@ use meterd_actors::model::Outcome;
 use meterd_actors::model::{AccountId, Period, UnixMs, format_rfc3339};
 use meterd_actors::plan::plan_pricing;
 use meterd_actors::pricing::period_cost;
-use meterd_actors::store::Store;
+use meterd_actors::store::StoreReader;
 
 use super::auth::ApiKeyAuth;
 use super::error::{ApiError, account_id};
@@ -40,7 +40,7 @@ enum UsageTags {
 
 pub struct UsageApi {
     pub accounts: Accounts,
-    pub store: Store,
+    pub store: StoreReader,
 }
 
 /// One time bucket of one meter.
@@ -245,7 +245,7 @@ fn add(map: &mut BTreeMap<String, u64>, meter: &str, units: u64) {
 
 /// Reads the account's ledger from its first entry to `durable`, in pages of [`PAGE`].
 /// Linear in the length of the account's ledger; memory is bounded by meters × buckets.
-fn scan(store: &Store, a: &ScanArgs) -> Result<Scan, AccountError> {
+fn scan(store: &StoreReader, a: &ScanArgs) -> Result<Scan, AccountError> {
     let mut out = Scan::default();
     // Allowed units since the latest rollover (or since the account began): the usage the
     // ledger counted in the period that the next rollover closes.

@@ -20,7 +20,7 @@ use meterd_actors::account::Accounts;
 use meterd_actors::billing::{InvoiceSummary, Transaction, head};
 use meterd_actors::model::{Clock, format_rfc3339};
 use meterd_actors::signature::verify;
-use meterd_actors::store::{EventSource, Store, WebhookRecord, WebhookStatus};
+use meterd_actors::store::{EventSource, StoreReader, WebhookRecord, WebhookStatus};
 use meterd_actors::webhook::Webhooks;
 
 use super::auth::ApiKeyAuth;
@@ -29,7 +29,6 @@ use super::views::unix_s;
 
 /// What the receiving endpoint needs (installed as request data).
 pub struct Receiver {
-    pub store: Store,
     pub webhooks: Webhooks,
     /// Signing secrets; several during a rotation. Empty: the endpoint answers 503.
     pub secrets: Vec<String>,
@@ -120,27 +119,7 @@ async fn receive_inner(req: &Request, body: Body, rx: &Receiver) -> Result<Recei
             "the event could not be stored; Stripe will retry: {e}"
         ))
     };
-    let new = rx
-        .store
-        .log_event(&rec, &bytes)
-        .map_err(|e| not_stored(e.to_string()))?;
-    // A duplicate waits too: its first delivery may not be on disk yet.
-    rx.store
-        .barrier()
-        .await
-        .map_err(|e| not_stored(e.to_string()))?;
-    // A duplicate whose first delivery was logged but never acknowledged (its flush failed,
-    // or the request was cancelled) may not have reached the actor: announce it again.
-    let pending = !new
-        && rx
-            .store
-            .event(&h.id)
-            .ok()
-            .flatten()
-            .is_some_and(|r| r.status == WebhookStatus::Pending);
-    if new || pending {
-        rx.webhooks.logged(&h.id, h.created_s);
-    }
+    let new = rx.webhooks.intake(&rec, &bytes).await.map_err(not_stored)?;
     tracing::info!(event = %h.id, event_type = %h.event_type, duplicate = !new, "stripe webhook received");
     Ok(Received {
         received: true,
@@ -155,7 +134,7 @@ enum WebhookTags {
 }
 
 pub struct WebhooksApi {
-    pub store: Store,
+    pub store: StoreReader,
     pub webhooks: Webhooks,
     pub accounts: Accounts,
 }
