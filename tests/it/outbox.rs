@@ -299,9 +299,11 @@ async fn kill_9_mid_send_bills_every_acknowledged_unit_exactly_once() {
     std::fs::write(&config, ours).unwrap();
     let data = dir.path().join("data");
     let env = [("STRIPE_SECRET_KEY", crate::support::fake_stripe::SECRET_KEY)];
-    let seed: u64 = rand::rng().random();
-    println!("seed {seed}");
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    // Replay: METERD_TEST_SEED=<seed> (printed now, and with the command if the test fails).
+    let seed = crate::support::seed::TestSeed::draw(
+        "outbox::kill_9_mid_send_bills_every_acknowledged_unit_exactly_once",
+    );
+    let mut rng = seed.rng();
     // key -> (seq, quantity) of every acknowledged consume.
     let mut acked: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut unsure: Vec<(String, u64)> = Vec::new();
