@@ -94,12 +94,29 @@ async fn every_billable_consume_reaches_stripe_once() {
     let o = outbox(&d, "pending").await;
     assert_eq!(o["online"], true);
     assert_eq!(o["sent"], 3);
-    // A restart sends nothing again.
+    // A restart sends nothing again. A new consume starts the account, whose recovery queues
+    // the ledger tail again (minus what was sent); once the new unit has reached Stripe and
+    // the queue is empty, nothing is left that could still be sent.
     let dir = d.stop().await;
     let d = TestDaemon::start_stripe(dir, &fake, |_| {}).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(fake.meter_events().len(), 3);
-    assert_eq!(fake.count("/v1/billing/meter_events"), 3);
+    let r = d.client.consume("a", 1, "k3").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let new_id = format!("a:{}", r.body["ledger_seq"].as_u64().unwrap());
+    delivered(&fake, 4).await;
+    eventually(Duration::from_secs(5), || async {
+        outbox(&d, "pending").await["queued"] == 0
+    })
+    .await;
+    let mut ids: Vec<String> = fake
+        .meter_events()
+        .into_iter()
+        .map(|e| e.identifier)
+        .collect();
+    ids.sort();
+    let mut want = vec!["a:2".to_owned(), "a:3".into(), "a:4".into(), new_id];
+    want.sort();
+    assert_eq!(ids, want);
+    assert_eq!(fake.count("/v1/billing/meter_events"), 4);
     d.stop().await;
 }
 
@@ -380,7 +397,20 @@ async fn kill_9_mid_send_bills_every_acknowledged_unit_exactly_once() {
         fake.meter_events().len() >= expected.len()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Drained: with the queue empty (sends in flight are still queued) nothing more is sent.
+    eventually(Duration::from_secs(10), || async {
+        let r = d
+            .client
+            .send(
+                reqwest::Method::GET,
+                "/v1/admin/outbox?state=pending",
+                Some(ADMIN_KEY),
+                None,
+            )
+            .await;
+        r.status == 200 && r.body["queued"] == 0
+    })
+    .await;
     let events = fake.meter_events();
     let got: BTreeMap<String, String> = events
         .iter()
