@@ -373,7 +373,11 @@ async fn kill_9_mid_send_bills_every_acknowledged_unit_exactly_once() {
         tokio::task::spawn_blocking(move || d.kill9())
             .await
             .unwrap();
-        for (key, r) in load.await.unwrap() {
+        let done = tokio::time::timeout(Duration::from_secs(60), load)
+            .await
+            .expect("the load stops once meterd is killed")
+            .unwrap();
+        for (key, r) in done {
             match r {
                 Some(v) => {
                     acked.insert(key, v);

@@ -243,14 +243,15 @@ async fn sigterm_on_idle_daemon_exits_zero_quickly_and_restart_serves() {
 }
 
 fn check_config(path: &Path) -> std::process::Output {
-    Command::new(meterd_bin())
-        .arg("check-config")
-        .arg("--config")
-        .arg(path)
-        .env_remove("METERD_ADMIN_KEY")
-        .env_remove("METERD_APP_KEY")
-        .output()
-        .expect("run meterd check-config")
+    crate::support::output_within(
+        Command::new(meterd_bin())
+            .arg("check-config")
+            .arg("--config")
+            .arg(path)
+            .env_remove("METERD_ADMIN_KEY")
+            .env_remove("METERD_APP_KEY"),
+        Duration::from_secs(30),
+    )
 }
 
 #[test]
