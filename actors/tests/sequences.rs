@@ -35,6 +35,7 @@ use meterd_actors::pricing::PriceModel;
 use meterd_actors::store::{Store, StoreConfig, SyncMode};
 use meterd_actors::verify::verify_store;
 use proptest::prelude::*;
+use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
 
 const METER: &str = "tokens";
 const MINUTE: i64 = 60_000;
@@ -1196,8 +1197,56 @@ fn grants_strategy() -> impl Strategy<Value = BTreeMap<u64, Grant>> {
     )
 }
 
+// ---- failure persistence ----
+
+/// Where this file's proptests save a failing case, and replay every saved case from, before
+/// any new one, on each run: `actors/proptest-regressions/sequences.txt`, committed. The path
+/// is absolute, so it holds whatever directory the test runs in; proptest's default
+/// (`SourceParallel`) finds no `lib.rs` above a file under `tests/` and would save the file
+/// beside this one under another name.
+///
+/// Replay a failure: keep the `cc …` line proptest appended to that file (after a CI failure,
+/// whose clone is gone, add the line it printed after "add the following line" yourself) and
+/// run `cargo test -p meterd-actors --test sequences`. The saved case fails first, shrinks,
+/// and prints its minimal input. Commit the line with the fix, so the case runs from then on.
+/// `PROPTEST_RNG_SEED=<n>` fixes the new cases of a whole run as well.
+const REGRESSIONS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/proptest-regressions/sequences.txt"
+);
+
+fn regressions() -> FileFailurePersistence {
+    FileFailurePersistence::Direct(REGRESSIONS)
+}
+
+/// `cases` new cases, after the saved ones. `PROPTEST_DISABLE_FAILURE_PERSISTENCE` still
+/// switches persistence off.
+fn config(cases: u32) -> ProptestConfig {
+    let default = ProptestConfig::default();
+    ProptestConfig {
+        cases,
+        failure_persistence: default
+            .failure_persistence
+            .is_some()
+            .then(|| Box::new(regressions()) as Box<dyn FailurePersistence>),
+        ..default
+    }
+}
+
+/// The saved cases are read from where the config says: the file holds a canary seed (a
+/// passing case, see its comment), so an empty answer means the path is wrong.
+#[test]
+fn the_regression_file_is_read() {
+    assert!(
+        std::path::Path::new(REGRESSIONS).is_file(),
+        "{REGRESSIONS} is missing"
+    );
+    let seeds = regressions().load_persisted_failures2(Some(file!()));
+    assert!(!seeds.is_empty(), "no seed read from {REGRESSIONS}");
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(config(48))]
 
     /// Random operation sequences on one or two accounts keep every invariant (see the module
     /// documentation), across restarts and month boundaries.
@@ -1214,7 +1263,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(config(512))]
 
     /// A burn plan takes only from grants live at its time, never more than a grant has left,
     /// in burn order (priority, earliest expiry, oldest), fully except possibly the last one,

@@ -60,6 +60,26 @@ async fn outbox(d: &TestDaemon, state: &str) -> Value {
     r.body
 }
 
+/// Waits (bounded) until `queued` entries are left and, if any are, the outbox's last full
+/// pass found all of them waiting for their window. The outbox answers between passes, never
+/// during one, and sends only queued entries (one in flight is still queued), so from then on
+/// nothing is sent until the (manual) clock moves or usage is added. This is the event that
+/// negative checks ("nothing more reached Stripe") wait for, instead of a fixed sleep.
+async fn settled(d: &TestDaemon, queued: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = outbox(d, "pending").await;
+        if o["queued"] == queued && (queued == 0 || o["waiting_window"] == queued) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox did not settle with {queued} queued, all waiting: {o}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn payg(d: &TestDaemon, id: &str) {
     let r = d
         .client
@@ -127,7 +147,9 @@ async fn one_event_per_account_and_window_with_the_sum_and_the_range() {
     // when each entry will be merged.
     clock.set_ms(w1 + MIN + 500);
     let a4 = consume(&d, "a", 4, "a4").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A full pass at this (manual, now fixed) time found all six waiting: nothing is due
+    // until the clock moves.
+    settled(&d, 6).await;
     assert!(fake.meter_events().is_empty(), "{:?}", fake.meter_events());
     let o = outbox(&d, "pending").await;
     assert_eq!(o["queued"], 6, "{o}");
@@ -173,8 +195,8 @@ async fn one_event_per_account_and_window_with_the_sum_and_the_range() {
         .find(|e| e.identifier.starts_with("a:"))
         .unwrap();
     assert_eq!(a_event.customer, "cus_a");
-    // Window 2 is still open.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Window 2 is still open: both batches are settled and a pass found a4 waiting.
+    settled(&d, 1).await;
     assert_eq!(fake.meter_events().len(), 2);
     let o = outbox(&d, "pending").await;
     assert_eq!(o["batches_total"], 2, "{o}");
@@ -213,13 +235,15 @@ async fn one_event_per_account_and_window_with_the_sum_and_the_range() {
     // A restart (recovery queues the ledger tail again) sends nothing again.
     let dir = d.stop().await;
     let d = start(dir, &fake, clock.clone(), |_| {}).await;
+    // Reading a's account runs its recovery too (b's runs with the consume).
+    assert_eq!(d.client.get_account("a").await.status, 200);
     consume(&d, "b", 1, "b3").await;
     clock.set_ms(w1 + 3 * MIN + 1_000);
     eventually(Duration::from_secs(10), || async {
         fake.meter_events().len() >= 4
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settled(&d, 0).await;
     assert_eq!(fake.count(EVENTS), 4);
     let events = fake.meter_events();
     assert_eq!(units_of(&events, "a"), billable_units(&d, "a").await);
@@ -280,7 +304,7 @@ async fn a_batch_is_fixed_before_its_first_send_and_retried_as_a_unit_across_a_r
         fake.meter_events().len() >= 2
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settled(&d, 0).await;
     assert_eq!(
         sorted(&fake.meter_events()),
         vec![
@@ -349,7 +373,7 @@ async fn a_window_with_more_entries_than_a_batch_holds_becomes_several_ranges() 
         units_of(&fake.meter_events(), "f") >= n
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    settled(&d, 0).await;
     let first = seqs[0];
     let cut = seqs[max_len - 1];
     let next = seqs[max_len];
@@ -392,7 +416,7 @@ async fn a_window_is_split_at_a_billing_period_boundary() {
         fake.meter_events().len() >= 2
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    settled(&d, 0).await;
     // Each part lands in its own Stripe period: timestamped at the window's start and at
     // the period's start.
     assert_eq!(
@@ -430,7 +454,8 @@ async fn window_zero_sends_every_entry_at_once_and_windows_resolve_per_account()
         fake.meter_events().len() >= 2
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // small's entries are settled; big's two wait for their window (the clock is fixed).
+    settled(&d, 2).await;
     // Window 0: exactly as without aggregation, one event per entry, at once.
     let ts = (DAY + MIN + 1_000) / 1000;
     assert_eq!(
@@ -512,7 +537,7 @@ async fn a_dead_batch_is_listed_with_its_range_and_retried_as_a_unit() {
         !fake.meter_events().is_empty()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    settled(&d, 0).await;
     assert_eq!(
         sorted(&fake.meter_events()),
         vec![(batch_id, "5".to_owned(), (DAY + MIN) / 1000)]
@@ -609,7 +634,9 @@ async fn sent_records_older_than_40_days_are_pruned_and_never_resent() {
     .await;
     // The account works on; nothing old is queued or sent again.
     consume(&d, "old", 1, "later").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The consume ran the account's recovery; a full pass since found only `later`, waiting
+    // for its window (an old entry queued again would be due at once, and sent by that pass).
+    settled(&d, 1).await;
     let o = outbox(&d, "pending").await;
     assert_eq!(o["queued"], 1, "{o}");
     assert_eq!(o["dead"], 0, "{o}");
@@ -735,7 +762,12 @@ async fn kill_9_between_batching_and_sending_bills_every_unit_exactly_once() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing is left behind (a re-queued member would be stuck or sent twice), and with the
+    // queue empty nothing more is sent.
+    eventually(Duration::from_secs(10), || async {
+        admin(&d).await["queued"] == 0
+    })
+    .await;
     let events = fake.meter_events();
     let mut by_id = BTreeMap::new();
     for e in &events {
@@ -789,11 +821,6 @@ async fn kill_9_between_batching_and_sending_bills_every_unit_exactly_once() {
         acked.len()
     );
     assert!(fake.spec_violations().is_empty());
-    // Nothing is left behind (a re-queued member would be stuck or sent twice).
-    eventually(Duration::from_secs(10), || async {
-        admin(&d).await["queued"] == 0
-    })
-    .await;
     let status = tokio::task::spawn_blocking(move || d.sigterm(Duration::from_secs(20)))
         .await
         .unwrap();

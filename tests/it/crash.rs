@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
+use crate::support::seed::TestSeed;
 use crate::support::{APP_KEY, BinDaemon, Client, Resp, ledger_verify};
 
 const PRO: [&str; 4] = ["crash-pro-0", "crash-pro-1", "crash-pro-2", "crash-pro-3"];
@@ -279,9 +280,11 @@ async fn kill9_under_load_loses_no_acknowledged_consume_and_charges_nothing_twic
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_path_buf();
-    let seed: u64 = rand::rng().random();
-    println!("crash test seed {seed}");
-    let mut rng = StdRng::seed_from_u64(seed);
+    // Replay: METERD_TEST_SEED=<seed> (printed now, and with the command if the test fails).
+    let seed = TestSeed::draw(
+        "crash::kill9_under_load_loses_no_acknowledged_consume_and_charges_nothing_twice",
+    );
+    let mut rng = seed.rng();
     let accounts: Arc<Vec<String>> = Arc::new(
         PRO.iter()
             .map(|s| (*s).to_owned())

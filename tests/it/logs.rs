@@ -90,12 +90,13 @@ async fn a_generated_admin_key_is_stored_0600_and_never_logged() {
 
 #[test]
 fn a_too_short_key_in_the_environment_is_refused() {
-    let out = std::process::Command::new(crate::support::meterd_bin())
-        .args(["check-config", "--config"])
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
-        .env("METERD_ADMIN_KEY", "short")
-        .output()
-        .unwrap();
+    let out = crate::support::output_within(
+        std::process::Command::new(crate::support::meterd_bin())
+            .args(["check-config", "--config"])
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
+            .env("METERD_ADMIN_KEY", "short"),
+        Duration::from_secs(30),
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("METERD_ADMIN_KEY"), "{err}");
@@ -199,16 +200,18 @@ fn strict_mode_refuses_to_start_without_a_webhook_secret() {
     assert!(shipped.contains("strict = false"));
     let cfg = dir.path().join("strict.toml");
     std::fs::write(&cfg, shipped.replace("strict = false", "strict = true")).unwrap();
-    let out = std::process::Command::new(crate::support::meterd_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("METERD_ADMIN_KEY", crate::support::ADMIN_KEY)
-        .env_remove("STRIPE_WEBHOOK_SECRET")
-        .env_remove("STRIPE_SECRET_KEY")
-        .output()
-        .unwrap();
+    // A start that is not refused would serve forever: bounded.
+    let out = crate::support::output_within(
+        std::process::Command::new(crate::support::meterd_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("METERD_ADMIN_KEY", crate::support::ADMIN_KEY)
+            .env_remove("STRIPE_WEBHOOK_SECRET")
+            .env_remove("STRIPE_SECRET_KEY"),
+        Duration::from_secs(30),
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

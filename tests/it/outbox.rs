@@ -94,12 +94,29 @@ async fn every_billable_consume_reaches_stripe_once() {
     let o = outbox(&d, "pending").await;
     assert_eq!(o["online"], true);
     assert_eq!(o["sent"], 3);
-    // A restart sends nothing again.
+    // A restart sends nothing again. A new consume starts the account, whose recovery queues
+    // the ledger tail again (minus what was sent); once the new unit has reached Stripe and
+    // the queue is empty, nothing is left that could still be sent.
     let dir = d.stop().await;
     let d = TestDaemon::start_stripe(dir, &fake, |_| {}).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(fake.meter_events().len(), 3);
-    assert_eq!(fake.count("/v1/billing/meter_events"), 3);
+    let r = d.client.consume("a", 1, "k3").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let new_id = format!("a:{}", r.body["ledger_seq"].as_u64().unwrap());
+    delivered(&fake, 4).await;
+    eventually(Duration::from_secs(5), || async {
+        outbox(&d, "pending").await["queued"] == 0
+    })
+    .await;
+    let mut ids: Vec<String> = fake
+        .meter_events()
+        .into_iter()
+        .map(|e| e.identifier)
+        .collect();
+    ids.sort();
+    let mut want = vec!["a:2".to_owned(), "a:3".into(), "a:4".into(), new_id];
+    want.sort();
+    assert_eq!(ids, want);
+    assert_eq!(fake.count("/v1/billing/meter_events"), 4);
     d.stop().await;
 }
 
@@ -299,9 +316,11 @@ async fn kill_9_mid_send_bills_every_acknowledged_unit_exactly_once() {
     std::fs::write(&config, ours).unwrap();
     let data = dir.path().join("data");
     let env = [("STRIPE_SECRET_KEY", crate::support::fake_stripe::SECRET_KEY)];
-    let seed: u64 = rand::rng().random();
-    println!("seed {seed}");
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    // Replay: METERD_TEST_SEED=<seed> (printed now, and with the command if the test fails).
+    let seed = crate::support::seed::TestSeed::draw(
+        "outbox::kill_9_mid_send_bills_every_acknowledged_unit_exactly_once",
+    );
+    let mut rng = seed.rng();
     // key -> (seq, quantity) of every acknowledged consume.
     let mut acked: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut unsure: Vec<(String, u64)> = Vec::new();
@@ -354,7 +373,11 @@ async fn kill_9_mid_send_bills_every_acknowledged_unit_exactly_once() {
         tokio::task::spawn_blocking(move || d.kill9())
             .await
             .unwrap();
-        for (key, r) in load.await.unwrap() {
+        let done = tokio::time::timeout(Duration::from_secs(60), load)
+            .await
+            .expect("the load stops once meterd is killed")
+            .unwrap();
+        for (key, r) in done {
             match r {
                 Some(v) => {
                     acked.insert(key, v);
@@ -378,7 +401,20 @@ async fn kill_9_mid_send_bills_every_acknowledged_unit_exactly_once() {
         fake.meter_events().len() >= expected.len()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Drained: with the queue empty (sends in flight are still queued) nothing more is sent.
+    eventually(Duration::from_secs(10), || async {
+        let r = d
+            .client
+            .send(
+                reqwest::Method::GET,
+                "/v1/admin/outbox?state=pending",
+                Some(ADMIN_KEY),
+                None,
+            )
+            .await;
+        r.status == 200 && r.body["queued"] == 0
+    })
+    .await;
     let events = fake.meter_events();
     let got: BTreeMap<String, String> = events
         .iter()

@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 use crate::crash::{Ack, Req, classify, try_consume};
+use crate::support::seed::TestSeed;
 use crate::support::{BinDaemon, Client, ledger_verify, meterd_bin};
 
 const TASKS: usize = 16;
@@ -109,9 +110,11 @@ async fn sigterm_under_load_exits_zero_and_keeps_every_acknowledged_consume() {
     let r = d.client.put_account(id, json!({"plan": "pro"})).await;
     assert_eq!(r.status, 201, "{}", r.body);
 
-    let seed: u64 = rand::rng().random();
-    println!("sigterm test seed {seed}");
-    let mut rng = StdRng::seed_from_u64(seed);
+    // Replay: METERD_TEST_SEED=<seed> (printed now, and with the command if the test fails).
+    let seed = TestSeed::draw(
+        "shutdown::sigterm_under_load_exits_zero_and_keeps_every_acknowledged_consume",
+    );
+    let mut rng = seed.rng();
     let handles: Vec<_> = (0..TASKS)
         .map(|t| tokio::spawn(load_task(d.client.clone(), id.to_owned(), t, rng.random())))
         .collect();
@@ -240,14 +243,15 @@ async fn sigterm_on_idle_daemon_exits_zero_quickly_and_restart_serves() {
 }
 
 fn check_config(path: &Path) -> std::process::Output {
-    Command::new(meterd_bin())
-        .arg("check-config")
-        .arg("--config")
-        .arg(path)
-        .env_remove("METERD_ADMIN_KEY")
-        .env_remove("METERD_APP_KEY")
-        .output()
-        .expect("run meterd check-config")
+    crate::support::output_within(
+        Command::new(meterd_bin())
+            .arg("check-config")
+            .arg("--config")
+            .arg(path)
+            .env_remove("METERD_ADMIN_KEY")
+            .env_remove("METERD_APP_KEY"),
+        Duration::from_secs(30),
+    )
 }
 
 #[test]

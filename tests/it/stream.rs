@@ -159,12 +159,35 @@ async fn stream_mode_sends_every_consume_once_in_requests_of_at_most_100() {
     assert_eq!(o["dead"], 0);
     assert_eq!(o["sessions_total"], 1);
     assert_eq!(o["stream_requests_total"], sizes.len());
-    // A restart sends nothing again.
+    // A restart sends nothing again. A new consume on each account starts it, and its
+    // recovery queues the ledger tail again (minus what was sent); once the two new units
+    // have reached Stripe and the queue is empty, nothing is left that could still be sent.
     let dir = d.stop().await;
     let d = start(dir, &fake).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(fake.meter_events().len(), 2 * us(n));
-    assert_eq!(fake.count(STREAM), sizes.len());
+    let mut fresh = Vec::new();
+    for a in ["a", "b"] {
+        let r = d.client.consume(a, 1, "after-restart").await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        fresh.push(format!("{a}:{}", r.body["ledger_seq"].as_u64().unwrap()));
+    }
+    drained(&d, &fake, 2 * us(n) + 2, 20).await;
+    let mut expected = expected;
+    for id in fresh {
+        expected.insert(id, String::new());
+    }
+    assert_exactly_once(
+        &fake,
+        &expected,
+        &[("a", units(n) + 1), ("b", units(n) + 1)],
+    );
+    let later = fake.stream_requests();
+    assert_eq!(later[..sizes.len()], sizes[..]);
+    assert_eq!(
+        later[sizes.len()..].iter().sum::<usize>(),
+        2,
+        "only the two new events were sent: {later:?}"
+    );
+    assert_eq!(fake.count(STREAM), later.len());
     d.stop().await;
 }
 
@@ -365,17 +388,18 @@ async fn the_breaker_counts_a_failed_stream_request_as_one_call() {
         outbox(&d).await["breaker_open"] == true
     })
     .await;
+    // After the cooldown a probe succeeds and the rest follows, exactly once.
+    drained(&d, &fake, 250, 20).await;
     // Open after 3 failed requests (not 3 failed events, nor one per event as in v1): at most
-    // the failures before the opening one plus one group of `concurrency` (8) requests.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // the failures before the opening one plus one group of `concurrency` (8) requests. The
+    // outage (1.5 s) ends before the cooldown (2 s) that began after it, so every 500 of the
+    // whole run came before the opening or with it: none while the breaker was open.
     let failed = fake
         .requests()
         .iter()
         .filter(|r| r.path == STREAM && r.status == Some(500))
         .count();
     assert!((3..=2 + 8).contains(&failed), "{failed}");
-    // After the cooldown a probe succeeds and the rest follows, exactly once.
-    drained(&d, &fake, 250, 20).await;
     assert_exactly_once(&fake, &expected, &[("br", units(250))]);
     let o = outbox(&d).await;
     assert_eq!(o["dead"], 0);

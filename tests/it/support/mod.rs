@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 pub mod fake_stripe;
+pub mod seed;
 pub mod signer;
 
 use std::io::{BufRead, BufReader};
@@ -472,11 +473,51 @@ impl Drop for BinDaemon {
 
 /// Runs `meterd ledger verify` on a stopped daemon's data directory.
 pub fn ledger_verify(data_dir: &Path) -> std::process::Output {
-    Command::new(meterd_bin())
-        .args(["ledger", "verify", "--config"])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .expect("run meterd ledger verify")
+    output_within(
+        Command::new(meterd_bin())
+            .args(["ledger", "verify", "--config"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
+            .arg("--data-dir")
+            .arg(data_dir),
+        Duration::from_secs(60),
+    )
+}
+
+/// As [`Command::output`], but a child still running after `bound` is killed and the test
+/// fails (a command that should exit at once, e.g. a refused start, must not hang the suite).
+pub fn output_within(cmd: &mut Command, bound: Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let read = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().unwrap()));
+    let stderr = read(Box::new(child.stderr.take().unwrap()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > bound {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+            panic!("{cmd:?} still ran after {bound:?}; killed. stderr:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
 }
