@@ -363,6 +363,24 @@ async fn kill9_under_load_loses_no_acknowledged_consume_and_charges_nothing_twic
     let (new, replays) = retry_uncertain(&d.client, std::mem::take(&mut uncertain)).await;
     total_retry_replays += replays;
     acks.extend(new);
+    // Drive the capped accounts to their limits, so every run records both denials whatever
+    // the kills' timing left (a slow machine may send few requests before each kill).
+    for (id, denial) in [(FREE, 429), (PREPAID, 402)] {
+        for n in 0..2_000 {
+            let req = Req {
+                account: id.to_owned(),
+                key: format!("crash-final-{id}-{n}"),
+                quantity: 5,
+            };
+            let resp = try_consume(&d.client, &req).await.expect("daemon is up");
+            let ack = classify(&req, &resp).expect("no 503 without a kill");
+            let done = ack.status == denial;
+            acks.push(ack);
+            if done {
+                break;
+            }
+        }
+    }
 
     let mut seen_keys: HashSet<String> = HashSet::new();
     let mut by_account: HashMap<String, HashMap<String, Value>> = HashMap::new();
