@@ -1,7 +1,9 @@
 //! The HTTP API: poem-openapi routes, the OpenAPI document, and one error format.
 //!
-//! This module owns request parsing, authentication and rendering. It never holds account
-//! state: every route makes one call on `Accounts` and renders the answer.
+//! This module owns request parsing, authentication and rendering. It never holds state and
+//! never writes to the store: a route changes something only through an actor's handle
+//! (`Accounts`, `Outbox`, `Webhooks`), and reads committed data through the read-only
+//! `StoreReader` (ledger pages, usage scans, the outbox and webhook logs).
 
 pub mod accounts;
 pub mod admin;

@@ -8,7 +8,7 @@
 //! - when that would be longer than 100 characters (possible only for account ids longer than
 //!   [`HASHED_ABOVE`] characters), the account is replaced by `h` and 40 hex digits of its
 //!   SHA-256. The store keeps an index from that hash back to the account
-//!   (`Store::account_of_hashed`), written with the account's first ledger entry, so every
+//!   (`Store::identifier_owner`), written with the account's first ledger entry, so every
 //!   identifier meterd sends can be mapped back to its account ([`parse`]).
 
 use sha2::{Digest, Sha256};
@@ -61,7 +61,7 @@ pub fn looks_hashed(owner: &str) -> bool {
 }
 
 /// An identifier read back: who it names (an account id, or a hash to look up with
-/// `Store::account_of_hashed`) and its first ledger seq.
+/// `Store::identifier_owner`) and its first ledger seq.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parsed {
     /// The text before the last `:`: the account id, or its hash.

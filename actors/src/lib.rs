@@ -4,6 +4,8 @@
 //! - [`account::DirectoryActor`] owns `AccountId → ActorRef` and supervises one
 //!   [`account::AccountActor`] per live account.
 //! - [`account::AccountActor`] is the only writer of its account's ledger.
+//! - [`outbox::OutboxActor`] delivers billable usage to Stripe Billing Meters, exactly once.
+//! - [`webhook::WebhookActor`] applies logged Stripe events to their accounts, in order.
 //! - [`janitor::JanitorActor`] expires idempotency records after the retention period.
 //!
 //! **Architecture invariant:** this crate knows nothing of HTTP, CLIs or file formats; it

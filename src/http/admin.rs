@@ -1,7 +1,7 @@
 //! Admin routes of the Stripe outbox: its state, its pending and dead items, and retries.
 //!
-//! These read and move outbox items in the store directly; they never touch account state
-//! or the ledger.
+//! They read the outbox trees through the read-only `StoreReader` and move dead letters back
+//! through the outbox actor (`Outbox::revive`); they never touch account state or the ledger.
 
 use poem::http::StatusCode;
 use poem_openapi::param::{Path, Query};

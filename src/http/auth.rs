@@ -1,7 +1,7 @@
 //! API keys and their scopes.
 //!
 //! Keys are held only as SHA-256 digests and compared in constant time. Every route but the
-//! health checks, the OpenAPI document and (later) the Stripe webhook needs a key; the scope
+//! health checks, the OpenAPI document and the Stripe webhook (signed instead) needs a key; the scope
 //! check happens in the route, so a key of too small a scope gets 403, not 401.
 
 use poem::Request;

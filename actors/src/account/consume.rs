@@ -92,7 +92,6 @@ impl AccountState {
             .ok_or_else(|| AccountError::UnknownAccount(self.id.clone()))
     }
 
-    /// Looks up an idempotency key. `Ok(Some(entry))` is a replay of that entry.
     /// Queues the alerts entry `seq` raised for outgoing notification.
     pub(super) fn queue_alerts(
         &self,

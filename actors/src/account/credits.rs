@@ -45,6 +45,7 @@ impl AccountState {
         Ok(entry)
     }
 
+    /// Looks up an idempotency key. `Ok(Some(entry))` is a replay of that entry.
     pub(super) fn find_replay(
         &self,
         op: IdemOp,

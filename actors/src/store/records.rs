@@ -8,8 +8,8 @@
 //! names every field), which is the moment to add a new version with a conversion from the
 //! old one, never to edit a released one.
 //!
-//! The golden-bytes tests (`actors/tests/golden.rs`) hold committed bytes of every record kind
-//! that every later build must decode to the same value.
+//! The golden-bytes tests (`store/golden.rs`, bytes in `actors/tests/golden/records.txt`) hold
+//! committed bytes of every record kind that every later build must decode to the same value.
 
 use std::collections::BTreeMap;
 
