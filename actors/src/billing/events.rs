@@ -1138,4 +1138,303 @@ mod tests {
         assert!(head(b"not json").is_err());
         assert!(head(br#"{"id":"","type":"x","created":1}"#).is_err());
     }
+
+    /// `ev` with the part at the JSON pointer `at` set to `to` (JSON), or removed (`None`).
+    fn edit(ev: &Value, at: &str, to: Option<&str>) -> Value {
+        let mut ev = ev.clone();
+        let (parent, key) = at.rsplit_once('/').unwrap();
+        let Some(Value::Object(parent)) = ev.pointer_mut(parent) else {
+            panic!("no object holds {at}")
+        };
+        match to {
+            Some(json) => parent.insert(key.to_owned(), serde_json::from_str(json).unwrap()),
+            None => parent.remove(key),
+        };
+        ev
+    }
+
+    const SUB: &str = "customer.subscription.created.json";
+    const INVOICE: &str = "invoice.paid.json";
+    const UPCOMING: &str = "invoice.upcoming.json";
+    const CUSTOMER: &str = "customer.updated.json";
+    const TOPUP: &str = "checkout.session.completed.payment_topup.json";
+    const ENTITLEMENTS: &str = "entitlements.active_entitlement_summary.updated.json";
+    const METER_ERRORS: &str = "billing.meter.error_report_triggered.fetched.json";
+
+    /// There is no refund in the story.
+    fn charge_refunded() -> Value {
+        serde_json::json!({
+            "id": "evt_1", "object": "event", "type": "charge.refunded", "created": 5,
+            "data": {"object": {
+                "id": "ch_1", "object": "charge", "customer": {"id": "cus_x", "object": "customer"},
+                "metadata": {"meterd_account_id": "acct_acme"}, "amount_refunded": 300,
+                "currency": "eur", "payment_intent": null, "invoice": "in_1"
+            }}
+        })
+    }
+
+    /// The events of the story.
+    fn story_names() -> Vec<String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/stripe/events");
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with('_'))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The JSON pointers of every member of every object in `v`.
+    fn members(v: &Value, at: &str, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m.iter().filter(|(k, _)| !k.contains(['/', '~'])) {
+                    out.push(format!("{at}/{k}"));
+                    members(x, &format!("{at}/{k}"), out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    members(x, &format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_api_versions_are_ignored() {
+        let p = prices();
+        let unknown = r#"{"new": [1, null, {"deeper": true}]}"#;
+        for name in story_names() {
+            let ev = story(&name);
+            let mut newer = edit(&ev, "/api_version", Some(r#""2099-01-01.future""#));
+            for at in [
+                "",
+                "/data",
+                "/data/object",
+                "/data/object/metadata",
+                "/data/object/items/data/0",
+                "/data/object/items/data/0/price",
+                "/data/object/lines/data/0",
+                "/data/object/parent/subscription_details",
+                "/data/reason/error_types/0/sample_errors/0/request",
+                "/related_object",
+            ] {
+                if ev.pointer(at).is_some_and(Value::is_object) {
+                    newer = edit(&newer, &format!("{at}/zz_unknown"), Some(unknown));
+                }
+            }
+            assert_eq!(interpret(&newer, &p), interpret(&ev, &p), "{name}");
+        }
+        let ev = charge_refunded();
+        let newer = edit(
+            &ev,
+            "/data/object/refunds",
+            Some(r#"{"data": [{"id": "re_1"}]}"#),
+        );
+        assert_eq!(interpret(&newer, &p), interpret(&ev, &p));
+    }
+
+    #[test]
+    fn null_where_an_object_is_expected_reads_as_absent() {
+        let p = prices();
+        for (name, at) in [
+            (SUB, "/data/object/metadata"),
+            (SUB, "/data/object/items"),
+            (SUB, "/data/object/items/data/1/price"),
+            (SUB, "/data/object/items/data/1/price/recurring"),
+            (INVOICE, "/data/object/parent"),
+            (INVOICE, "/data/object/parent/subscription_details"),
+            (INVOICE, "/data/object/status_transitions"),
+            (UPCOMING, "/data/object/lines"),
+            (UPCOMING, "/data/object/lines/data/5/pricing"),
+            (CUSTOMER, "/data/object/invoice_settings"),
+            (TOPUP, "/data/object/metadata"),
+            (TOPUP, "/data/object/customer"),
+            ("payment_method.detached.json", "/data/previous_attributes"),
+            (ENTITLEMENTS, "/data/object/entitlements"),
+            (METER_ERRORS, "/data/reason"),
+            (METER_ERRORS, "/related_object"),
+        ] {
+            let ev = story(name);
+            assert!(ev.pointer(at).is_some(), "{name} has {at}");
+            let null = interpret(&edit(&ev, at, Some("null")), &p);
+            assert!(null.is_ok(), "{name} {at}: {null:?}");
+            assert_eq!(null, interpret(&edit(&ev, at, None), &p), "{name} {at}");
+            assert_ne!(null, interpret(&ev, &p), "{name} {at} is read");
+        }
+
+        // A subscription without metadata names only its customer.
+        let ev = edit(&story(SUB), "/data/object/metadata", Some("null"));
+        let (t, _) = interpret(&ev, &p).unwrap();
+        assert_eq!(t, Target::Customer("cus_FKNrXbjePvoq7c".into()));
+
+        // `data.object` must be there, but there, of any type, it is an object without fields.
+        let ev = edit(&story(INVOICE), "/data/object", Some("null"));
+        let (t, c) = interpret(&ev, &p).unwrap();
+        assert_eq!(t, Target::None);
+        assert!(
+            matches!(c, StripeChange::Invoice { payment: Some(true), ref summary } if summary.id.is_none() && summary.amount_paid == 0),
+            "{c:?}"
+        );
+        for object in ["null", "5", r#"["sub_1"]"#] {
+            let ev = edit(&story(SUB), "/data/object", Some(object));
+            assert_eq!(interpret(&ev, &p), Err("subscription without `id`".into()));
+        }
+    }
+
+    /// Any part of the story's events, `null` or of a type no part has (a fraction), reads as if
+    /// it were not there: no field of the structs above fails its object.
+    #[test]
+    fn every_part_of_the_story_of_another_type_reads_as_absent() {
+        let p = prices();
+        for name in story_names() {
+            let ev = story(&name);
+            let mut parts = Vec::new();
+            members(&ev, "", &mut parts);
+            for at in parts {
+                if at == "/data/object" || at == "/created" {
+                    continue; // Read (and tested) apart.
+                }
+                let absent = interpret(&edit(&ev, &at, None), &p);
+                for wrong in ["null", "1.5"] {
+                    let read = interpret(&edit(&ev, &at, Some(wrong)), &p);
+                    assert_eq!(read, absent, "{name} {at}: {wrong}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_optional_field_of_another_type_reads_as_absent() {
+        let p = prices();
+        for (name, at, wrong) in [
+            (SUB, "/data/object/customer", "42"),
+            (SUB, "/data/object/metadata", r#"["acct_acme"]"#),
+            (
+                SUB,
+                "/data/object/metadata/meterd_account_id",
+                r#"{"id": "acct_acme"}"#,
+            ),
+            (SUB, "/data/object/items", r#"[{"object": "list"}]"#),
+            (SUB, "/data/object/items/data", r#"{"0": {}}"#),
+            (SUB, "/data/object/items/data/0/quantity", r#""3""#),
+            (SUB, "/data/object/items/data/0/quantity", "3.0"),
+            (SUB, "/data/object/items/data/0/price", "7"),
+            (
+                SUB,
+                "/data/object/items/data/1/price/recurring/meter",
+                "true",
+            ),
+            (SUB, "/data/object/trial_end", r#""soon""#),
+            (SUB, "/data/object/status", r#"{"active": true}"#),
+            (SUB, "/data/object/created", "18446744073709551615"),
+            (INVOICE, "/data/object/amount_paid", "60.5"),
+            (INVOICE, "/data/object/attempt_count", "-1"),
+            (
+                INVOICE,
+                "/data/object/status_transitions/paid_at",
+                r#""now""#,
+            ),
+            (
+                INVOICE,
+                "/data/object/parent/subscription_details/subscription",
+                r#"["sub_1"]"#,
+            ),
+            (UPCOMING, "/data/object/lines/data", r#""six lines""#),
+            (CUSTOMER, "/data/object/email", "false"),
+            (CUSTOMER, "/data/object/delinquent", r#""true""#),
+            (
+                CUSTOMER,
+                "/data/object/invoice_settings/default_payment_method",
+                r#"{"id": 5}"#,
+            ),
+            (TOPUP, "/data/object/amount_total", r#""5000""#),
+            (TOPUP, "/data/object/metadata/credits", "5000"),
+            (TOPUP, "/data/object/mode", "1"),
+            (ENTITLEMENTS, "/data/object/entitlements/data", "3"),
+            (
+                METER_ERRORS,
+                "/data/reason/error_types/0/sample_errors",
+                r#""many""#,
+            ),
+            (METER_ERRORS, "/data/reason/error_types/1/error_count", "-1"),
+            (METER_ERRORS, "/related_object", r#""mtr_x""#),
+        ] {
+            let ev = story(name);
+            assert!(ev.pointer(at).is_some(), "{name} has {at}");
+            let wrong = interpret(&edit(&ev, at, Some(wrong)), &p);
+            assert!(wrong.is_ok(), "{name} {at}: {wrong:?}");
+            assert_eq!(wrong, interpret(&edit(&ev, at, None), &p), "{name} {at}");
+            assert_ne!(wrong, interpret(&ev, &p), "{name} {at} is read");
+        }
+
+        // An element of a list that is not an object has nothing to read.
+        let entitlements = r#"[{"lookup_key": "sso"}, 5, null, {"lookup_key": 6, "feature": "f"}]"#;
+        let ev = edit(
+            &story(ENTITLEMENTS),
+            "/data/object/entitlements/data",
+            Some(entitlements),
+        );
+        let (_, c) = interpret(&ev, &p).unwrap();
+        assert_eq!(c, StripeChange::Features(vec!["f".into(), "sso".into()]));
+    }
+
+    #[test]
+    fn a_missing_required_part_is_the_error_naming_it() {
+        let p = prices();
+        for (ev, at, error) in [
+            (story(SUB), "/data/object/id", "subscription without `id`"),
+            (
+                story(TOPUP),
+                "/data/object/id",
+                "checkout session without `id`",
+            ),
+            (
+                story("payment_method.attached.json"),
+                "/data/object/id",
+                "payment method without `id`",
+            ),
+            (charge_refunded(), "/data/object/id", "charge without `id`"),
+            (
+                story(INVOICE),
+                "/data/object",
+                "the event has no `data.object`",
+            ),
+            (story(CUSTOMER), "/data", "the event has no `data.object`"),
+            (story(INVOICE), "/id", "the event has no `id`"),
+            (story(INVOICE), "/type", "the event has no `type`"),
+            (story(INVOICE), "/created", "the event has no `created`"),
+        ] {
+            let error = Err(error.to_owned());
+            assert_eq!(interpret(&edit(&ev, at, None), &p), error, "{at} removed");
+            if at == "/data/object" {
+                continue; // There, of any type, it is an object without fields (above).
+            }
+            // Of another type, it is missing as well.
+            for wrong in ["null", "true", r#"["x"]"#, r#"{"id": "x"}"#] {
+                assert_eq!(
+                    interpret(&edit(&ev, at, Some(wrong)), &p),
+                    error,
+                    "{at}: {wrong}"
+                );
+            }
+        }
+        for (created, error) in [
+            ("1.5", "`created` is not an integer"),
+            ("18446744073709551615", "`created` is not an integer"),
+            (r#""yesterday""#, "`created` is not an RFC 3339 time"),
+            (r#"{"seconds": 5}"#, "the event has no `created`"),
+        ] {
+            let ev = edit(&story(INVOICE), "/created", Some(created));
+            assert_eq!(interpret(&ev, &p), Err(error.into()), "{created}");
+        }
+        let ev = edit(&story(INVOICE), "/id", Some(r#""""#));
+        assert_eq!(interpret(&ev, &p), Err("the event has no `id`".into()));
+        let array = head(br#"["evt_1", "invoice.paid", 1]"#);
+        assert_eq!(array, Err("the event has no `id`".into()));
+    }
 }
