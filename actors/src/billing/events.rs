@@ -3,6 +3,9 @@
 
 use super::*;
 
+use serde::Deserialize;
+use serde::de::{DeserializeOwned, Deserializer};
+
 /// Stripe's own fields of an event, read without trusting the rest of its shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventHead {
@@ -21,25 +24,19 @@ pub fn head(raw: &[u8]) -> Result<EventHead, String> {
 }
 
 pub fn head_of(v: &Value) -> Result<EventHead, String> {
-    let id = v
-        .get("id")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty() && s.len() <= 255)
-        .ok_or("the event has no `id`")?;
-    let event_type = v
-        .get("type")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty() && s.len() <= 255)
-        .ok_or("the event has no `type`")?;
-    let thin = v.get("object").and_then(Value::as_str) == Some("v2.core.event");
-    let created_s = match v.get("created") {
-        Some(Value::Number(n)) => n.as_i64().ok_or("`created` is not an integer")?,
-        Some(Value::String(s)) => parse_rfc3339(s).ok_or("`created` is not an RFC 3339 time")?,
-        _ => return Err("the event has no `created`".into()),
+    let h: Head = lax(v);
+    let named = |s: Option<String>| s.filter(|s| !s.is_empty() && s.len() <= 255);
+    let id = named(h.id).ok_or("the event has no `id`")?;
+    let event_type = named(h.event_type).ok_or("the event has no `type`")?;
+    let thin = h.object.as_deref() == Some("v2.core.event");
+    let created_s = match h.created {
+        Some(Created::Number(n)) => n.as_i64().ok_or("`created` is not an integer")?,
+        Some(Created::Time(s)) => parse_rfc3339(&s).ok_or("`created` is not an RFC 3339 time")?,
+        None => return Err("the event has no `created`".into()),
     };
     Ok(EventHead {
-        id: id.to_owned(),
-        event_type: event_type.to_owned(),
+        id,
+        event_type,
         created_s,
         thin,
     })
@@ -162,41 +159,478 @@ pub struct PriceMap {
     pub metered: std::collections::BTreeSet<String>,
 }
 
-fn s<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
-    v.get(k).and_then(Value::as_str)
+// The parts of Stripe's events and objects meterd reads, and only those. Every field is read
+// with `lenient` (a list with `list`): absent, `null` or of another type, it is `None` or
+// empty, never an error, and fields meterd does not read are ignored, so that new API versions
+// read as the old ones did. What an event cannot do without is checked where it is used, with
+// an error that names it.
+
+/// `v` as a `T`, or `T::default()` when it has another type. Only a list reads from a JSON
+/// array ([`list`]): serde would read a struct from one too, by position.
+fn lax<T: DeserializeOwned + Default>(v: &Value) -> T {
+    if v.is_array() {
+        return T::default();
+    }
+    T::deserialize(v).unwrap_or_default()
 }
 
-fn i(v: &Value, k: &str) -> Option<i64> {
-    v.get(k).and_then(Value::as_i64)
+/// `deserialize_with` of every field: [`lax`].
+fn lenient<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(d: D) -> Result<T, D::Error> {
+    Value::deserialize(d).map(|v| lax(&v))
 }
 
-/// A reference field that may be an id or an expanded object.
-fn id_of(v: Option<&Value>) -> Option<String> {
-    match v? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("id").and_then(Value::as_str).map(str::to_owned),
-        _ => None,
+/// `deserialize_with` of a list: anything but an array is an empty one, and an element of
+/// another type than `T` reads as an empty `T`.
+fn list<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(
+    d: D,
+) -> Result<Vec<T>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Array(elements) => elements.iter().map(lax).collect(),
+        _ => Vec::new(),
+    })
+}
+
+/// `deserialize_with` of a part that must be there: present, even as `null`, it is `Some`.
+fn present<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    lenient(d).map(Some)
+}
+
+/// Stripe's own fields of an event, v1 or v2.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Head {
+    #[serde(deserialize_with = "lenient")]
+    id: Option<String>,
+    #[serde(rename = "type", deserialize_with = "lenient")]
+    event_type: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    object: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    created: Option<Created>,
+}
+
+/// Unix seconds in a v1 event, an RFC 3339 time in a v2 one.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Created {
+    Number(serde_json::Number),
+    Time(String),
+}
+
+/// A v1 event, about an `O`.
+#[derive(Default, Deserialize)]
+#[serde(default, bound = "O: DeserializeOwned + Default")]
+struct Event<O> {
+    #[serde(deserialize_with = "lenient")]
+    data: Data<O>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, bound = "O: DeserializeOwned + Default")]
+struct Data<O> {
+    /// Must be there; of another type than `O` (even `null`), it reads as an empty `O`.
+    #[serde(deserialize_with = "present")]
+    object: Option<O>,
+    /// The values the event changed.
+    #[serde(deserialize_with = "lenient")]
+    previous_attributes: Previous,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Previous {
+    #[serde(deserialize_with = "lenient")]
+    customer: Option<Expandable>,
+}
+
+/// A v1 event's `data.object` as an `O`, and the values the event changed.
+fn object_of<O: DeserializeOwned + Default>(ev: &Value) -> Result<(O, Previous), String> {
+    let Event { data } = lax::<Event<O>>(ev);
+    let object = data.object.ok_or("the event has no `data.object`")?;
+    Ok((object, data.previous_attributes))
+}
+
+/// A reference to an object: its id, or the object itself when the event expands it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Expandable<T = IdOnly> {
+    Id(String),
+    Object(T),
+}
+
+/// An object of which meterd reads only the id.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct IdOnly {
+    #[serde(deserialize_with = "lenient")]
+    id: Option<String>,
+}
+
+/// An object a reference may expand to.
+trait HasId {
+    fn id(&self) -> Option<&str>;
+}
+
+impl HasId for IdOnly {
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
     }
 }
 
-fn meta<'a>(obj: &'a Value, k: &str) -> Option<&'a str> {
-    obj.get("metadata")
-        .and_then(|m| m.get(k))
-        .and_then(Value::as_str)
+/// The id of the object a reference names, if it names one.
+fn id_of<T: HasId>(reference: &Option<Expandable<T>>) -> Option<String> {
+    match reference.as_ref()? {
+        Expandable::Id(id) => Some(id.clone()),
+        Expandable::Object(o) => o.id().map(str::to_owned),
+    }
 }
 
-fn account_from(obj: &Value, keys: &[&str]) -> Option<AccountId> {
-    for k in keys {
-        let v = if *k == "client_reference_id" {
-            s(obj, k)
-        } else {
-            meta(obj, k)
-        };
-        if let Some(id) = v.and_then(|x| AccountId::parse(x).ok()) {
-            return Some(id);
-        }
+/// A Stripe list: `{"object": "list", "data": [...]}`.
+#[derive(Default, Deserialize)]
+#[serde(default, bound = "T: DeserializeOwned + Default")]
+struct List<T> {
+    #[serde(deserialize_with = "list")]
+    data: Vec<T>,
+}
+
+/// The metadata meterd sets on what it creates in Stripe.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Metadata {
+    #[serde(deserialize_with = "lenient")]
+    meterd_account_id: Option<String>,
+    /// `topup` on a checkout session that buys credits.
+    #[serde(rename = "type", deserialize_with = "lenient")]
+    kind: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    package: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    credits: Option<String>,
+}
+
+impl Metadata {
+    fn account(&self) -> Option<AccountId> {
+        account(self.meterd_account_id.as_deref())
     }
-    None
+}
+
+fn account(id: Option<&str>) -> Option<AccountId> {
+    id.and_then(|a| AccountId::parse(a).ok())
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct CheckoutSession {
+    #[serde(deserialize_with = "lenient")]
+    id: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    customer: Option<Expandable>,
+    #[serde(deserialize_with = "lenient")]
+    client_reference_id: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    metadata: Metadata,
+    #[serde(deserialize_with = "lenient")]
+    mode: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    payment_status: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    amount_total: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    currency: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    subscription: Option<Expandable>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Subscription {
+    #[serde(deserialize_with = "lenient")]
+    id: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    customer: Option<Expandable>,
+    #[serde(deserialize_with = "lenient")]
+    metadata: Metadata,
+    #[serde(deserialize_with = "lenient")]
+    status: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    items: List<SubscriptionItem>,
+    /// Older API versions keep the period on the subscription, newer ones on its items.
+    #[serde(deserialize_with = "lenient")]
+    current_period_start: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    current_period_end: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    trial_end: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    cancel_at_period_end: Option<bool>,
+    #[serde(deserialize_with = "lenient")]
+    canceled_at: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    ended_at: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    created: Option<i64>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct SubscriptionItem {
+    #[serde(deserialize_with = "lenient")]
+    id: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    price: Option<Expandable<Price>>,
+    #[serde(deserialize_with = "lenient")]
+    quantity: Option<u64>,
+    #[serde(deserialize_with = "lenient")]
+    current_period_start: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    current_period_end: Option<i64>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Price {
+    #[serde(deserialize_with = "lenient")]
+    id: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    recurring: Recurring,
+}
+
+impl HasId for Price {
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Recurring {
+    #[serde(deserialize_with = "lenient")]
+    meter: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    usage_type: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Invoice {
+    /// `None` for an upcoming invoice.
+    #[serde(deserialize_with = "lenient")]
+    id: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    customer: Option<Expandable>,
+    #[serde(deserialize_with = "lenient")]
+    metadata: Metadata,
+    /// Where newer API versions put the subscription.
+    #[serde(deserialize_with = "lenient")]
+    parent: InvoiceParent,
+    /// Where older API versions put it.
+    #[serde(deserialize_with = "lenient")]
+    subscription: Option<Expandable>,
+    #[serde(deserialize_with = "lenient")]
+    lines: List<InvoiceLine>,
+    #[serde(deserialize_with = "lenient")]
+    number: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    status: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    billing_reason: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    currency: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    amount_due: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    amount_paid: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    amount_remaining: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    total: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    hosted_invoice_url: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    period_start: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    period_end: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    created: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    attempt_count: Option<u64>,
+    #[serde(deserialize_with = "lenient")]
+    next_payment_attempt: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    status_transitions: StatusTransitions,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct InvoiceParent {
+    #[serde(deserialize_with = "lenient")]
+    subscription_details: SubscriptionDetails,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct SubscriptionDetails {
+    /// The subscription's metadata.
+    #[serde(deserialize_with = "lenient")]
+    metadata: Metadata,
+    #[serde(deserialize_with = "lenient")]
+    subscription: Option<Expandable>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct StatusTransitions {
+    #[serde(deserialize_with = "lenient")]
+    paid_at: Option<i64>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct InvoiceLine {
+    #[serde(deserialize_with = "lenient")]
+    amount: Option<i64>,
+    /// Where newer API versions put the price.
+    #[serde(deserialize_with = "lenient")]
+    pricing: LinePricing,
+    /// Where older API versions put it.
+    #[serde(deserialize_with = "lenient")]
+    price: Option<Expandable>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct LinePricing {
+    #[serde(deserialize_with = "lenient")]
+    price_details: PriceDetails,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct PriceDetails {
+    #[serde(deserialize_with = "lenient")]
+    price: Option<Expandable>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Customer {
+    #[serde(deserialize_with = "lenient")]
+    id: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    metadata: Metadata,
+    #[serde(deserialize_with = "lenient")]
+    email: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    delinquent: Option<bool>,
+    #[serde(deserialize_with = "lenient")]
+    invoice_settings: InvoiceSettings,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct InvoiceSettings {
+    #[serde(deserialize_with = "lenient")]
+    default_payment_method: Option<Expandable>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct PaymentMethod {
+    #[serde(deserialize_with = "lenient")]
+    id: Option<String>,
+    /// `null` once detached (the event's `previous_attributes` name it then).
+    #[serde(deserialize_with = "lenient")]
+    customer: Option<Expandable>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct EntitlementSummary {
+    #[serde(deserialize_with = "lenient")]
+    customer: Option<Expandable>,
+    #[serde(deserialize_with = "lenient")]
+    entitlements: List<Entitlement>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Entitlement {
+    #[serde(deserialize_with = "lenient")]
+    lookup_key: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    feature: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Charge {
+    #[serde(deserialize_with = "lenient")]
+    id: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    customer: Option<Expandable>,
+    #[serde(deserialize_with = "lenient")]
+    metadata: Metadata,
+    #[serde(deserialize_with = "lenient")]
+    amount_refunded: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    currency: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    payment_intent: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    invoice: Option<String>,
+}
+
+/// A v2 `v1.billing.meter.error_report_triggered` event (fetched in full).
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct MeterErrorEvent {
+    #[serde(deserialize_with = "lenient")]
+    data: MeterErrorData,
+    /// The meter.
+    #[serde(deserialize_with = "lenient")]
+    related_object: IdOnly,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct MeterErrorData {
+    #[serde(deserialize_with = "lenient")]
+    reason: MeterErrorReason,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct MeterErrorReason {
+    #[serde(deserialize_with = "list")]
+    error_types: Vec<MeterErrorType>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct MeterErrorType {
+    #[serde(deserialize_with = "lenient")]
+    code: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    error_count: Option<u64>,
+    #[serde(deserialize_with = "list")]
+    sample_errors: Vec<MeterErrorSample>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct MeterErrorSample {
+    #[serde(deserialize_with = "lenient")]
+    request: MeterEventRequest,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct MeterEventRequest {
+    /// The meter event's identifier (see [`crate::identifier`]).
+    #[serde(deserialize_with = "lenient")]
+    identifier: Option<String>,
 }
 
 fn target(account: Option<AccountId>, customer: Option<String>) -> Target {
@@ -233,7 +667,7 @@ pub const HANDLED_TYPES: &[&str] = &[
 pub fn interpret(ev: &Value, prices: &PriceMap) -> Result<(Target, StripeChange), String> {
     let h = head_of(ev)?;
     if h.event_type == "v1.billing.meter.error_report_triggered" {
-        return Ok(meter_errors(ev));
+        return Ok(meter_errors(lax(ev)));
     }
     if !HANDLED_TYPES.contains(&h.event_type.as_str()) {
         return Ok((
@@ -241,18 +675,16 @@ pub fn interpret(ev: &Value, prices: &PriceMap) -> Result<(Target, StripeChange)
             StripeChange::Ignore(format!("event type `{}` is not handled", h.event_type)),
         ));
     }
-    let obj = ev
-        .get("data")
-        .and_then(|d| d.get("object"))
-        .ok_or("the event has no `data.object`")?;
-    let customer = id_of(obj.get("customer"));
     Ok(match h.event_type.as_str() {
         "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
-            let account = account_from(obj, &["client_reference_id", "meterd_account_id"]);
-            let session = s(obj, "id").ok_or("checkout session without `id`")?;
-            let paid = s(obj, "payment_status") != Some("unpaid");
-            match s(obj, "mode") {
-                Some("payment") if meta(obj, "type") == Some("topup") => {
+            let (o, _) = object_of::<CheckoutSession>(ev)?;
+            let customer = id_of(&o.customer);
+            let account =
+                account(o.client_reference_id.as_deref()).or_else(|| o.metadata.account());
+            let session = o.id.ok_or("checkout session without `id`")?;
+            let paid = o.payment_status.as_deref() != Some("unpaid");
+            match o.mode.as_deref() {
+                Some("payment") if o.metadata.kind.as_deref() == Some("topup") => {
                     if !paid {
                         (
                             target(account, customer),
@@ -262,11 +694,11 @@ pub fn interpret(ev: &Value, prices: &PriceMap) -> Result<(Target, StripeChange)
                         (
                             target(account, customer),
                             StripeChange::TopUp {
-                                session_id: session.to_owned(),
-                                package: meta(obj, "package").map(str::to_owned),
-                                credits: meta(obj, "credits").and_then(|c| c.parse().ok()),
-                                amount: i(obj, "amount_total").unwrap_or(0),
-                                currency: s(obj, "currency").unwrap_or("").to_owned(),
+                                session_id: session,
+                                package: o.metadata.package,
+                                credits: o.metadata.credits.and_then(|c| c.parse().ok()),
+                                amount: o.amount_total.unwrap_or(0),
+                                currency: o.currency.unwrap_or_default(),
                             },
                         )
                     }
@@ -275,7 +707,7 @@ pub fn interpret(ev: &Value, prices: &PriceMap) -> Result<(Target, StripeChange)
                     target(account, customer.clone()),
                     StripeChange::Linked {
                         customer,
-                        subscription: id_of(obj.get("subscription")),
+                        subscription: id_of(&o.subscription),
                     },
                 ),
                 _ => (
@@ -287,14 +719,16 @@ pub fn interpret(ev: &Value, prices: &PriceMap) -> Result<(Target, StripeChange)
         "customer.subscription.created"
         | "customer.subscription.updated"
         | "customer.subscription.deleted" => {
-            let info = subscription_info(obj, prices)?;
+            let (o, _) = object_of::<Subscription>(ev)?;
+            let (account, customer) = (o.metadata.account(), id_of(&o.customer));
+            let info = subscription_info(o, prices)?;
             let rank = match h.event_type.as_str() {
                 "customer.subscription.created" => 0,
                 "customer.subscription.updated" => 1,
                 _ => 2,
             };
             (
-                target(account_from(obj, &["meterd_account_id"]), customer),
+                target(account, customer),
                 StripeChange::Subscription {
                     info,
                     deleted: rank == 2,
@@ -302,102 +736,92 @@ pub fn interpret(ev: &Value, prices: &PriceMap) -> Result<(Target, StripeChange)
                 },
             )
         }
-        "customer.subscription.trial_will_end" => (
-            target(account_from(obj, &["meterd_account_id"]), customer),
-            StripeChange::TrialWillEnd {
-                subscription: s(obj, "id").unwrap_or("").to_owned(),
-                trial_end_s: i(obj, "trial_end"),
-            },
-        ),
+        "customer.subscription.trial_will_end" => {
+            let (o, _) = object_of::<Subscription>(ev)?;
+            (
+                target(o.metadata.account(), id_of(&o.customer)),
+                StripeChange::TrialWillEnd {
+                    subscription: o.id.unwrap_or_default(),
+                    trial_end_s: o.trial_end,
+                },
+            )
+        }
         "invoice.created"
         | "invoice.finalized"
         | "invoice.upcoming"
         | "invoice.paid"
         | "invoice.payment_succeeded"
         | "invoice.payment_failed" => {
-            let summary = invoice_summary(obj, prices, h.created_s);
+            let (o, _) = object_of::<Invoice>(ev)?;
             let payment = match h.event_type.as_str() {
                 "invoice.paid" | "invoice.payment_succeeded" => Some(true),
                 "invoice.payment_failed" => Some(false),
                 _ => None,
             };
-            let account = obj
-                .get("parent")
-                .and_then(|p| p.get("subscription_details"))
-                .and_then(|d| d.get("metadata"))
-                .and_then(|m| m.get("meterd_account_id"))
-                .and_then(Value::as_str)
-                .and_then(|a| AccountId::parse(a).ok())
-                .or_else(|| account_from(obj, &["meterd_account_id"]));
+            let account = o
+                .parent
+                .subscription_details
+                .metadata
+                .account()
+                .or_else(|| o.metadata.account());
+            let customer = id_of(&o.customer);
+            let summary = invoice_summary(o, prices, h.created_s);
             (
                 target(account, customer),
                 StripeChange::Invoice { summary, payment },
             )
         }
-        "customer.updated" => (
-            target(
-                account_from(obj, &["meterd_account_id"]),
-                s(obj, "id").map(str::to_owned),
-            ),
-            StripeChange::Customer {
-                email: s(obj, "email").map(str::to_owned),
-                delinquent: obj
-                    .get("delinquent")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-                default_payment_method: obj
-                    .get("invoice_settings")
-                    .and_then(|x| id_of(x.get("default_payment_method"))),
-            },
-        ),
+        "customer.updated" => {
+            let (o, _) = object_of::<Customer>(ev)?;
+            (
+                target(o.metadata.account(), o.id),
+                StripeChange::Customer {
+                    email: o.email,
+                    delinquent: o.delinquent.unwrap_or(false),
+                    default_payment_method: id_of(&o.invoice_settings.default_payment_method),
+                },
+            )
+        }
         "payment_method.attached" | "payment_method.detached" => {
             let attached = h.event_type == "payment_method.attached";
+            let (o, previous) = object_of::<PaymentMethod>(ev)?;
             // A detached method has `customer: null`; the customer is in the previous values.
-            let customer = customer.or_else(|| {
-                ev.get("data")
-                    .and_then(|d| d.get("previous_attributes"))
-                    .and_then(|p| id_of(p.get("customer")))
-            });
+            let customer = id_of(&o.customer).or_else(|| id_of(&previous.customer));
             (
                 target(None, customer),
                 StripeChange::PaymentMethod {
-                    id: s(obj, "id")
-                        .ok_or("payment method without `id`")?
-                        .to_owned(),
+                    id: o.id.ok_or("payment method without `id`")?,
                     attached,
                 },
             )
         }
         "entitlements.active_entitlement_summary.updated" => {
-            let mut features: Vec<String> = obj
-                .get("entitlements")
-                .and_then(|e| e.get("data"))
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|e| {
-                            s(e, "lookup_key")
-                                .or_else(|| s(e, "feature"))
-                                .map(str::to_owned)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let (o, _) = object_of::<EntitlementSummary>(ev)?;
+            let mut features: Vec<String> = o
+                .entitlements
+                .data
+                .into_iter()
+                .filter_map(|e| e.lookup_key.or(e.feature))
+                .collect();
             features.sort();
             features.dedup();
-            (target(None, customer), StripeChange::Features(features))
+            (
+                target(None, id_of(&o.customer)),
+                StripeChange::Features(features),
+            )
         }
-        "charge.refunded" => (
-            target(account_from(obj, &["meterd_account_id"]), customer),
-            StripeChange::Refund {
-                charge: s(obj, "id").ok_or("charge without `id`")?.to_owned(),
-                amount: i(obj, "amount_refunded").unwrap_or(0),
-                currency: s(obj, "currency").unwrap_or("").to_owned(),
-                reference: s(obj, "payment_intent")
-                    .or_else(|| s(obj, "invoice"))
-                    .map(str::to_owned),
-            },
-        ),
+        "charge.refunded" => {
+            let (o, _) = object_of::<Charge>(ev)?;
+            (
+                target(o.metadata.account(), id_of(&o.customer)),
+                StripeChange::Refund {
+                    charge: o.id.ok_or("charge without `id`")?,
+                    amount: o.amount_refunded.unwrap_or(0),
+                    currency: o.currency.unwrap_or_default(),
+                    reference: o.payment_intent.or(o.invoice),
+                },
+            )
+        }
         other => (
             Target::None,
             StripeChange::Ignore(format!("event type `{other}` is not handled")),
@@ -405,40 +829,33 @@ pub fn interpret(ev: &Value, prices: &PriceMap) -> Result<(Target, StripeChange)
     })
 }
 
-fn subscription_info(obj: &Value, prices: &PriceMap) -> Result<SubscriptionInfo, String> {
-    let id = s(obj, "id").ok_or("subscription without `id`")?.to_owned();
+fn subscription_info(sub: Subscription, prices: &PriceMap) -> Result<SubscriptionInfo, String> {
+    let id = sub.id.ok_or("subscription without `id`")?;
     let mut items = Vec::new();
     let mut period = None;
-    for it in obj
-        .get("items")
-        .and_then(|x| x.get("data"))
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let price_obj = it.get("price");
-        let price = id_of(price_obj).unwrap_or_default();
-        let recurring = price_obj.and_then(|p| p.get("recurring"));
-        let meter = recurring.and_then(|r| s(r, "meter")).map(str::to_owned);
-        let usage_type = recurring
-            .and_then(|r| s(r, "usage_type"))
-            .map(str::to_owned)
-            .unwrap_or_else(|| {
-                if meter.is_some() || prices.metered.contains(&price) {
-                    "metered".into()
-                } else {
-                    "licensed".into()
-                }
-            });
+    for it in sub.items.data {
+        let price = id_of(&it.price).unwrap_or_default();
+        let recurring = match it.price {
+            Some(Expandable::Object(p)) => p.recurring,
+            _ => Recurring::default(),
+        };
+        let meter = recurring.meter;
+        let usage_type = recurring.usage_type.unwrap_or_else(|| {
+            if meter.is_some() || prices.metered.contains(&price) {
+                "metered".into()
+            } else {
+                "licensed".into()
+            }
+        });
         if period.is_none()
-            && let (Some(a), Some(b)) = (i(it, "current_period_start"), i(it, "current_period_end"))
+            && let (Some(a), Some(b)) = (it.current_period_start, it.current_period_end)
         {
             period = Some((a, b));
         }
         items.push(SubItem {
-            id: s(it, "id").unwrap_or("").to_owned(),
+            id: it.id.unwrap_or_default(),
             plan: prices.plans.get(&price).cloned(),
-            quantity: it.get("quantity").and_then(Value::as_u64),
+            quantity: it.quantity,
             price,
             usage_type,
             meter,
@@ -446,7 +863,7 @@ fn subscription_info(obj: &Value, prices: &PriceMap) -> Result<SubscriptionInfo,
     }
     // Older API versions keep the period on the subscription itself.
     if period.is_none()
-        && let (Some(a), Some(b)) = (i(obj, "current_period_start"), i(obj, "current_period_end"))
+        && let (Some(a), Some(b)) = (sub.current_period_start, sub.current_period_end)
     {
         period = Some((a, b));
     }
@@ -455,116 +872,84 @@ fn subscription_info(obj: &Value, prices: &PriceMap) -> Result<SubscriptionInfo,
         .and_then(|x| x.plan.clone())
         .or_else(|| items.iter().find_map(|x| x.plan.clone()));
     Ok(SubscriptionInfo {
-        customer: id_of(obj.get("customer")),
-        status: s(obj, "status").unwrap_or("active").to_owned(),
+        customer: id_of(&sub.customer),
+        status: sub.status.unwrap_or_else(|| "active".into()),
         plan,
         seats: licensed.and_then(|x| x.quantity),
         items,
         period,
-        trial_end_s: i(obj, "trial_end"),
-        cancel_at_period_end: obj
-            .get("cancel_at_period_end")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        canceled_at_s: i(obj, "canceled_at"),
-        ended_at_s: i(obj, "ended_at"),
-        created_s: i(obj, "created").unwrap_or(0),
+        trial_end_s: sub.trial_end,
+        cancel_at_period_end: sub.cancel_at_period_end.unwrap_or(false),
+        canceled_at_s: sub.canceled_at,
+        ended_at_s: sub.ended_at,
+        created_s: sub.created.unwrap_or(0),
         id,
     })
 }
 
-fn invoice_summary(obj: &Value, prices: &PriceMap, event_created_s: i64) -> InvoiceSummary {
+fn invoice_summary(inv: Invoice, prices: &PriceMap, event_created_s: i64) -> InvoiceSummary {
     let mut metered = 0i64;
-    for line in obj
-        .get("lines")
-        .and_then(|l| l.get("data"))
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let price = line
-            .get("pricing")
-            .and_then(|p| p.get("price_details"))
-            .and_then(|d| id_of(d.get("price")))
-            .or_else(|| id_of(line.get("price")));
+    for line in &inv.lines.data {
+        let price = id_of(&line.pricing.price_details.price).or_else(|| id_of(&line.price));
         if price.is_some_and(|p| prices.metered.contains(&p)) {
-            metered = metered.saturating_add(i(line, "amount").unwrap_or(0));
+            metered = metered.saturating_add(line.amount.unwrap_or(0));
         }
     }
     InvoiceSummary {
-        id: s(obj, "id").map(str::to_owned),
-        number: s(obj, "number").map(str::to_owned),
-        status: s(obj, "status").map(str::to_owned),
-        billing_reason: s(obj, "billing_reason").map(str::to_owned),
-        currency: s(obj, "currency").unwrap_or("").to_owned(),
-        amount_due: i(obj, "amount_due").unwrap_or(0),
-        amount_paid: i(obj, "amount_paid").unwrap_or(0),
-        amount_remaining: i(obj, "amount_remaining").unwrap_or(0),
-        total: i(obj, "total").unwrap_or(0),
+        id: inv.id,
+        number: inv.number,
+        status: inv.status,
+        billing_reason: inv.billing_reason,
+        currency: inv.currency.unwrap_or_default(),
+        amount_due: inv.amount_due.unwrap_or(0),
+        amount_paid: inv.amount_paid.unwrap_or(0),
+        amount_remaining: inv.amount_remaining.unwrap_or(0),
+        total: inv.total.unwrap_or(0),
         metered_amount: metered,
-        hosted_invoice_url: s(obj, "hosted_invoice_url").map(str::to_owned),
-        period_start_s: i(obj, "period_start"),
-        period_end_s: i(obj, "period_end"),
-        created_s: i(obj, "created"),
-        attempt_count: obj
-            .get("attempt_count")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-        next_payment_attempt_s: i(obj, "next_payment_attempt"),
-        paid_at_s: obj.get("status_transitions").and_then(|t| i(t, "paid_at")),
-        subscription: obj
-            .get("parent")
-            .and_then(|p| p.get("subscription_details"))
-            .and_then(|d| id_of(d.get("subscription")))
-            .or_else(|| id_of(obj.get("subscription"))),
+        hosted_invoice_url: inv.hosted_invoice_url,
+        period_start_s: inv.period_start,
+        period_end_s: inv.period_end,
+        created_s: inv.created,
+        attempt_count: inv.attempt_count.unwrap_or(0),
+        next_payment_attempt_s: inv.next_payment_attempt,
+        paid_at_s: inv.status_transitions.paid_at,
+        subscription: id_of(&inv.parent.subscription_details.subscription)
+            .or_else(|| id_of(&inv.subscription)),
         event_created_s,
     }
 }
 
-fn meter_errors(ev: &Value) -> (Target, StripeChange) {
-    let data = ev.get("data");
+fn meter_errors(ev: MeterErrorEvent) -> (Target, StripeChange) {
     let mut codes = Vec::new();
     let mut idents = Vec::new();
-    for t in data
-        .and_then(|d| d.get("reason"))
-        .and_then(|r| r.get("error_types"))
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let code = s(t, "code").unwrap_or("unknown").to_owned();
-        codes.push((
-            code.clone(),
-            t.get("error_count").and_then(Value::as_u64).unwrap_or(0),
-        ));
-        for e in t
-            .get("sample_errors")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(ident) = e.get("request").and_then(|r| s(r, "identifier"))
-                && let Some(parsed) = crate::identifier::parse(ident)
+    for t in ev.data.reason.error_types {
+        let code = t.code.unwrap_or_else(|| "unknown".into());
+        codes.push((code.clone(), t.error_count.unwrap_or(0)));
+        for e in t.sample_errors {
+            if let Some(ident) = e.request.identifier
+                && let Some(parsed) = crate::identifier::parse(&ident)
             {
                 idents.push(ReportedEvent {
                     owner: parsed.owner,
                     seq: parsed.seq,
                     code: code.clone(),
-                    identifier: ident.to_owned(),
+                    identifier: ident,
                 });
             }
         }
     }
-    let meter = ev
-        .get("related_object")
-        .and_then(|r| s(r, "id"))
-        .map(str::to_owned);
     let target = if idents.is_empty() {
         Target::None
     } else {
         Target::Identifiers(idents)
     };
-    (target, StripeChange::MeterErrors { meter, codes })
+    (
+        target,
+        StripeChange::MeterErrors {
+            meter: ev.related_object.id,
+            codes,
+        },
+    )
 }
 
 /// Stripe's subscription status as meterd's (which decides access).
@@ -752,5 +1137,304 @@ mod tests {
         assert!(head(b"{}").is_err());
         assert!(head(b"not json").is_err());
         assert!(head(br#"{"id":"","type":"x","created":1}"#).is_err());
+    }
+
+    /// `ev` with the part at the JSON pointer `at` set to `to` (JSON), or removed (`None`).
+    fn edit(ev: &Value, at: &str, to: Option<&str>) -> Value {
+        let mut ev = ev.clone();
+        let (parent, key) = at.rsplit_once('/').unwrap();
+        let Some(Value::Object(parent)) = ev.pointer_mut(parent) else {
+            panic!("no object holds {at}")
+        };
+        match to {
+            Some(json) => parent.insert(key.to_owned(), serde_json::from_str(json).unwrap()),
+            None => parent.remove(key),
+        };
+        ev
+    }
+
+    const SUB: &str = "customer.subscription.created.json";
+    const INVOICE: &str = "invoice.paid.json";
+    const UPCOMING: &str = "invoice.upcoming.json";
+    const CUSTOMER: &str = "customer.updated.json";
+    const TOPUP: &str = "checkout.session.completed.payment_topup.json";
+    const ENTITLEMENTS: &str = "entitlements.active_entitlement_summary.updated.json";
+    const METER_ERRORS: &str = "billing.meter.error_report_triggered.fetched.json";
+
+    /// There is no refund in the story.
+    fn charge_refunded() -> Value {
+        serde_json::json!({
+            "id": "evt_1", "object": "event", "type": "charge.refunded", "created": 5,
+            "data": {"object": {
+                "id": "ch_1", "object": "charge", "customer": {"id": "cus_x", "object": "customer"},
+                "metadata": {"meterd_account_id": "acct_acme"}, "amount_refunded": 300,
+                "currency": "eur", "payment_intent": null, "invoice": "in_1"
+            }}
+        })
+    }
+
+    /// The events of the story.
+    fn story_names() -> Vec<String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/stripe/events");
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with('_'))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The JSON pointers of every member of every object in `v`.
+    fn members(v: &Value, at: &str, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m.iter().filter(|(k, _)| !k.contains(['/', '~'])) {
+                    out.push(format!("{at}/{k}"));
+                    members(x, &format!("{at}/{k}"), out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    members(x, &format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_api_versions_are_ignored() {
+        let p = prices();
+        let unknown = r#"{"new": [1, null, {"deeper": true}]}"#;
+        for name in story_names() {
+            let ev = story(&name);
+            let mut newer = edit(&ev, "/api_version", Some(r#""2099-01-01.future""#));
+            for at in [
+                "",
+                "/data",
+                "/data/object",
+                "/data/object/metadata",
+                "/data/object/items/data/0",
+                "/data/object/items/data/0/price",
+                "/data/object/lines/data/0",
+                "/data/object/parent/subscription_details",
+                "/data/reason/error_types/0/sample_errors/0/request",
+                "/related_object",
+            ] {
+                if ev.pointer(at).is_some_and(Value::is_object) {
+                    newer = edit(&newer, &format!("{at}/zz_unknown"), Some(unknown));
+                }
+            }
+            assert_eq!(interpret(&newer, &p), interpret(&ev, &p), "{name}");
+        }
+        let ev = charge_refunded();
+        let newer = edit(
+            &ev,
+            "/data/object/refunds",
+            Some(r#"{"data": [{"id": "re_1"}]}"#),
+        );
+        assert_eq!(interpret(&newer, &p), interpret(&ev, &p));
+    }
+
+    #[test]
+    fn null_where_an_object_is_expected_reads_as_absent() {
+        let p = prices();
+        for (name, at) in [
+            (SUB, "/data/object/metadata"),
+            (SUB, "/data/object/items"),
+            (SUB, "/data/object/items/data/1/price"),
+            (SUB, "/data/object/items/data/1/price/recurring"),
+            (INVOICE, "/data/object/parent"),
+            (INVOICE, "/data/object/parent/subscription_details"),
+            (INVOICE, "/data/object/status_transitions"),
+            (UPCOMING, "/data/object/lines"),
+            (UPCOMING, "/data/object/lines/data/5/pricing"),
+            (CUSTOMER, "/data/object/invoice_settings"),
+            (TOPUP, "/data/object/metadata"),
+            (TOPUP, "/data/object/customer"),
+            ("payment_method.detached.json", "/data/previous_attributes"),
+            (ENTITLEMENTS, "/data/object/entitlements"),
+            (METER_ERRORS, "/data/reason"),
+            (METER_ERRORS, "/related_object"),
+        ] {
+            let ev = story(name);
+            assert!(ev.pointer(at).is_some(), "{name} has {at}");
+            let null = interpret(&edit(&ev, at, Some("null")), &p);
+            assert!(null.is_ok(), "{name} {at}: {null:?}");
+            assert_eq!(null, interpret(&edit(&ev, at, None), &p), "{name} {at}");
+            assert_ne!(null, interpret(&ev, &p), "{name} {at} is read");
+        }
+
+        // A subscription without metadata names only its customer.
+        let ev = edit(&story(SUB), "/data/object/metadata", Some("null"));
+        let (t, _) = interpret(&ev, &p).unwrap();
+        assert_eq!(t, Target::Customer("cus_FKNrXbjePvoq7c".into()));
+
+        // `data.object` must be there, but there, of any type, it is an object without fields.
+        let ev = edit(&story(INVOICE), "/data/object", Some("null"));
+        let (t, c) = interpret(&ev, &p).unwrap();
+        assert_eq!(t, Target::None);
+        assert!(
+            matches!(c, StripeChange::Invoice { payment: Some(true), ref summary } if summary.id.is_none() && summary.amount_paid == 0),
+            "{c:?}"
+        );
+        for object in ["null", "5", r#"["sub_1"]"#] {
+            let ev = edit(&story(SUB), "/data/object", Some(object));
+            assert_eq!(interpret(&ev, &p), Err("subscription without `id`".into()));
+        }
+    }
+
+    /// Any part of the story's events, `null` or of a type no part has (a fraction), reads as if
+    /// it were not there: no field of the structs above fails its object.
+    #[test]
+    fn every_part_of_the_story_of_another_type_reads_as_absent() {
+        let p = prices();
+        for name in story_names() {
+            let ev = story(&name);
+            let mut parts = Vec::new();
+            members(&ev, "", &mut parts);
+            for at in parts {
+                if at == "/data/object" || at == "/created" {
+                    continue; // Read (and tested) apart.
+                }
+                let absent = interpret(&edit(&ev, &at, None), &p);
+                for wrong in ["null", "1.5"] {
+                    let read = interpret(&edit(&ev, &at, Some(wrong)), &p);
+                    assert_eq!(read, absent, "{name} {at}: {wrong}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_optional_field_of_another_type_reads_as_absent() {
+        let p = prices();
+        for (name, at, wrong) in [
+            (SUB, "/data/object/customer", "42"),
+            (SUB, "/data/object/metadata", r#"["acct_acme"]"#),
+            (
+                SUB,
+                "/data/object/metadata/meterd_account_id",
+                r#"{"id": "acct_acme"}"#,
+            ),
+            (SUB, "/data/object/items", r#"[{"object": "list"}]"#),
+            (SUB, "/data/object/items/data", r#"{"0": {}}"#),
+            (SUB, "/data/object/items/data/0/quantity", r#""3""#),
+            (SUB, "/data/object/items/data/0/quantity", "3.0"),
+            (SUB, "/data/object/items/data/0/price", "7"),
+            (
+                SUB,
+                "/data/object/items/data/1/price/recurring/meter",
+                "true",
+            ),
+            (SUB, "/data/object/trial_end", r#""soon""#),
+            (SUB, "/data/object/status", r#"{"active": true}"#),
+            (SUB, "/data/object/created", "18446744073709551615"),
+            (INVOICE, "/data/object/amount_paid", "60.5"),
+            (INVOICE, "/data/object/attempt_count", "-1"),
+            (
+                INVOICE,
+                "/data/object/status_transitions/paid_at",
+                r#""now""#,
+            ),
+            (
+                INVOICE,
+                "/data/object/parent/subscription_details/subscription",
+                r#"["sub_1"]"#,
+            ),
+            (UPCOMING, "/data/object/lines/data", r#""six lines""#),
+            (CUSTOMER, "/data/object/email", "false"),
+            (CUSTOMER, "/data/object/delinquent", r#""true""#),
+            (
+                CUSTOMER,
+                "/data/object/invoice_settings/default_payment_method",
+                r#"{"id": 5}"#,
+            ),
+            (TOPUP, "/data/object/amount_total", r#""5000""#),
+            (TOPUP, "/data/object/metadata/credits", "5000"),
+            (TOPUP, "/data/object/mode", "1"),
+            (ENTITLEMENTS, "/data/object/entitlements/data", "3"),
+            (
+                METER_ERRORS,
+                "/data/reason/error_types/0/sample_errors",
+                r#""many""#,
+            ),
+            (METER_ERRORS, "/data/reason/error_types/1/error_count", "-1"),
+            (METER_ERRORS, "/related_object", r#""mtr_x""#),
+        ] {
+            let ev = story(name);
+            assert!(ev.pointer(at).is_some(), "{name} has {at}");
+            let wrong = interpret(&edit(&ev, at, Some(wrong)), &p);
+            assert!(wrong.is_ok(), "{name} {at}: {wrong:?}");
+            assert_eq!(wrong, interpret(&edit(&ev, at, None), &p), "{name} {at}");
+            assert_ne!(wrong, interpret(&ev, &p), "{name} {at} is read");
+        }
+
+        // An element of a list that is not an object has nothing to read.
+        let entitlements = r#"[{"lookup_key": "sso"}, 5, null, {"lookup_key": 6, "feature": "f"}]"#;
+        let ev = edit(
+            &story(ENTITLEMENTS),
+            "/data/object/entitlements/data",
+            Some(entitlements),
+        );
+        let (_, c) = interpret(&ev, &p).unwrap();
+        assert_eq!(c, StripeChange::Features(vec!["f".into(), "sso".into()]));
+    }
+
+    #[test]
+    fn a_missing_required_part_is_the_error_naming_it() {
+        let p = prices();
+        for (ev, at, error) in [
+            (story(SUB), "/data/object/id", "subscription without `id`"),
+            (
+                story(TOPUP),
+                "/data/object/id",
+                "checkout session without `id`",
+            ),
+            (
+                story("payment_method.attached.json"),
+                "/data/object/id",
+                "payment method without `id`",
+            ),
+            (charge_refunded(), "/data/object/id", "charge without `id`"),
+            (
+                story(INVOICE),
+                "/data/object",
+                "the event has no `data.object`",
+            ),
+            (story(CUSTOMER), "/data", "the event has no `data.object`"),
+            (story(INVOICE), "/id", "the event has no `id`"),
+            (story(INVOICE), "/type", "the event has no `type`"),
+            (story(INVOICE), "/created", "the event has no `created`"),
+        ] {
+            let error = Err(error.to_owned());
+            assert_eq!(interpret(&edit(&ev, at, None), &p), error, "{at} removed");
+            if at == "/data/object" {
+                continue; // There, of any type, it is an object without fields (above).
+            }
+            // Of another type, it is missing as well.
+            for wrong in ["null", "true", r#"["x"]"#, r#"{"id": "x"}"#] {
+                assert_eq!(
+                    interpret(&edit(&ev, at, Some(wrong)), &p),
+                    error,
+                    "{at}: {wrong}"
+                );
+            }
+        }
+        for (created, error) in [
+            ("1.5", "`created` is not an integer"),
+            ("18446744073709551615", "`created` is not an integer"),
+            (r#""yesterday""#, "`created` is not an RFC 3339 time"),
+            (r#"{"seconds": 5}"#, "the event has no `created`"),
+        ] {
+            let ev = edit(&story(INVOICE), "/created", Some(created));
+            assert_eq!(interpret(&ev, &p), Err(error.into()), "{created}");
+        }
+        let ev = edit(&story(INVOICE), "/id", Some(r#""""#));
+        assert_eq!(interpret(&ev, &p), Err("the event has no `id`".into()));
+        let array = head(br#"["evt_1", "invoice.paid", 1]"#);
+        assert_eq!(array, Err("the event has no `id`".into()));
     }
 }
