@@ -12,10 +12,10 @@ use meterd_actors::account::{
     Accounts, ConsumeCmd, ConsumeReply, CreditCmd, GrantInput, ReserveCmd, TopUpCmd, UpsertCmd,
 };
 use meterd_actors::ledger::{ConsumeRecord, CreditCategory};
-use meterd_actors::model::format_rfc3339;
 use meterd_actors::model::{DenyCode, Outcome};
 use meterd_actors::model::{IdempotencyKey, Metadata, SpendCap, SpendCapAction};
 use meterd_actors::model::{MeterOverride, OverageOverride, SubscriptionStatus};
+use meterd_actors::model::{format_rfc3339, parse_rfc3339};
 use meterd_actors::store::Store;
 
 use super::auth::ApiKeyAuth;

@@ -14,14 +14,14 @@ use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use meterd_actors::account::{AccountError, AccountView, Accounts};
 use meterd_actors::ledger::EntryKind;
 use meterd_actors::model::Outcome;
-use meterd_actors::model::{AccountId, Period, UnixMs, format_rfc3339};
+use meterd_actors::model::{AccountId, Period, UnixMs, format_rfc3339, parse_rfc3339};
 use meterd_actors::plan::plan_pricing;
 use meterd_actors::pricing::period_cost;
 use meterd_actors::store::Store;
 
 use super::auth::ApiKeyAuth;
 use super::error::{ApiError, account_id};
-use super::views::{account_result, parse_rfc3339};
+use super::views::account_result;
 
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;

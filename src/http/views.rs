@@ -185,54 +185,6 @@ pub struct CreditsPage {
     pub grants: Vec<GrantView>,
 }
 
-/// Parses an RFC 3339 UTC timestamp such as `2026-12-01T00:00:00Z` (fractional seconds
-/// allowed; only `Z` or `+00:00` offsets).
-pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<u32>().ok();
-    let (y, mo, d, h, mi, se) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    if !(1..=12).contains(&mo) || d == 0 || d > 31 || h > 23 || mi > 59 || se > 59 {
-        return None;
-    }
-    let mut rest = &s[19..];
-    let mut ms = 0i64;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let f = &frac[..digits];
-        let padded = format!("{:0<3}", &f[..digits.min(3)]);
-        ms = padded.parse().ok()?;
-        rest = &frac[digits..];
-    }
-    if rest != "Z" && rest != "z" && rest != "+00:00" {
-        return None;
-    }
-    let days = meterd_actors::model::days_from_civil(i64::from(y), mo, d);
-    // Reject dates such as February 30 that do not round-trip.
-    if meterd_actors::model::civil_from_days(days) != (i64::from(y), mo, d) {
-        return None;
-    }
-    Some(days * 86_400_000 + i64::from(h * 3600 + mi * 60 + se) * 1000 + ms)
-}
-
 /// `POST /v1/accounts/{id}/reservations`.
 #[derive(Debug, Object, Deserialize)]
 #[serde(deny_unknown_fields)]
