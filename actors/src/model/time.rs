@@ -1,6 +1,9 @@
-//! Time helpers shared by the core and the daemon: RFC 3339 (through `jiff`).
+//! Time helpers shared by the core and the daemon: RFC 3339 (through `jiff`) and retry backoff.
+
+use std::time::Duration;
 
 use jiff::Timestamp;
+use rand::Rng;
 
 use super::UnixMs;
 
@@ -38,6 +41,16 @@ pub fn parse_rfc3339(s: &str) -> Option<UnixMs> {
 pub fn format_rfc3339(ms: UnixMs) -> String {
     let ts = Timestamp::from_millisecond(ms.max(RFC3339_MIN_MS)).unwrap_or(Timestamp::MAX);
     format!("{ts:.3}")
+}
+
+/// Exponential backoff with full jitter: uniform in `[0, min(max, base * 2^attempts)]`, to the
+/// millisecond. The one backoff of the outbox's Stripe calls and of the webhook events.
+pub fn backoff(attempts: u32, base: Duration, max: Duration) -> Duration {
+    let cap = base
+        .saturating_mul(1u32.checked_shl(attempts.min(30)).unwrap_or(u32::MAX))
+        .min(max);
+    let ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::rng().random_range(0..=ms))
 }
 
 #[cfg(test)]
@@ -123,5 +136,27 @@ mod tests {
         for ms in [0, 1, 999, 1_795_169_703_422, -750, RFC3339_MIN_MS, last] {
             assert_eq!(parse_rfc3339(&format_rfc3339(ms)), Some(ms), "{ms}");
         }
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_bounded_by_the_cap() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(10);
+        for attempts in 0..40 {
+            let cap = base
+                .saturating_mul(1u32.checked_shl(attempts.min(30)).unwrap_or(u32::MAX))
+                .min(max);
+            for _ in 0..20 {
+                assert!(backoff(attempts, base, max) <= cap);
+            }
+        }
+        assert!(backoff(50, base, max) <= max);
+        // Full jitter: the whole range from 0 is used, not only its upper half.
+        let draws: Vec<Duration> = (0..2000).map(|_| backoff(3, base, max)).collect();
+        assert!(draws.iter().any(|d| *d < Duration::from_millis(400)));
+        assert!(draws.iter().any(|d| *d > Duration::from_millis(400)));
+        assert!(draws.iter().all(|d| *d <= Duration::from_millis(800)));
+        // A zero base never waits.
+        assert_eq!(backoff(5, Duration::ZERO, max), Duration::ZERO);
     }
 }
