@@ -10,6 +10,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
+mod time;
+pub use time::{backoff, format_rfc3339, parse_rfc3339};
+
 /// The largest quantity one request may consume: 2^53, the largest integer every JSON client
 /// (JavaScript included) represents exactly.
 pub const MAX_QUANTITY: u64 = 1 << 53;
@@ -433,21 +436,6 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     )
 }
 
-/// RFC 3339 rendering of a Unix-millisecond timestamp, UTC, millisecond precision.
-pub fn format_rfc3339(ms: UnixMs) -> String {
-    let days = ms.div_euclid(86_400_000);
-    let rem = ms.rem_euclid(86_400_000);
-    let (y, m, d) = civil_from_days(days);
-    let secs = rem / 1000;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        secs / 3600,
-        (secs / 60) % 60,
-        secs % 60,
-        rem % 1000
-    )
-}
-
 // ---------------------------------------------------------------------------------------------
 // Account vocabulary: subscription status, per-account overrides, decisions and alerts. Shared
 // by the ledger (which records them), the plan rules and the billing fold (which produce them).
@@ -718,14 +706,5 @@ mod tests {
         assert_eq!(f.months(), None);
         let n = f.next_containing(25 * 86_400_000);
         assert_eq!((n.start_ms, n.end_ms), (20 * 86_400_000, 30 * 86_400_000));
-    }
-
-    #[test]
-    fn rfc3339_formatting() {
-        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            format_rfc3339(1_700_000_000_123),
-            "2023-11-14T22:13:20.123Z"
-        );
     }
 }

@@ -33,17 +33,16 @@
 //!
 //! Where it lives: this file (messages, settings, the actor, one tick), `aggregation` (windows,
 //! the scan of due entries, batch formation), `send` (the outcome of each send), `stream` (the
-//! v2 session and stream requests) and `pacing` (rate limit, backoff, pruning).
+//! v2 session and stream requests) and `pacing` (rate limit, pruning).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use rand::Rng;
 
 use crate::account::Accounts;
-use crate::model::{AccountId, Clock, Period, UnixMs};
+use crate::model::{AccountId, Clock, Period, UnixMs, backoff};
 use crate::store::{OutboxItem, OutboxRecord, PruneCursor, QueuedRecord, Store, StoreError};
 mod aggregation;
 mod pacing;
@@ -52,7 +51,6 @@ mod stream;
 
 use aggregation::{AccountInfo, Candidate, WaitingRun};
 pub use aggregation::{Aggregation, window_of};
-pub use pacing::backoff;
 pub use stream::session_margin;
 
 use crate::stripe::{
@@ -548,20 +546,5 @@ mod tests {
             Duration::from_millis(500)
         );
         assert_eq!(session_margin(Duration::ZERO), Duration::ZERO);
-    }
-
-    #[test]
-    fn backoff_is_bounded_and_grows() {
-        let base = Duration::from_millis(100);
-        let max = Duration::from_secs(10);
-        for attempts in 0..40 {
-            let cap = base
-                .saturating_mul(1u32.checked_shl(attempts.min(30)).unwrap_or(u32::MAX))
-                .min(max);
-            for _ in 0..20 {
-                assert!(backoff(attempts, base, max) <= cap);
-            }
-        }
-        assert!(backoff(50, base, max) <= max);
     }
 }

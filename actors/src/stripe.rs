@@ -216,11 +216,12 @@ impl StripeHttp {
             ));
         }
         let time = |k: &str, v: &str| {
-            crate::billing::parse_rfc3339(v).ok_or_else(|| {
+            let ms = crate::model::parse_rfc3339(v).ok_or_else(|| {
                 StripeCallError::Answer(format!(
                     "the meter event session's `{k}` is not an RFC 3339 time"
                 ))
-            })
+            })?;
+            Ok(ms.div_euclid(1000))
         };
         Ok(MeterEventSession {
             created_s: time("created", &v.created)?,

@@ -22,12 +22,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use rand::Rng;
 use serde_json::Value;
 
 use crate::account::{AccountError, Accounts, StripeCmd};
 use crate::billing::{HANDLED_TYPES, PriceMap, StripeChange, Target, head_of, interpret};
-use crate::model::{AccountId, Clock};
+use crate::model::{AccountId, Clock, backoff};
 use crate::store::{
     EventSource, MeterErrorRecord, Store, StoreError, WebhookRecord, WebhookStatus,
 };
@@ -116,13 +115,6 @@ impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         Failure::Retry(e.to_string())
     }
-}
-
-fn backoff(attempts: u32, base: Duration, max: Duration) -> Duration {
-    let exp = base.saturating_mul(1u32 << attempts.min(20));
-    let cap = exp.min(max);
-    let ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX).max(1);
-    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
 }
 
 impl Actor for WebhookActor {

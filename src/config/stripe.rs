@@ -3,8 +3,11 @@
 //! (`stripe.meter_events` and the settings that must be at least 1 are typed, so serde checks
 //! them: see [`super::raw`].)
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use url::{SyntaxViolation, Url};
 
 use meterd_actors::model::{AccountId, Catalog};
 use meterd_actors::outbox::{Aggregation, MeterEventsMode};
@@ -114,10 +117,9 @@ pub(super) fn build(
         ("stripe.checkout_cancel_url", &st.checkout_cancel_url),
         ("stripe.portal_return_url", &st.portal_return_url),
     ] {
-        if let Some(u) = url
-            && !valid_url(u)
-        {
-            return Err(invalid(key, format!("`{u}` is not an http(s) URL")));
+        if let Some(u) = url {
+            // Kept as written: Stripe fills in templates such as `{CHECKOUT_SESSION_ID}`.
+            http_url(key, u)?;
         }
     }
     if st.checkout_success_url.is_some() != st.checkout_cancel_url.is_some() {
@@ -156,16 +158,65 @@ pub(super) fn build(
     })
 }
 
-/// An http(s) base URL, with a trailing slash added if it lacks one.
-fn http_base(key: &str, url: &str) -> Result<String, Invalid> {
-    if !(url.starts_with("https://") || url.starts_with("http://")) {
-        return Err(invalid(key, format!("`{url}` is not an http(s) URL")));
+/// An http(s) base URL for API calls: no user name or password, no query or fragment. Returned
+/// as the `url` crate writes it, with a trailing slash added if it lacks one.
+fn http_base(key: &str, u: &str) -> Result<String, Invalid> {
+    let url = http_url(key, u)?;
+    if !url.username().is_empty() || url.password().is_some() {
+        // Not echoed: it holds a credential.
+        return Err(invalid(
+            key,
+            "a base URL must not hold a user name or password (the Stripe key comes from the environment)",
+        ));
     }
-    Ok(if url.ends_with('/') {
-        url.to_owned()
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(
+            key,
+            format!("`{u}` is not an http(s) base URL: it has a query or a fragment"),
+        ));
+    }
+    let s = url.as_str();
+    Ok(if s.ends_with('/') {
+        s.to_owned()
     } else {
-        format!("{url}/")
+        format!("{s}/")
     })
+}
+
+/// An absolute http(s) URL with a host, read by the `url` crate. Refused besides: whitespace
+/// and control characters, and what the crate would silently repair (`https:/x`, `https:///x`,
+/// backslashes), so that the URL used is the one written. Characters it percent-encodes are
+/// allowed (`{CHECKOUT_SESSION_ID}`).
+fn http_url(key: &str, u: &str) -> Result<Url, Invalid> {
+    let refuse = |why: &str| invalid(key, format!("`{u}` is not an http(s) URL: {why}"));
+    if u.bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(refuse("it holds whitespace or a control character"));
+    }
+    let repaired = Cell::new(None);
+    let note = |v: SyntaxViolation| {
+        if matches!(
+            v,
+            SyntaxViolation::Backslash | SyntaxViolation::ExpectedDoubleSlash
+        ) {
+            repaired.set(Some(v));
+        }
+    };
+    let url = Url::options()
+        .syntax_violation_callback(Some(&note))
+        .parse(u)
+        .map_err(|e| refuse(&e.to_string()))?;
+    if let Some(v) = repaired.get() {
+        return Err(refuse(v.description()));
+    }
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(refuse("the scheme must be http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(refuse("it has no host"));
+    }
+    Ok(url)
 }
 
 /// The outbox's aggregation windows from `[stripe]`: each one 0 (off) or a divisor of 86,400 s
@@ -258,16 +309,6 @@ fn stripe_plans(
         );
     }
     Ok(stripe_plans)
-}
-
-fn valid_url(u: &str) -> bool {
-    let rest = u
-        .strip_prefix("https://")
-        .or_else(|| u.strip_prefix("http://"));
-    rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
-        && !u
-            .bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
 }
 
 fn valid_price_id(id: &str) -> bool {
@@ -438,6 +479,76 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{err} should name {key}");
         }
+    }
+
+    #[test]
+    fn urls_are_checked_by_the_url_crate_and_errors_name_the_key() {
+        // Bases: normalised by the url crate, a trailing slash added.
+        assert_eq!(
+            http_base("k", "https://api.stripe.com").unwrap(),
+            "https://api.stripe.com/"
+        );
+        assert_eq!(
+            http_base("k", "HTTP://127.0.0.1:9/x").unwrap(),
+            "http://127.0.0.1:9/x/"
+        );
+        for bad in [
+            "https://user:secret@api.stripe.com/",
+            "https://user@api.stripe.com/",
+        ] {
+            let e = http_base("stripe.api_base", bad).unwrap_err();
+            assert_eq!(e.key, "stripe.api_base", "{bad}");
+            assert!(
+                !e.message.contains("secret") && !e.message.contains("user@"),
+                "{}",
+                e.message
+            );
+        }
+        for bad in [
+            "https://api.stripe.com/?a=1",
+            "https://api.stripe.com/#x",
+            "https://",
+            "https:///api.stripe.com",
+            "https:/api.stripe.com",
+            "https:\\\\api.stripe.com",
+            "ftp://api.stripe.com",
+            "mailto:a@b.c",
+            "api.stripe.com",
+            " https://api.stripe.com",
+            "https://api.stripe.com/a b",
+            "",
+        ] {
+            let e = http_base("stripe.api_base", bad).unwrap_err();
+            assert_eq!(e.key, "stripe.api_base", "{bad}");
+            assert!(e.message.contains(bad), "{bad}: {}", e.message);
+        }
+        // Browser URLs: Stripe's templates are allowed; the value is used as written.
+        let ok = "https://app.example.com/done?session={CHECKOUT_SESSION_ID}";
+        assert!(http_url("k", ok).is_ok());
+        for bad in [
+            "https://",
+            "https:///x",
+            "nope",
+            "javascript:alert(1)",
+            "https://x/\ty",
+        ] {
+            assert!(http_url("k", bad).is_err(), "{bad}");
+        }
+        let c = parse(&EMBEDDED_DEFAULT.replacen(
+            "strict = false",
+            &format!("strict = false\ncheckout_success_url = \"{ok}\"\ncheckout_cancel_url = \"https://x\""),
+            1,
+        ))
+        .unwrap();
+        assert_eq!(c.stripe.checkout_success_url.as_deref(), Some(ok));
+        let err = parse(&EMBEDDED_DEFAULT.replacen(
+            "api_base = \"https://api.stripe.com/\"",
+            "api_base = \"https://u:p@api.stripe.com/\"",
+            1,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("stripe.api_base"), "{err}");
     }
 
     #[test]

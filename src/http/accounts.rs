@@ -12,10 +12,10 @@ use meterd_actors::account::{
     Accounts, ConsumeCmd, ConsumeReply, CreditCmd, GrantInput, ReserveCmd, TopUpCmd, UpsertCmd,
 };
 use meterd_actors::ledger::{ConsumeRecord, CreditCategory};
-use meterd_actors::model::format_rfc3339;
 use meterd_actors::model::{DenyCode, Outcome};
 use meterd_actors::model::{IdempotencyKey, Metadata, SpendCap, SpendCapAction};
 use meterd_actors::model::{MeterOverride, OverageOverride, SubscriptionStatus};
+use meterd_actors::model::{format_rfc3339, parse_rfc3339};
 use meterd_actors::store::StoreReader;
 
 use super::auth::ApiKeyAuth;
@@ -69,7 +69,9 @@ pub enum CreditResponse {
 pub enum LedgerResponse {
     #[oai(status = 200)]
     Json(Json<LedgerPage>),
-    /// `format=csv`.
+    /// `format=csv`: a header row, then one row per entry. A cell a spreadsheet would read as a
+    /// formula (`=`, `+`, `-`, `@`, tab or CR first; not a plain number such as `-5`) starts
+    /// with `'`.
     #[oai(status = 200, content_type = "text/csv; charset=utf-8")]
     Csv(PlainText<String>),
 }
@@ -694,7 +696,7 @@ impl AccountsApi {
             .map(ledger_entry_view)
             .collect();
         if csv {
-            return Ok(LedgerResponse::Csv(PlainText(ledger_csv(&views))));
+            return Ok(LedgerResponse::Csv(PlainText(ledger_csv(&views)?)));
         }
         let next_after_seq = (views.len() == limit as usize)
             .then(|| views.last().map(|v| v.seq))

@@ -1,13 +1,15 @@
 //! API keys and their scopes.
 //!
-//! Keys are held only as SHA-256 digests and compared in constant time. Every route but the
-//! health checks, the OpenAPI document and the Stripe webhook (signed instead) needs a key; the scope
+//! Keys are held only as SHA-256 digests and compared in constant time (`subtle`). Every route
+//! but the health checks, the OpenAPI document and the Stripe webhook (signed instead) needs a
+//! key; the scope
 //! check happens in the route, so a key of too small a scope gets 403, not 401.
 
 use poem::Request;
 use poem_openapi::SecurityScheme;
 use poem_openapi::auth::Bearer;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 
@@ -38,14 +40,10 @@ impl ApiKeys {
 
     pub fn scope_of(&self, presented: &str) -> Option<Scope> {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        // Check every key, in constant time per key, so timing reveals nothing.
+        // Check every key, in constant time per key (`subtle`), so timing reveals nothing.
         let mut found = None;
         for (k, scope) in &self.keys {
-            let diff = k
-                .iter()
-                .zip(digest.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            if diff == 0 && found.is_none() {
+            if bool::from(k[..].ct_eq(&digest[..])) && found.is_none() {
                 found = Some(*scope);
             }
         }

@@ -14,14 +14,14 @@ use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use meterd_actors::account::{AccountError, AccountView, Accounts};
 use meterd_actors::ledger::EntryKind;
 use meterd_actors::model::Outcome;
-use meterd_actors::model::{AccountId, Period, UnixMs, format_rfc3339};
+use meterd_actors::model::{AccountId, Period, UnixMs, format_rfc3339, parse_rfc3339};
 use meterd_actors::plan::plan_pricing;
 use meterd_actors::pricing::period_cost;
 use meterd_actors::store::StoreReader;
 
 use super::auth::ApiKeyAuth;
 use super::error::{ApiError, account_id};
-use super::views::{account_result, parse_rfc3339};
+use super::views::{account_result, csv_table};
 
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
@@ -123,7 +123,9 @@ pub struct UsageReport {
 pub enum UsageResponse {
     #[oai(status = 200)]
     Json(Json<Box<UsageReport>>),
-    /// `format=csv`: `meter,start,units,billable`, one row per bucket per meter.
+    /// `format=csv`: `meter,start,units,billable`, one row per bucket per meter. A cell a
+    /// spreadsheet would read as a formula (`=`, `+`, `-`, `@`, tab or CR first; not a plain
+    /// number) starts with `'`.
     #[oai(status = 200, content_type = "text/csv; charset=utf-8")]
     Csv(PlainText<String>),
 }
@@ -305,24 +307,18 @@ fn change(current: u64, previous: u64) -> UsageChange {
     }
 }
 
-/// Meter names come from the config, but quote them anyway (RFC 4180).
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) || s.starts_with(['=', '+', '-', '@']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
-}
-
-fn usage_csv(meters: &BTreeMap<String, UsageMeter>) -> String {
-    let mut out = String::from("meter,start,units,billable\n");
-    for (meter, m) in meters {
-        let name = csv_field(meter);
-        for b in &m.series {
-            out.push_str(&format!("{name},{},{},{}\n", b.start, b.units, b.billable));
-        }
-    }
-    out
+fn usage_csv(meters: &BTreeMap<String, UsageMeter>) -> Result<String, ApiError> {
+    let rows = meters.iter().flat_map(|(meter, m)| {
+        m.series.iter().map(move |b| {
+            [
+                meter.clone(),
+                b.start.clone(),
+                b.units.to_string(),
+                b.billable.to_string(),
+            ]
+        })
+    });
+    csv_table(&["meter", "start", "units", "billable"], rows)
 }
 
 fn previous_period(
@@ -440,7 +436,7 @@ impl UsageApi {
             })
             .collect();
         if csv {
-            return Ok(UsageResponse::Csv(PlainText(usage_csv(&meters))));
+            return Ok(UsageResponse::Csv(PlainText(usage_csv(&meters)?)));
         }
 
         let cost = account_result(&view).cost;

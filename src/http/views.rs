@@ -4,8 +4,10 @@
 //! vocabulary, so the ledger format can change without changing the API.
 
 use meterd_actors::billing::StripeOutcome;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use poem::http::StatusCode;
 use poem_openapi::Object;
 use serde::Deserialize;
 
@@ -14,6 +16,8 @@ use meterd_actors::ledger::{ConsumeRecord, EntryKind, LedgerEntry};
 use meterd_actors::model::format_rfc3339;
 use meterd_actors::model::{Alert, Outcome};
 use meterd_actors::plan::{Access, Entitlement};
+
+use super::error::ApiError;
 
 /// `PUT /v1/accounts/{id}`. On update, omitted fields keep their value.
 #[derive(Debug, Object, Deserialize)]
@@ -183,54 +187,6 @@ pub struct CreditsPage {
     pub balance: u64,
     /// Grants in burn order first (live ones), then the rest.
     pub grants: Vec<GrantView>,
-}
-
-/// Parses an RFC 3339 UTC timestamp such as `2026-12-01T00:00:00Z` (fractional seconds
-/// allowed; only `Z` or `+00:00` offsets).
-pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<u32>().ok();
-    let (y, mo, d, h, mi, se) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    if !(1..=12).contains(&mo) || d == 0 || d > 31 || h > 23 || mi > 59 || se > 59 {
-        return None;
-    }
-    let mut rest = &s[19..];
-    let mut ms = 0i64;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let f = &frac[..digits];
-        let padded = format!("{:0<3}", &f[..digits.min(3)]);
-        ms = padded.parse().ok()?;
-        rest = &frac[digits..];
-    }
-    if rest != "Z" && rest != "z" && rest != "+00:00" {
-        return None;
-    }
-    let days = meterd_actors::model::days_from_civil(i64::from(y), mo, d);
-    // Reject dates such as February 30 that do not round-trip.
-    if meterd_actors::model::civil_from_days(days) != (i64::from(y), mo, d) {
-        return None;
-    }
-    Some(days * 86_400_000 + i64::from(h * 3600 + mi * 60 + se) * 1000 + ms)
 }
 
 /// `POST /v1/accounts/{id}/reservations`.
@@ -875,28 +831,78 @@ pub fn ledger_entry_view(e: &LedgerEntry) -> LedgerEntryView {
     v
 }
 
-const CSV_HEADER: &str = "seq,at,kind,meter,quantity,decision,code,billable,credits_delta,used_after,credits_after,idempotency_key,plan,reason\n";
+const LEDGER_CSV_HEADER: [&str; 14] = [
+    "seq",
+    "at",
+    "kind",
+    "meter",
+    "quantity",
+    "decision",
+    "code",
+    "billable",
+    "credits_delta",
+    "used_after",
+    "credits_after",
+    "idempotency_key",
+    "plan",
+    "reason",
+];
 
-/// RFC 4180 field quoting; also defuses spreadsheet formulas in client-chosen strings.
-fn csv_field(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@']) {
-        format!("'{s}")
+/// A CSV cell made safe for spreadsheets: a cell that starts with `=`, `+`, `-`, `@`, a tab or a
+/// carriage return would be read as a formula (CSV injection), so it gets a leading `'`, unless
+/// it is a plain number (`-5`, `-0.25`: an optional `-`, digits, an optional fraction), which
+/// stays a number.
+fn csv_cell(s: &str) -> Cow<'_, str> {
+    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) && !plain_number(s) {
+        Cow::Owned(format!("'{s}"))
     } else {
-        s.to_owned()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
+        Cow::Borrowed(s)
     }
 }
 
-pub fn ledger_csv(entries: &[LedgerEntryView]) -> String {
-    let mut out = String::from(CSV_HEADER);
+fn plain_number(s: &str) -> bool {
+    let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+    let unsigned = s.strip_prefix('-').unwrap_or(s);
+    match unsigned.split_once('.') {
+        Some((int, frac)) => digits(int) && digits(frac),
+        None => digits(unsigned),
+    }
+}
+
+/// The one CSV writer of the API, for every `format=csv` route: the `csv` crate (RFC 4180
+/// quoting, `\n` line ends) writes the header row, then the rows; every cell is defused
+/// ([`csv_cell`]).
+pub fn csv_table<R, C>(header: &[&str], rows: R) -> Result<String, ApiError>
+where
+    R: IntoIterator<Item = C>,
+    C: IntoIterator<Item = String>,
+{
+    // Writing to memory cannot fail, nor can rows of one table differ in width; say so if it
+    // ever does rather than send a truncated table.
+    let failed = |e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "cannot write CSV");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    };
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(header.iter().map(|h| csv_cell(h).into_owned()))
+        .map_err(|e| failed(&e))?;
+    for row in rows {
+        let cells: Vec<String> = row.into_iter().map(|c| csv_cell(&c).into_owned()).collect();
+        w.write_record(&cells).map_err(|e| failed(&e))?;
+    }
+    let bytes = w.into_inner().map_err(|e| failed(&e.error()))?;
+    String::from_utf8(bytes).map_err(|e| failed(&e))
+}
+
+pub fn ledger_csv(entries: &[LedgerEntryView]) -> Result<String, ApiError> {
     let num = |n: Option<u64>| n.map(|n| n.to_string()).unwrap_or_default();
-    let text = |s: &Option<String>| s.as_deref().map(csv_field).unwrap_or_default();
-    for e in entries {
-        let row = [
+    let text = |s: &Option<String>| s.clone().unwrap_or_default();
+    let rows = entries.iter().map(|e| {
+        [
             e.seq.to_string(),
             e.at.clone(),
             e.kind.clone(),
@@ -911,11 +917,9 @@ pub fn ledger_csv(entries: &[LedgerEntryView]) -> String {
             text(&e.idempotency_key),
             text(&e.plan),
             text(&e.reason),
-        ];
-        out.push_str(&row.join(","));
-        out.push('\n');
-    }
-    out
+        ]
+    });
+    csv_table(&LEDGER_CSV_HEADER, rows)
 }
 
 #[cfg(test)]
@@ -923,10 +927,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn csv_quotes_and_defuses_client_strings() {
-        assert_eq!(csv_field("plain"), "plain");
-        assert_eq!(csv_field("a,b"), "\"a,b\"");
-        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
-        assert_eq!(csv_field("=SUM(A1)"), "'=SUM(A1)");
+    fn csv_cells_defuse_formulas_but_not_numbers() {
+        assert_eq!(csv_cell("plain"), "plain");
+        assert_eq!(csv_cell("=SUM(A1)"), "'=SUM(A1)");
+        assert_eq!(csv_cell("+1+cmd|' /C calc'!A0"), "'+1+cmd|' /C calc'!A0");
+        assert_eq!(csv_cell("-1+A1"), "'-1+A1");
+        assert_eq!(csv_cell("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_cell("\t=1"), "'\t=1");
+        assert_eq!(csv_cell("\r=1"), "'\r=1");
+        assert_eq!(csv_cell("-"), "'-");
+        assert_eq!(csv_cell("-e5"), "'-e5");
+        assert_eq!(csv_cell("-1e5"), "'-1e5");
+        assert_eq!(csv_cell("-5."), "'-5.");
+        assert_eq!(csv_cell("+5"), "'+5");
+        // Plain numbers stay numbers; a later `=` is harmless.
+        assert_eq!(csv_cell("-5"), "-5");
+        assert_eq!(csv_cell("-0.25"), "-0.25");
+        assert_eq!(csv_cell("42"), "42");
+        assert_eq!(csv_cell("a=b"), "a=b");
+        assert_eq!(csv_cell(""), "");
+    }
+
+    #[test]
+    fn csv_tables_quote_and_defuse_every_cell() {
+        let rows = vec![
+            vec!["plain".to_owned(), "a,b".into(), "-5".into()],
+            vec!["say \"hi\"".into(), "=SUM(A1)".into(), "line\nbreak".into()],
+            vec!["=1,2".into(), "@x".into(), "\r".into()],
+        ];
+        assert_eq!(
+            csv_table(&["name", "=h", "n"], rows).unwrap(),
+            "name,'=h,n\n\
+             plain,\"a,b\",-5\n\
+             \"say \"\"hi\"\"\",'=SUM(A1),\"line\nbreak\"\n\
+             \"'=1,2\",'@x,\"'\r\"\n"
+        );
+        assert_eq!(
+            csv_table(&["a", "b"], Vec::<Vec<String>>::new()).unwrap(),
+            "a,b\n"
+        );
     }
 }

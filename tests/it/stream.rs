@@ -332,7 +332,7 @@ async fn the_fake_stream_checks_the_sdk_shape_and_the_token() {
         .unwrap();
     assert_eq!(s["object"], "v2.billing.meter_event_session");
     let token = s["authentication_token"].as_str().unwrap().to_owned();
-    assert!(meterd_actors::billing::parse_rfc3339(s["expires_at"].as_str().unwrap()).is_some());
+    assert!(meterd_actors::model::parse_rfc3339(s["expires_at"].as_str().unwrap()).is_some());
     // The session endpoint takes the secret key only.
     assert_eq!(
         post(SESSION, &token, json!({})).await.unwrap().status(),
@@ -365,7 +365,7 @@ async fn the_fake_stream_checks_the_sdk_shape_and_the_token() {
     assert_eq!(events[0].customer, "cus_z");
     assert_eq!(
         events[0].timestamp,
-        meterd_actors::billing::parse_rfc3339("2026-11-21T09:00:00Z").unwrap()
+        meterd_actors::model::parse_rfc3339("2026-11-21T09:00:00Z").unwrap() / 1000
     );
     fake.expire_sessions();
     let r = post(STREAM, &token, json!({"events": [ev]})).await.unwrap();

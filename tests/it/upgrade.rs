@@ -136,7 +136,7 @@ async fn upgrade(release: &str) {
     assert_eq!(format_of(dir.path()), meterd_actors::store::FORMAT_VERSION);
 
     let written = scenario["generated_at"].as_str().unwrap();
-    let at_ms = meterd_actors::billing::parse_rfc3339(written).unwrap() * 1000 + 60_000;
+    let at_ms = meterd_actors::model::parse_rfc3339(written).unwrap() + 60_000;
     let clock = Clock::Manual(Arc::new(AtomicI64::new(at_ms)));
     let path = dir.path().to_path_buf();
     let d = TestDaemon::start_full(

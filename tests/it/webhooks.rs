@@ -41,7 +41,7 @@ fn story() -> Vec<(String, Vec<u8>)> {
             let body = event(&n);
             let v: Value = serde_json::from_slice(&body).unwrap();
             let created = v["created"].as_i64().unwrap_or_else(|| {
-                meterd_actors::billing::parse_rfc3339(v["created"].as_str().unwrap()).unwrap()
+                meterd_actors::model::parse_rfc3339(v["created"].as_str().unwrap()).unwrap() / 1000
             });
             (created, n, body)
         })

@@ -42,33 +42,10 @@ pub fn head_of(v: &Value) -> Result<EventHead, String> {
     })
 }
 
-/// `2026-11-20T10:15:03.422Z` → unix seconds (UTC only, which is what Stripe sends).
-pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d, h, mi, sec) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    if !s.ends_with('Z') || !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 {
-        return None;
-    }
-    // Days from civil (Howard Hinnant's algorithm).
-    let y2 = if mo <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + h * 3600 + mi * 60 + sec)
+/// Stripe's RFC 3339 `created` as unix seconds: [`crate::model::parse_rfc3339`] (the one
+/// parser), floored to the second.
+pub(crate) fn parse_rfc3339(s: &str) -> Option<i64> {
+    crate::model::parse_rfc3339(s).map(|ms| ms.div_euclid(1000))
 }
 
 /// Which account an event concerns.
@@ -498,19 +475,6 @@ pub fn status_of(stripe: &str) -> SubscriptionStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_times_convert_to_unix_seconds() {
-        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(
-            parse_rfc3339("2026-11-20T10:15:03.422Z"),
-            Some(1_795_169_703)
-        );
-        assert_eq!(parse_rfc3339("2000-02-29T23:59:59Z"), Some(951_868_799));
-        assert_eq!(parse_rfc3339("2026-11-20 10:15:03Z"), None);
-        assert_eq!(parse_rfc3339("2026-13-20T10:15:03Z"), None);
-        assert_eq!(parse_rfc3339("2026-11-20T10:15:03+01:00"), None);
-    }
 
     /// An event of the repository's Stripe story (`tests/fixtures/stripe/events/`).
     fn story(name: &str) -> Value {

@@ -1,16 +1,7 @@
-//! Pacing and retention: the Stripe call rate limit, retry backoff, and pruning old `sent`
-//! records.
+//! Pacing and retention: the Stripe call rate limit and pruning old `sent` records (the retry
+//! backoff is [`crate::model::backoff`]).
 
 use super::*;
-
-/// Exponential backoff with full jitter: uniform in `[0, min(max, base * 2^attempts)]`.
-pub fn backoff(attempts: u32, base: Duration, max: Duration) -> Duration {
-    let cap = base
-        .saturating_mul(1u32.checked_shl(attempts.min(30)).unwrap_or(u32::MAX))
-        .min(max);
-    let ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
-    Duration::from_millis(rand::rng().random_range(0..=ms))
-}
 
 impl OutboxState {
     /// Spaces call starts to stay under `calls_per_second` on average. Slots advance from the

@@ -1610,7 +1610,8 @@ fn parse_stream(body: &[u8]) -> Result<Vec<StreamEvent>, ParamError> {
         };
         let timestamp = match e.get("timestamp") {
             None => now_unix(),
-            Some(Value::String(s)) => meterd_actors::billing::parse_rfc3339(s)
+            Some(Value::String(s)) => meterd_actors::model::parse_rfc3339(s)
+                .map(|ms| ms.div_euclid(1000))
                 .ok_or_else(|| perr(format!("Invalid timestamp: {s}"), &param("timestamp")))?,
             Some(_) => return Err(perr("Invalid timestamp.", &param("timestamp"))),
         };
