@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 mod time;
-pub use time::{backoff, format_rfc3339, parse_rfc3339};
+pub use time::{TokioClock, backoff, format_rfc3339, parse_rfc3339};
 
 /// The largest quantity one request may consume: 2^53, the largest integer every JSON client
 /// (JavaScript included) represents exactly.
