@@ -1,5 +1,5 @@
 //! Domain vocabulary shared by every actor: validated identifiers, the plan catalog, billing
-//! periods and the clock.
+//! periods and the clock; `time`: RFC 3339, retry backoff and the rate limiters' clock.
 //!
 //! This module owns validation of everything that reaches the core from outside (account ids,
 //! idempotency keys, meter names, metadata). It never parses a file format and never knows
