@@ -1,5 +1,5 @@
 //! Domain vocabulary shared by every actor: validated identifiers, the plan catalog, billing
-//! periods and the clock.
+//! periods and the clock; `time`: RFC 3339, retry backoff and the rate limiters' clock.
 //!
 //! This module owns validation of everything that reaches the core from outside (account ids,
 //! idempotency keys, meter names, metadata). It never parses a file format and never knows
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 mod time;
-pub use time::{backoff, format_rfc3339, parse_rfc3339};
+pub use time::{TokioClock, backoff, format_rfc3339, parse_rfc3339};
 
 /// The largest quantity one request may consume: 2^53, the largest integer every JSON client
 /// (JavaScript included) represents exactly.

@@ -162,8 +162,8 @@ pub struct OutboxState {
     args: OutboxArgs,
     consecutive_failures: u32,
     breaker_open_until: Option<i64>,
-    /// The next free call slot.
-    last_call: Option<tokio::time::Instant>,
+    /// The pacing of call starts, made at the first call.
+    pacer: Option<pacing::Pacer>,
     stats: OutboxStats,
     /// Where the next scan of the queue starts (`None`: the beginning).
     cursor: Option<(AccountId, u64)>,
@@ -205,7 +205,7 @@ impl Actor for OutboxActor {
             args,
             consecutive_failures: 0,
             breaker_open_until: None,
-            last_call: None,
+            pacer: None,
             stats: OutboxStats {
                 online,
                 ..OutboxStats::default()

@@ -3,8 +3,9 @@
 use super::raw::{RawRateLimit, RawRateLimits};
 use super::{Invalid, invalid};
 
-/// Upper bound for `requests_per_second` and `burst`: keeps the limiter's integer arithmetic
-/// (nanotokens) far from overflow. Higher limits are meaningless; omit the scope instead.
+/// Upper bound for `requests_per_second` and `burst`: the limiter (`governor`) counts time in
+/// nanoseconds and bursts in `u32`, so 10^9 per second (one per nanosecond) is its finest rate.
+/// Higher limits are meaningless; omit the scope instead.
 pub const RATE_LIMIT_MAX: u64 = 1_000_000_000;
 
 /// One token bucket: a key may make `burst` requests at once, refilled at

@@ -4,12 +4,12 @@
 //! `Accounts::upsert`), then asks Stripe for a Checkout Session or a portal session and
 //! returns its URL. Offline (no Stripe key) they answer 503 `stripe_offline`; a failed Stripe
 //! call is 502 `stripe_error` with Stripe's message. Checkout is limited per account
-//! ([`CHECKOUT_PER_MINUTE`]) by an in-memory counter: a guard against runaway callers, not
-//! account state.
+//! ([`CHECKOUT_PER_MINUTE`]) by an in-memory token bucket (`governor`): a guard against
+//! runaway callers, not account state.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
 
 use poem::http::StatusCode;
 use poem_openapi::param::Path;
@@ -17,8 +17,10 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use serde::Deserialize;
 
+use governor::clock::Clock;
+use governor::{Quota, RateLimiter};
 use meterd_actors::account::{Accounts, UpsertCmd};
-use meterd_actors::model::{AccountId, Catalog, PlanKind};
+use meterd_actors::model::{AccountId, Catalog, PlanKind, TokioClock};
 use meterd_actors::stripe::{
     CheckoutLine, CheckoutMode, CheckoutRequest, StripeCallError, StripeHttp,
 };
@@ -26,11 +28,13 @@ use meterd_actors::stripe::{
 use super::auth::ApiKeyAuth;
 use super::body::JsonBody;
 use super::error::{ApiError, account_id};
+use super::ratelimit::{KeyedLimiter, retry_after_s};
 use crate::config::StripeConfig;
 
-/// Checkout sessions an account may create per minute.
-pub const CHECKOUT_PER_MINUTE: usize = 5;
-const WINDOW: Duration = Duration::from_secs(60);
+/// Checkout sessions an account may create per minute: a burst of 5, then one every 12 s.
+pub const CHECKOUT_PER_MINUTE: NonZeroU32 = NonZeroU32::MIN.saturating_add(4);
+/// Accounts whose checkout bucket is kept before the full (idle) ones are dropped.
+const CHECKOUT_KEYS_KEPT: usize = 10_000;
 
 #[derive(Tags)]
 enum BillingTags {
@@ -44,8 +48,8 @@ pub struct BillingApi {
     pub stripe: Option<StripeHttp>,
     pub config: Arc<StripeConfig>,
     pub catalog: Arc<Catalog>,
-    /// Account → the times of its recent checkout sessions.
-    pub recent: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// The checkout bucket of each account.
+    pub checkouts: KeyedLimiter<String>,
 }
 
 impl BillingApi {
@@ -60,7 +64,10 @@ impl BillingApi {
             stripe,
             config,
             catalog,
-            recent: Mutex::new(HashMap::new()),
+            checkouts: RateLimiter::hashmap_with_clock(
+                Quota::per_minute(CHECKOUT_PER_MINUTE),
+                TokioClock,
+            ),
         }
     }
 }
@@ -185,29 +192,22 @@ impl BillingApi {
 
     /// Counts one checkout for `id`; 429 `rate_limited` beyond [`CHECKOUT_PER_MINUTE`].
     fn admit_checkout(&self, id: &AccountId) -> Result<(), ApiError> {
-        let now = Instant::now();
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if recent.len() > 10_000 {
-            recent.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < WINDOW));
+        if self.checkouts.len() > CHECKOUT_KEYS_KEPT {
+            self.checkouts.retain_recent();
         }
-        let q = recent.entry(id.as_str().to_owned()).or_default();
-        while q.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
-            q.pop_front();
-        }
-        if q.len() >= CHECKOUT_PER_MINUTE {
-            let wait = q
-                .front()
-                .map_or(WINDOW, |t| WINDOW.saturating_sub(now.duration_since(*t)));
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("at most {CHECKOUT_PER_MINUTE} checkout sessions per minute per account"),
-            );
-            e.retry_after = Some(wait.as_secs().max(1));
-            return Err(e);
-        }
-        q.push_back(now);
-        Ok(())
+        let Err(not_until) = self.checkouts.check_key(&id.as_str().to_owned()) else {
+            return Ok(());
+        };
+        let retry = retry_after_s(not_until.wait_time_from(TokioClock.now()));
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "checkout sessions are limited to {CHECKOUT_PER_MINUTE} per minute per account (a burst of {CHECKOUT_PER_MINUTE}, then one every 12 s); retry after {retry} s"
+            ),
+        );
+        e.retry_after = Some(retry);
+        Err(e)
     }
 
     /// Validates the body against the catalog; returns mode, line items, metadata and trial.
@@ -332,8 +332,8 @@ impl BillingApi {
     /// Creates a Stripe Checkout Session: a plan's subscription (`kind: subscription`) or a
     /// credit top-up (`kind: topup`). Creates the account's Stripe customer if it has none.
     /// 503 `stripe_offline` without a Stripe key, 503 `stripe_not_configured` without the
-    /// checkout URLs, 429 `rate_limited` beyond 5 per minute per account, 502 `stripe_error`
-    /// when Stripe refuses.
+    /// checkout URLs, 429 `rate_limited` beyond 5 per minute per account (a burst of 5, then
+    /// one every 12 s; `Retry-After` says when), 502 `stripe_error` when Stripe refuses.
     #[oai(path = "/v1/accounts/:id/checkout", method = "post")]
     async fn checkout(
         &self,

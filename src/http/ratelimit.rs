@@ -6,25 +6,47 @@
 //! without a valid key pass untouched (the route answers 401), as do the health checks, the
 //! OpenAPI document and the docs. A scope without limits costs nothing beyond one lookup.
 //!
-//! Buckets are keyed by the SHA-256 digest of the key, never the key, and only digests of
-//! valid keys are ever stored, so the map is as small as the key set. Arithmetic is integer:
-//! a bucket holds nanotokens (10⁹ per request) and refills `requests_per_second` of them per
-//! elapsed nanosecond of a monotonic clock (`tokio::time::Instant`, so tests may pause time).
+//! The buckets are `governor`'s (GCRA, which is a token bucket that refills continuously): one
+//! keyed limiter per limited scope, keyed by the SHA-256 digest of the key, never the key. Only
+//! digests of valid keys are ever stored, so the maps are as small as the key set. Time is
+//! tokio's monotonic clock ([`TokioClock`]), so tests may pause it.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::HashMapStateStore;
+use governor::{Quota, RateLimiter};
+use meterd_actors::model::TokioClock;
 use poem::http::{StatusCode, header};
 use poem::{Endpoint, IntoResponse, Request, Response};
 use sha2::{Digest, Sha256};
-use tokio::time::Instant;
 
 use super::auth::{ApiKeys, Scope};
 use super::error::ApiError;
 use crate::config::{RateLimit, RateLimits};
 
-/// One request, in nanotokens.
-const NANO: u64 = 1_000_000_000;
+/// A keyed rate limiter on tokio's clock (also the checkout limit's, keyed by account).
+pub type KeyedLimiter<K> =
+    RateLimiter<K, HashMapStateStore<K>, TokioClock, NoOpMiddleware<std::time::Instant>>;
+
+/// The bucket of a [`RateLimit`]: `burst` tokens, one back every `1 / requests_per_second`.
+fn quota(limit: RateLimit) -> Quota {
+    // Both are 1 to 10^9 (see `RATE_LIMIT_MAX`), so they fit a `u32`.
+    let n =
+        |v: u64| NonZeroU32::new(u32::try_from(v).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+    Quota::per_second(n(limit.requests_per_second)).allow_burst(n(limit.burst))
+}
+
+/// Whole seconds for `Retry-After` (rounded up, at least 1): after that long the request that
+/// was refused fits again.
+pub fn retry_after_s(wait: Duration) -> u64 {
+    let up = u64::from(wait.subsec_nanos() > 0);
+    wait.as_secs().saturating_add(up).max(1)
+}
 
 /// Paths that are never limited, whatever key they carry.
 fn exempt(path: &str) -> bool {
@@ -74,92 +96,66 @@ pub fn charge_extra(req: &Request, extra: u64) -> Result<(), ApiError> {
     let Some(c) = req.data::<ExtraCharge>() else {
         return Ok(());
     };
-    let mut known = c.limiter.lock();
-    let Some(k) = known.get_mut(&c.digest) else {
+    let Some(scope) = c.limiter.scope_of(&c.digest) else {
         return Ok(());
     };
-    match c.limiter.charge(k, Instant::now(), extra) {
+    match c.limiter.charge(scope, &c.digest, extra) {
         Some(denied) => Err(denied.into()),
         None => Ok(()),
     }
 }
 
-/// The token bucket of one key.
-#[derive(Debug)]
-struct Bucket {
-    nanotokens: u64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn full(limit: RateLimit, now: Instant) -> Bucket {
-        Bucket {
-            nanotokens: capacity(limit),
-            last: now,
-        }
-    }
-
-    /// Takes `n` tokens, or says how many nanoseconds until they are there.
-    fn take(&mut self, limit: RateLimit, now: Instant, n: u64) -> Result<(), u64> {
-        let want = NANO.saturating_mul(n);
-        let elapsed = now.saturating_duration_since(self.last).as_nanos();
-        let refill = u64::try_from(elapsed.saturating_mul(u128::from(limit.requests_per_second)))
-            .unwrap_or(u64::MAX);
-        self.nanotokens = self.nanotokens.saturating_add(refill).min(capacity(limit));
-        self.last = now;
-        match self.nanotokens.checked_sub(want) {
-            Some(rest) => {
-                self.nanotokens = rest;
-                Ok(())
-            }
-            None => Err((want - self.nanotokens).div_ceil(limit.requests_per_second.max(1))),
-        }
-    }
-}
-
-fn capacity(limit: RateLimit) -> u64 {
-    limit.burst.saturating_mul(NANO)
-}
-
-/// What the limiter knows about one valid key.
-#[derive(Debug)]
-struct Known {
-    scope: Scope,
-    /// `None`: the key's scope is unlimited.
-    bucket: Option<Bucket>,
+/// The buckets of one limited scope.
+struct ScopeLimiter {
+    limit: RateLimit,
+    buckets: KeyedLimiter<[u8; 32]>,
 }
 
 struct Limiter {
-    limits: RateLimits,
-    known: Mutex<HashMap<[u8; 32], Known>>,
+    admin: Option<ScopeLimiter>,
+    app: Option<ScopeLimiter>,
+    /// The scope of each valid key seen, by digest.
+    known: Mutex<HashMap<[u8; 32], Scope>>,
 }
 
-/// A refused request: its scope, the limit it hit, and the wait until the next token.
+/// A refused request: its scope, the limit it hit, and the wait until it fits (`None`: it
+/// never can, being larger than the burst).
 struct Denied {
     scope: Scope,
     limit: RateLimit,
-    wait_ns: u64,
+    wait: Option<Duration>,
 }
 
 impl Limiter {
     fn new(limits: RateLimits) -> Limiter {
+        let scope = |l: Option<RateLimit>| {
+            l.map(|limit| ScopeLimiter {
+                limit,
+                buckets: RateLimiter::hashmap_with_clock(quota(limit), TokioClock),
+            })
+        };
         Limiter {
-            limits,
+            admin: scope(limits.admin),
+            app: scope(limits.app),
             known: Mutex::new(HashMap::new()),
         }
     }
 
-    fn limit_of(&self, scope: Scope) -> Option<RateLimit> {
+    fn scope_limiter(&self, scope: Scope) -> Option<&ScopeLimiter> {
         match scope {
-            Scope::Admin => self.limits.admin,
-            Scope::App => self.limits.app,
+            Scope::Admin => self.admin.as_ref(),
+            Scope::App => self.app.as_ref(),
         }
+    }
+
+    fn scope_of(&self, digest: &[u8; 32]) -> Option<Scope> {
+        self.lock().get(digest).copied()
     }
 
     /// Charges the request's key one token, if it has a valid, limited one: `Some(Ok(_))` if it
     /// is over its limit, `Some(Err(digest))` if it was charged (for later extra charges).
     fn check(&self, req: &Request) -> Option<Result<Denied, [u8; 32]>> {
-        if self.limits.admin.is_none() && self.limits.app.is_none() {
+        if self.admin.is_none() && self.app.is_none() {
             return None;
         }
         if exempt(req.uri().path()) {
@@ -167,43 +163,36 @@ impl Limiter {
         }
         let token = bearer(req)?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let now = Instant::now();
-        if let Some(known) = self.lock().get_mut(&digest) {
-            return self.charged(known, now, digest);
-        }
-        // First request with this key (or an invalid key): ask the key set, outside the lock.
-        let scope = req.data::<ApiKeys>()?.scope_of(token)?;
-        let limit = self.limit_of(scope);
-        let mut known = self.lock();
-        let entry = known.entry(digest).or_insert_with(|| Known {
-            scope,
-            bucket: limit.map(|l| Bucket::full(l, now)),
-        });
-        self.charged(entry, now, digest)
+        let scope = match self.scope_of(&digest) {
+            Some(scope) => scope,
+            None => {
+                // First request with this key (or an invalid key): ask the key set.
+                let scope = req.data::<ApiKeys>()?.scope_of(token)?;
+                self.lock().insert(digest, scope);
+                scope
+            }
+        };
+        self.scope_limiter(scope)?;
+        Some(self.charge(scope, &digest, 1).ok_or(digest))
     }
 
-    fn charged(
-        &self,
-        known: &mut Known,
-        now: Instant,
-        digest: [u8; 32],
-    ) -> Option<Result<Denied, [u8; 32]>> {
-        known.bucket.as_ref()?;
-        Some(self.charge(known, now, 1).ok_or(digest))
-    }
-
-    fn charge(&self, known: &mut Known, now: Instant, n: u64) -> Option<Denied> {
-        let limit = self.limit_of(known.scope)?;
-        let bucket = known.bucket.as_mut()?;
-        let wait_ns = bucket.take(limit, now, n).err()?;
+    /// Takes `n` tokens from the key's bucket (all or none); `Some` if it cannot.
+    fn charge(&self, scope: Scope, digest: &[u8; 32], n: u64) -> Option<Denied> {
+        let s = self.scope_limiter(scope)?;
+        let n = NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX))?;
+        let wait = match s.buckets.check_key_n(digest, n) {
+            Ok(Ok(())) => return None,
+            Ok(Err(not_until)) => Some(not_until.wait_time_from(TokioClock.now())),
+            Err(_insufficient_capacity) => None,
+        };
         Some(Denied {
-            scope: known.scope,
-            limit,
-            wait_ns,
+            scope,
+            limit: s.limit,
+            wait,
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Known>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Scope>> {
         // The map holds no invariant a panic could break: keep going with it.
         self.known.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -220,27 +209,31 @@ fn bearer(req: &Request) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
-impl Denied {
-    /// Whole seconds until a token is back, at least 1.
-    fn retry_after_s(&self) -> u64 {
-        self.wait_ns.div_ceil(NANO).max(1)
-    }
-}
-
 impl From<Denied> for ApiError {
     fn from(d: Denied) -> ApiError {
-        let retry = d.retry_after_s();
         let scope = match d.scope {
             Scope::Admin => "admin",
             Scope::App => "app",
         };
+        let (rps, burst) = (d.limit.requests_per_second, d.limit.burst);
+        let Some(wait) = d.wait else {
+            // No wait helps: say so rather than promise a time after which it fails again.
+            tracing::debug!(scope, "request larger than its rate limit's burst");
+            return ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "this request costs more than this `{scope}` key's burst of {burst} requests ({rps} requests per second): it can never be afforded at once; split it"
+                ),
+            );
+        };
+        let retry = retry_after_s(wait);
         tracing::debug!(scope, retry_after_s = retry, "request rate limited");
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             format!(
-                "rate limit exceeded for this `{scope}` key: {} requests per second, burst {}; retry after {retry} s",
-                d.limit.requests_per_second, d.limit.burst
+                "rate limit exceeded for this `{scope}` key: {rps} requests per second, burst {burst}; retry after {retry} s"
             ),
         );
         e.retry_after = Some(retry);
@@ -256,7 +249,9 @@ impl IntoResponse for Denied {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use governor::clock::FakeRelativeClock;
+    use governor::nanos::Nanos;
+    use governor::state::{InMemoryState, NotKeyed};
 
     use super::*;
 
@@ -267,60 +262,100 @@ mod tests {
         }
     }
 
+    type TestBucket =
+        RateLimiter<NotKeyed, InMemoryState, FakeRelativeClock, NoOpMiddleware<Nanos>>;
+
+    /// A bucket of `l` on a clock the test moves.
+    fn bucket(l: RateLimit) -> (FakeRelativeClock, TestBucket) {
+        let clock = FakeRelativeClock::default();
+        let b = RateLimiter::direct_with_clock(quota(l), clock.clone());
+        (clock, b)
+    }
+
+    /// Takes `n` tokens, or gives the wait until they are there (`None`: never).
+    fn take(clock: &FakeRelativeClock, b: &TestBucket, n: u32) -> Result<(), Option<Duration>> {
+        match b.check_n(NonZeroU32::new(n).unwrap()) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Some(not_until.wait_time_from(clock.now()))),
+            Err(_) => Err(None),
+        }
+    }
+
     #[test]
     fn a_bucket_allows_its_burst_then_refills_at_its_rate() {
         let l = limit(2, 3);
-        let t0 = Instant::now();
-        let mut b = Bucket::full(l, t0);
+        let (clock, b) = bucket(l);
         for _ in 0..3 {
-            assert_eq!(b.take(l, t0, 1), Ok(()));
+            assert_eq!(take(&clock, &b, 1), Ok(()));
         }
         // Empty: the next token is half a second away.
-        assert_eq!(b.take(l, t0, 1), Err(500_000_000));
-        let t1 = t0 + Duration::from_millis(499);
-        assert_eq!(b.take(l, t1, 1), Err(1_000_000));
-        let t2 = t0 + Duration::from_millis(500);
-        assert_eq!(b.take(l, t2, 1), Ok(()));
+        assert_eq!(take(&clock, &b, 1), Err(Some(Duration::from_millis(500))));
+        clock.advance(Duration::from_millis(499));
+        assert_eq!(take(&clock, &b, 1), Err(Some(Duration::from_millis(1))));
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(take(&clock, &b, 1), Ok(()));
         // A long pause refills to the burst, no further.
-        let t3 = t2 + Duration::from_secs(3600);
+        clock.advance(Duration::from_secs(3600));
         for _ in 0..3 {
-            assert_eq!(b.take(l, t3, 1), Ok(()));
+            assert_eq!(take(&clock, &b, 1), Ok(()));
         }
-        assert!(b.take(l, t3, 1).is_err());
+        assert!(take(&clock, &b, 1).is_err());
+    }
+
+    #[test]
+    fn several_tokens_are_taken_all_or_none() {
+        let l = limit(1, 10);
+        let (clock, b) = bucket(l);
+        assert_eq!(take(&clock, &b, 6), Ok(()));
+        // 4 left: 6 more are 2 s away, and nothing was taken by asking.
+        assert_eq!(take(&clock, &b, 6), Err(Some(Duration::from_secs(2))));
+        assert_eq!(take(&clock, &b, 4), Ok(()));
+        assert_eq!(take(&clock, &b, 1), Err(Some(Duration::from_secs(1))));
+        // More than the burst can never be taken.
+        assert_eq!(take(&clock, &b, 11), Err(None));
+        clock.advance(Duration::from_secs(3600));
+        assert_eq!(take(&clock, &b, 11), Err(None));
+        assert_eq!(take(&clock, &b, 10), Ok(()));
     }
 
     #[test]
     fn extreme_limits_do_not_overflow() {
         let max = crate::config::RATE_LIMIT_MAX;
         let l = limit(max, max);
-        let t0 = Instant::now();
-        let mut b = Bucket::full(l, t0);
-        assert_eq!(b.take(l, t0, 1), Ok(()));
-        let later = t0 + Duration::from_secs(10 * 365 * 24 * 3600);
-        assert_eq!(b.take(l, later, 1), Ok(()));
-        assert_eq!(b.nanotokens, capacity(l) - NANO);
+        let (clock, b) = bucket(l);
+        assert_eq!(take(&clock, &b, 1), Ok(()));
+        clock.advance(Duration::from_secs(10 * 365 * 24 * 3600));
+        assert_eq!(take(&clock, &b, 1), Ok(()));
+        assert_eq!(take(&clock, &b, u32::try_from(max).unwrap() - 1), Ok(()));
+        assert_eq!(take(&clock, &b, 1), Err(Some(Duration::from_nanos(1))));
         let l = limit(1, 1);
-        let mut b = Bucket::full(l, t0);
-        assert_eq!(b.take(l, t0, 1), Ok(()));
-        assert_eq!(b.take(l, t0, 1), Err(NANO));
+        let (clock, b) = bucket(l);
+        assert_eq!(take(&clock, &b, 1), Ok(()));
+        assert_eq!(take(&clock, &b, 1), Err(Some(Duration::from_secs(1))));
     }
 
     #[test]
-    fn retry_after_is_whole_seconds_and_at_least_one() {
-        let d = |wait_ns| Denied {
+    fn retry_after_is_whole_seconds_rounded_up_and_at_least_one() {
+        assert_eq!(retry_after_s(Duration::ZERO), 1);
+        assert_eq!(retry_after_s(Duration::from_nanos(1)), 1);
+        assert_eq!(retry_after_s(Duration::from_secs(1)), 1);
+        assert_eq!(retry_after_s(Duration::from_nanos(1_000_000_001)), 2);
+        assert_eq!(retry_after_s(Duration::from_millis(59_500)), 60);
+        let d = |wait| Denied {
             scope: Scope::App,
             limit: limit(1, 1),
-            wait_ns,
+            wait,
         };
-        assert_eq!(d(1).retry_after_s(), 1);
-        assert_eq!(d(NANO).retry_after_s(), 1);
-        assert_eq!(d(NANO + 1).retry_after_s(), 2);
-        let resp = d(NANO + 1).into_response();
+        let resp = d(Some(Duration::from_nanos(1_000_000_001))).into_response();
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(
             resp.headers().get(header::RETRY_AFTER),
             Some(&poem::http::HeaderValue::from_static("2"))
         );
+        // Larger than the burst: refused with no promise of a time.
+        let resp = d(None).into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers().get(header::RETRY_AFTER), None);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Time helpers shared by the core and the daemon: RFC 3339 (through `jiff`) and retry backoff.
+//! Time helpers shared by the core and the daemon: RFC 3339 (through `jiff`), retry backoff,
+//! and the clock of the rate limiters (`governor`).
 
 use std::time::Duration;
 
@@ -51,6 +52,19 @@ pub fn backoff(attempts: u32, base: Duration, max: Duration) -> Duration {
         .min(max);
     let ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
     Duration::from_millis(rand::rng().random_range(0..=ms))
+}
+
+/// The clock of every rate limiter (`governor`): tokio's monotonic time, as the `std` instants
+/// governor measures with, so a test that pauses tokio's time pauses the limiters too.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioClock;
+
+impl governor::clock::Clock for TokioClock {
+    type Instant = std::time::Instant;
+
+    fn now(&self) -> std::time::Instant {
+        tokio::time::Instant::now().into_std()
+    }
 }
 
 #[cfg(test)]
