@@ -200,7 +200,7 @@ pub(super) fn plain_number(s: &str) -> bool {
 
 /// The one CSV writer of the API, for every `format=csv` route: the `csv` crate (RFC 4180
 /// quoting, `\n` line ends) writes the header row, then the rows; every cell is defused
-/// ([`csv_cell`]).
+/// (`csv_cell`).
 pub fn csv_table<R, C>(header: &[&str], rows: R) -> Result<String, ApiError>
 where
     R: IntoIterator<Item = C>,
