@@ -655,11 +655,18 @@ async fn fake_stripe_stop_closes_the_port() {
     let fake = FakeStripe::start().await;
     let addr = fake.addr();
     assert_eq!(get(&fake, "/v1/billing/meters").await.status, 200);
+    let served = fake.request_counter();
+    assert_eq!(served(), 1);
     fake.stop().await;
-    let r = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .expect("connect returns");
-    assert!(r.is_err(), "nothing listens after stop");
+    // The port may already belong to another test's listener (the OS reuses freed ports), so
+    // the check is that this fake serves nothing more, whoever answers.
+    let http = client(Duration::from_secs(2));
+    let _ = http
+        .get(format!("http://{addr}/v1/billing/meters"))
+        .bearer_auth(SECRET_KEY)
+        .send()
+        .await;
+    assert_eq!(served(), 1, "a stopped fake serves nothing");
 }
 
 // ----- v1 events, subscriptions, v2 events ---------------------------------------------------

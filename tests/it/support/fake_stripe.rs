@@ -273,6 +273,12 @@ impl FakeStripe {
         self.inner.lock().requests.clone()
     }
 
+    /// Counts the requests this fake recorded, also after it stopped.
+    pub fn request_counter(&self) -> impl Fn() -> usize + use<> {
+        let inner = self.inner.clone();
+        move || inner.lock().requests.len()
+    }
+
     /// Requests answered from the idempotency cache.
     pub fn replays(&self) -> Vec<Recorded> {
         self.inner.lock().replays.clone()
