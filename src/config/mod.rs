@@ -181,6 +181,18 @@ mod tests {
         Config::parse(text, "test.toml", Path::new("/etc/meterd"))
     }
 
+    /// Each `(from, to, key)`: the embedded default with `from` replaced by `to` is refused
+    /// with an error that names `key`.
+    pub(super) fn assert_edits_name_keys(cases: &[(&str, &str, &str)]) {
+        for (from, to, key) in cases {
+            assert!(EMBEDDED_DEFAULT.contains(from), "default lacks {from}");
+            let err = parse(&EMBEDDED_DEFAULT.replacen(from, to, 1))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        }
+    }
+
     #[test]
     fn the_shipped_default_is_valid_and_carries_the_seed_plans() {
         let c = Config::embedded(Path::new("/srv")).unwrap();
@@ -245,13 +257,7 @@ mod tests {
                 "plans.free.meters.tokens.overage",
             ),
         ];
-        for (from, to, key) in cases {
-            assert!(EMBEDDED_DEFAULT.contains(from), "default lacks {from}");
-            let err = parse(&EMBEDDED_DEFAULT.replacen(from, to, 1))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(key), "{err} should name {key}");
-        }
+        assert_edits_name_keys(&cases);
     }
 
     #[test]

@@ -321,7 +321,7 @@ fn valid_price_id(id: &str) -> bool {
 mod tests {
     use super::*;
     use crate::config::EMBEDDED_DEFAULT;
-    use crate::config::tests::parse;
+    use crate::config::tests::{assert_edits_name_keys, parse};
 
     #[test]
     fn aggregation_windows_default_off_resolve_and_name_the_bad_key() {
@@ -388,13 +388,7 @@ mod tests {
                 "aggregate_seconds",
             ),
         ];
-        for (from, to, key) in cases {
-            assert!(EMBEDDED_DEFAULT.contains(from), "{from}");
-            let err = parse(&EMBEDDED_DEFAULT.replacen(from, to, 1))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(key), "{err} should name {key}");
-        }
+        assert_edits_name_keys(&cases);
     }
 
     #[test]
@@ -473,12 +467,7 @@ mod tests {
                 "stripe_prices",
             ),
         ];
-        for (from, to, key) in cases {
-            let err = parse(&EMBEDDED_DEFAULT.replacen(from, to, 1))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(key), "{err} should name {key}");
-        }
+        assert_edits_name_keys(&cases);
     }
 
     #[test]

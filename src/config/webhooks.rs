@@ -113,7 +113,7 @@ mod tests {
     use std::time::Duration;
 
     use crate::config::EMBEDDED_DEFAULT;
-    use crate::config::tests::parse;
+    use crate::config::tests::{assert_edits_name_keys, parse};
 
     #[test]
     fn webhook_settings_default_and_bad_ones_name_their_key() {
@@ -160,13 +160,7 @@ mod tests {
                 "secret",
             ),
         ];
-        for (from, to, key) in cases {
-            assert!(EMBEDDED_DEFAULT.contains(from), "default lacks {from}");
-            let err = parse(&EMBEDDED_DEFAULT.replacen(from, to, 1))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(key), "{err} should name {key}");
-        }
+        assert_edits_name_keys(&cases);
         // One licensed price cannot belong to two plans; plans may share a metered price.
         let two = EMBEDDED_DEFAULT
             .replacen(
