@@ -36,7 +36,7 @@ fn json(path: &Path) -> Value {
 /// Loads a `data.kv` dump (`tree \t hex key \t hex value` per line) into a new sled store.
 fn load(kv: &Path, dir: &Path) -> usize {
     let text = std::fs::read_to_string(kv).unwrap();
-    let db = sled::open(dir).unwrap();
+    let db = open_sled(dir);
     let mut n = 0;
     for line in text.lines().filter(|l| !l.is_empty()) {
         let mut f = line.split('\t');
@@ -52,8 +52,25 @@ fn load(kv: &Path, dir: &Path) -> usize {
     n
 }
 
+/// Opens a sled store, waiting (bounded) for an earlier handle's background threads to let
+/// go of its file lock, as the store itself does.
+fn open_sled(dir: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(dir) {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r.unwrap(),
+        }
+    }
+}
+
 fn format_of(dir: &Path) -> u32 {
-    let db = sled::open(dir).unwrap();
+    let db = open_sled(dir);
     let v = db
         .open_tree("meta")
         .unwrap()
