@@ -56,7 +56,7 @@ use crate::store::{AccountSnapshot, CommitError, IdemOp, IdemRecord, Store, Stor
 
 pub use directory::{Accounts, DirectoryActor, DirectoryMsg, DirectoryStats};
 pub use messages::*;
-use recovery::{queue_billable, recover};
+use recovery::{corrupt, queue_billable, recover};
 pub use stripe::{StripeCmd, StripeReply};
 
 /// Messages an account actor understands. Callers never build these: they use [`Accounts`].

@@ -1033,9 +1033,11 @@ fn check_account(
     let amounts: u64 = v.grants.values().map(|g| g.amount).sum();
     ensure_eq!(amounts, m.granted, "grants in the view");
     let left: u64 = v.grants.values().map(|g| g.remaining).sum();
+    // The view shows the expiries that are due as the next write will record them.
+    let due: u64 = b.due_expiries(now).iter().map(|(_, r)| r).sum();
     ensure_eq!(
         i128::from(m.granted) - i128::from(m.adjusted),
-        i128::from(left + m.spent + held_open + expired),
+        i128::from(left + m.spent + held_open + expired + due),
         "view: granted - adjusted = left + spent + held + expired"
     );
     if fold

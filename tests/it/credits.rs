@@ -258,6 +258,7 @@ async fn adjustments_burn_in_order_and_never_go_below_zero() {
         remaining(&list, low.body["ledger_seq"].as_u64().unwrap()),
         25
     );
+    let before = d.client.ledger("j").await.len();
     let r = grant(&d, "j", json!({"amount": -26, "idempotency_key": "adj2"})).await;
     assert_eq!(r.status, 409);
     assert_eq!(r.code(), "credit_balance_too_low");
@@ -273,5 +274,10 @@ async fn adjustments_burn_in_order_and_never_go_below_zero() {
         assert_eq!(r.status, 400, "{body}: {:?}", r.body);
     }
     assert_eq!(grants(&d, "j").await.0, 25);
+    assert_eq!(
+        d.client.ledger("j").await.len(),
+        before,
+        "a refusal writes nothing"
+    );
     d.stop().await;
 }

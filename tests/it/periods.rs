@@ -102,7 +102,9 @@ async fn an_admin_set_period_resets_counters_and_repeats_its_shape() {
         .map(|e| e["kind"].as_str().unwrap().to_owned())
         .collect();
     assert!(kinds.contains(&"period_adjusted".to_owned()));
-    // Refused: not containing now, reversed, or starting before the current period.
+    // Refused: not containing now, reversed, or starting before the current period. A
+    // refusal changes nothing: not the plan sent with it, not even the rollover that is due.
+    let before = d.client.ledger("s").await.len();
     for (start, end) in [
         ("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
         ("2026-04-20T00:00:00Z", "2026-04-10T00:00:00Z"),
@@ -111,10 +113,15 @@ async fn an_admin_set_period_resets_counters_and_repeats_its_shape() {
     ] {
         let r = d
             .client
-            .put_account("s", json!({"period": {"start": start, "end": end}}))
+            .put_account(
+                "s",
+                json!({"plan": "pro", "period": {"start": start, "end": end}}),
+            )
             .await;
         assert_eq!(r.status, 400, "{start}..{end}: {:?}", r.body);
     }
+    assert_eq!(d.client.ledger("s").await.len(), before);
+    assert_eq!(d.client.get_account("s").await.body["plan"], "free");
     d.stop().await;
 }
 

@@ -253,8 +253,8 @@ impl AccountState {
             return Ok(r);
         }
         let now = self.deps.clock.now_ms();
-        self.catch_up(now)?;
-        let Some(balances) = &self.fold.balances else {
+        // Decide on the caught-up balances in memory: a refusal writes nothing.
+        let Some(balances) = self.balances_at(now) else {
             return Ok(Err(AccountError::UnknownAccount(self.id.clone())));
         };
         let balance = balances.live_credits(now);
@@ -280,6 +280,7 @@ impl AccountState {
                 }
             }
         };
+        self.catch_up(now)?;
         let record = CreditRecord {
             amount,
             reason,

@@ -78,22 +78,24 @@ pub(super) fn monthly_entries(plan: &Plan, b: &Balances, now: i64) -> Vec<EntryK
     out
 }
 
-impl AccountState {
-    /// Writes the period rollover entry if `now` is past the current period. Lazy: only an
-    /// account that is used again rolls over.
-    pub(super) fn roll_period(&mut self, now: i64) -> Result<(), StoreError> {
-        let Some(b) = &self.fold.balances else {
-            return Ok(());
-        };
-        if now >= b.period.end_ms {
-            let from = b.period;
-            let to = from.next_containing(now);
-            self.append(EntryKind::PeriodRolled { from, to }, now)?;
-            self.grant_monthly(now)?;
-        }
-        Ok(())
+/// Whether the current period `cur` may be set to `p` at `now`: a later start begins a new
+/// period, the same start moves the end; `p` must contain `now`.
+pub(super) fn check_period(p: Period, cur: Period, now: i64) -> Result<(), AccountError> {
+    if p.end_ms <= p.start_ms || !p.contains(now) {
+        return Err(ValidationError::new(
+            "period: start must be before end, and the period must contain the current time",
+        )
+        .into());
     }
+    if p.start_ms < cur.start_ms {
+        return Err(
+            ValidationError::new("period: a period cannot start before the current one").into(),
+        );
+    }
+    Ok(())
+}
 
+impl AccountState {
     /// At the start of a period: cap the carried-over monthly credits, then grant the plan's
     /// monthly credits (expiring at the period's end unless they may roll over).
     pub(super) fn grant_monthly(&mut self, now: i64) -> Result<(), StoreError> {
@@ -120,89 +122,46 @@ impl AccountState {
             return Ok(Ok(()));
         };
         let cur = b.period;
-        if p.end_ms <= p.start_ms || !p.contains(now) {
-            return Ok(Err(ValidationError::new(
-                "period: start must be before end, and the period must contain the current time",
-            )
-            .into()));
+        if let Err(e) = check_period(p, cur, now) {
+            return Ok(Err(e));
         }
         if p == cur {
             return Ok(Ok(()));
         }
         if p.start_ms == cur.start_ms {
             self.append(EntryKind::PeriodAdjusted { from: cur, to: p }, now)?;
-        } else if p.start_ms > cur.start_ms {
+        } else {
             self.append(EntryKind::PeriodRolled { from: cur, to: p }, now)?;
             self.grant_monthly(now)?;
-        } else {
-            return Ok(Err(ValidationError::new(
-                "period: a period cannot start before the current one",
-            )
-            .into()));
         }
         Ok(Ok(()))
     }
 
-    /// Writes a `CreditExpired` entry for every grant whose expiry is due at `now`. Lazy, like
-    /// period rollover: only an account that is used again writes them.
-    pub(super) fn expire_grants(&mut self, now: i64) -> Result<(), StoreError> {
-        let due = match &self.fold.balances {
-            Some(b) => b.due_expiries(now),
-            None => return Ok(()),
+    /// Everything lazy that is due at `now`, in the order `catch_up` writes it, and the
+    /// balances just after it: the rollover and the new period's monthly credits, grant
+    /// expiries, then hold expiries. Pure: reads show it and a refused request decides on it
+    /// without writing anything.
+    pub(super) fn due_at(&self, now: i64) -> Result<(Vec<EntryKind>, Option<Balances>), FoldError> {
+        let Some(b) = self.fold.balances.as_ref() else {
+            return Ok((Vec::new(), None));
         };
-        for (grant_id, amount) in due {
-            let credits_after = self
-                .fold
-                .balances
-                .as_ref()
-                .map(|b| {
-                    let mut after = b.clone();
-                    if let Some(g) = after.grants.get_mut(&grant_id) {
-                        g.remaining = 0;
-                    }
-                    after.live_credits(now)
-                })
-                .unwrap_or(0);
-            self.append(
-                EntryKind::CreditExpired {
-                    grant_id,
-                    amount,
-                    credits_after,
-                },
-                now,
-            )?;
-        }
-        Ok(())
-    }
-
-    /// The balances as of `now` without writing anything: a due rollover is applied in memory.
-    pub(super) fn balances_at(&self, now: i64) -> Option<Balances> {
-        let b = self.fold.balances.as_ref()?;
         let mut out = b.clone();
+        let mut kinds = Vec::new();
         let mut seq = self.fold.last_seq;
-        // Apply in memory what the next write will record: expired holds, the rollover and
-        // the new period's monthly credits.
-        let mut apply = |out: &mut Balances, kind: EntryKind| {
+        let mut apply = |out: &mut Balances, kind: EntryKind| -> Result<(), FoldError> {
             seq += 1;
             out.apply(&LedgerEntry {
                 seq,
                 at_ms: now,
-                kind,
-            })
+                kind: kind.clone(),
+            })?;
+            kinds.push(kind);
+            Ok(())
         };
-        for rid in b.due_holds(now) {
-            if let Some(r) = decide_release(&out, rid, true, now)
-                && apply(&mut out, EntryKind::Settled(r)).is_err()
-            {
-                return Some(b.clone());
-            }
-        }
         if now >= out.period.end_ms {
             let from = out.period;
             let to = from.next_containing(now);
-            if apply(&mut out, EntryKind::PeriodRolled { from, to }).is_err() {
-                return Some(b.clone());
-            }
+            apply(&mut out, EntryKind::PeriodRolled { from, to })?;
             let plan = self
                 .fold
                 .profile
@@ -210,48 +169,62 @@ impl AccountState {
                 .and_then(|p| self.deps.catalog.plans.get(&p.plan));
             if let Some(plan) = plan {
                 for kind in monthly_entries(plan, &out, now) {
-                    if apply(&mut out, kind).is_err() {
-                        return Some(b.clone());
-                    }
+                    apply(&mut out, kind)?;
                 }
             }
         }
-        Some(out)
-    }
-
-    /// Writes a `Settled { expired }` entry for every reservation whose expiry is due.
-    pub(super) fn expire_holds(&mut self, now: i64) -> Result<(), StoreError> {
-        let due = match &self.fold.balances {
-            Some(b) => b.due_holds(now),
-            None => return Ok(()),
-        };
-        for rid in due {
-            let Some(r) = self
-                .fold
-                .balances
-                .as_ref()
-                .and_then(|b| decide_release(b, rid, true, now))
-            else {
-                continue;
-            };
-            let entry = self.append(EntryKind::Settled(r), now)?;
-            self.deps.store.put_idem(
-                &self.id,
-                IdemOp::Settle,
-                &rid.to_string(),
-                IdemRecord {
-                    seq: entry.seq,
-                    at_ms: now,
+        for (grant_id, amount) in out.due_expiries(now) {
+            // An expired grant is not live, so the live credits stay as they are.
+            let credits_after = out.live_credits(now);
+            apply(
+                &mut out,
+                EntryKind::CreditExpired {
+                    grant_id,
+                    amount,
+                    credits_after,
                 },
             )?;
         }
-        Ok(())
+        for rid in out.due_holds(now) {
+            if let Some(r) = decide_release(&out, rid, true, now) {
+                apply(&mut out, EntryKind::Settled(r))?;
+            }
+        }
+        Ok((kinds, Some(out)))
     }
 
-    /// Everything lazy that is due at `now`: rollover, grant expiry, hold expiry.
+    /// The balances as of `now` without writing anything (what the next write will record
+    /// first is applied in memory).
+    pub(super) fn balances_at(&self, now: i64) -> Option<Balances> {
+        match self.due_at(now) {
+            Ok((_, after)) => after,
+            Err(_) => self.fold.balances.clone(),
+        }
+    }
+
+    /// Writes everything lazy that is due at `now` (see [`Self::due_at`]). Called only by a
+    /// request that writes its own entry too: a refusal decides on `balances_at` instead, so
+    /// it changes nothing.
     pub(super) fn catch_up(&mut self, now: i64) -> Result<(), StoreError> {
-        self.roll_period(now)?;
-        self.expire_grants(now)?;
-        self.expire_holds(now)
+        let (kinds, _) = self.due_at(now).map_err(|e| corrupt(&self.id, e))?;
+        for kind in kinds {
+            let expired_hold = match &kind {
+                EntryKind::Settled(r) => Some(r.rid),
+                _ => None,
+            };
+            let entry = self.append(kind, now)?;
+            if let Some(rid) = expired_hold {
+                self.deps.store.put_idem(
+                    &self.id,
+                    IdemOp::Settle,
+                    &rid.to_string(),
+                    IdemRecord {
+                        seq: entry.seq,
+                        at_ms: now,
+                    },
+                )?;
+            }
+        }
+        Ok(())
     }
 }

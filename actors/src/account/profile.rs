@@ -19,6 +19,17 @@ impl AccountState {
             }
         };
         let period = cmd_period;
+        // Refuse a bad period before anything is written (the profile change included).
+        if let Some(p) = period {
+            let cur = match self.balances_at(now) {
+                Some(b) => b.period,
+                None => Period::calendar_month(now),
+            };
+            if let Err(e) = super::lifecycle::check_period(p, cur, now) {
+                let _ = reply.send(Err(e));
+                return Ok(());
+            }
+        }
         if !created {
             self.catch_up(now)?;
         }

@@ -160,92 +160,23 @@ impl AccountState {
             return Ok(());
         }
         let now = self.deps.clock.now_ms();
-        self.catch_up(now)?;
-        // The hold may just have expired in catch_up: answer as for a replay.
-        if let Some(prev) = self.find_replay(IdemOp::Settle, &rid.to_string())? {
-            let _ = prev;
-            self.reply_after_commit(
-                reply,
-                Err(AccountError::ReservationSettled {
-                    rid,
-                    how: "expired",
-                }),
-            );
-            return Ok(());
-        }
-        let (Some(profile), Some(balances)) = (&self.fold.profile, &self.fold.balances) else {
-            return Ok(());
-        };
-        let Some(hold) = balances.holds.get(&rid) else {
-            let _ = reply.send(Err(AccountError::UnknownReservation { rid }));
-            return Ok(());
-        };
-        let record = match quantity {
-            None => decide_release(balances, rid, false, now),
-            Some(q) => {
-                let rule = self
-                    .deps
-                    .catalog
-                    .plans
-                    .get(&profile.plan)
-                    .and_then(|p| effective_rule(p, profile, &hold.meter));
-                // Units beyond the hold are new spend: the cap applies to them.
-                let usage = balances.usage(&hold.meter);
-                let others = usage.reserved.saturating_sub(hold.quantity);
-                let over_cap = q > hold.quantity
-                    && self.over_blocking_cap(
-                        profile,
-                        balances,
-                        &hold.meter,
-                        usage.used.saturating_add(others).saturating_add(q),
-                    );
-                match decide_commit(balances, rid, rule.as_ref(), q, now) {
-                    Ok(_) if over_cap => {
-                        let _ = reply.send(Err(AccountError::CommitDenied {
-                            code: "spend_cap_reached",
-                        }));
-                        return Ok(());
-                    }
-                    Ok(mut r) => {
-                        if let (Some(rule), Some(plan)) =
-                            (rule.as_ref(), self.deps.catalog.plans.get(&profile.plan))
-                        {
-                            let reserved = r.reserved_after;
-                            let spend = self.spend_with(
-                                plan,
-                                profile,
-                                rule,
-                                balances,
-                                &hold.meter,
-                                r.used_after.saturating_add(reserved),
-                            );
-                            r.alerts = alerts_for(
-                                plan,
-                                rule,
-                                balances,
-                                &hold.meter,
-                                r.used_after,
-                                r.credits_after,
-                                spend,
-                            );
-                        }
-                        Some(r)
-                    }
-                    Err(code) => {
-                        let code = match code {
-                            DenyCode::InsufficientCredits => "insufficient_credits",
-                            _ => "cap_reached",
-                        };
-                        let _ = reply.send(Err(AccountError::CommitDenied { code }));
-                        return Ok(());
-                    }
-                }
+        // Decide on the caught-up balances in memory first: a refusal writes nothing, not
+        // even the lazy entries that are due (the next write records them).
+        let record = match self.decide_settle(rid, quantity, now) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return Ok(());
             }
         };
-        let Some(record) = record else {
-            let _ = reply.send(Err(AccountError::UnknownReservation { rid }));
-            return Ok(());
-        };
+        self.catch_up(now)?;
+        debug_assert!(
+            self.fold
+                .balances
+                .as_ref()
+                .is_some_and(|b| b.holds.contains_key(&rid)),
+            "a hold decided on is still open after catch-up"
+        );
         let entry = self.record_keyed(
             EntryKind::Settled(record),
             now,
@@ -267,5 +198,91 @@ impl AccountState {
             );
         }
         Ok(())
+    }
+
+    /// The settlement of hold `rid` with `quantity` as of `now` (lazy entries applied in
+    /// memory), or why it is refused. Pure.
+    fn decide_settle(
+        &self,
+        rid: u64,
+        quantity: Option<u64>,
+        now: i64,
+    ) -> Result<SettleRecord, AccountError> {
+        let (Some(profile), Some(balances)) = (&self.fold.profile, self.balances_at(now)) else {
+            return Err(AccountError::UnknownAccount(self.id.clone()));
+        };
+        let Some(hold) = balances.holds.get(&rid) else {
+            // A hold that is open now but due to expire was settled by the catch-up.
+            let expiring = self
+                .fold
+                .balances
+                .as_ref()
+                .is_some_and(|b| b.holds.contains_key(&rid));
+            return Err(if expiring {
+                AccountError::ReservationSettled {
+                    rid,
+                    how: "expired",
+                }
+            } else {
+                AccountError::UnknownReservation { rid }
+            });
+        };
+        let Some(q) = quantity else {
+            return decide_release(&balances, rid, false, now)
+                .ok_or(AccountError::UnknownReservation { rid });
+        };
+        let rule = self
+            .deps
+            .catalog
+            .plans
+            .get(&profile.plan)
+            .and_then(|p| effective_rule(p, profile, &hold.meter));
+        // Units beyond the hold are new spend: the cap applies to them.
+        let usage = balances.usage(&hold.meter);
+        let others = usage.reserved.saturating_sub(hold.quantity);
+        let over_cap = q > hold.quantity
+            && self.over_blocking_cap(
+                profile,
+                &balances,
+                &hold.meter,
+                usage.used.saturating_add(others).saturating_add(q),
+            );
+        let mut r = match decide_commit(&balances, rid, rule.as_ref(), q, now) {
+            Ok(_) if over_cap => {
+                return Err(AccountError::CommitDenied {
+                    code: "spend_cap_reached",
+                });
+            }
+            Ok(r) => r,
+            Err(code) => {
+                let code = match code {
+                    DenyCode::InsufficientCredits => "insufficient_credits",
+                    _ => "cap_reached",
+                };
+                return Err(AccountError::CommitDenied { code });
+            }
+        };
+        if let (Some(rule), Some(plan)) =
+            (rule.as_ref(), self.deps.catalog.plans.get(&profile.plan))
+        {
+            let spend = self.spend_with(
+                plan,
+                profile,
+                rule,
+                &balances,
+                &hold.meter,
+                r.used_after.saturating_add(r.reserved_after),
+            );
+            r.alerts = alerts_for(
+                plan,
+                rule,
+                &balances,
+                &hold.meter,
+                r.used_after,
+                r.credits_after,
+                spend,
+            );
+        }
+        Ok(r)
     }
 }
