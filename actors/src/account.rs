@@ -54,7 +54,7 @@ use crate::plan::{
 use crate::pricing::{PeriodCost, projected};
 use crate::store::{AccountSnapshot, CommitError, IdemOp, IdemRecord, Store, StoreError};
 
-pub use directory::{Accounts, DirectoryActor, DirectoryMsg, DirectoryStats};
+pub use directory::{Accounts, DirectoryActor, DirectoryMsg, DirectoryStats, Envelope};
 pub use messages::*;
 use recovery::{corrupt, queue_billable, recover};
 pub use stripe::{StripeCmd, StripeReply};
@@ -94,6 +94,9 @@ pub enum AccountMsg {
     /// Fault injection (tests only): fail the actor as a bug or storage fault would.
     #[cfg(feature = "fault-injection")]
     Crash,
+    /// Fault injection (tests only): keep the actor busy for a while, as a slow disk would.
+    #[cfg(feature = "fault-injection")]
+    Stall(Duration),
 }
 
 impl AccountMsg {
@@ -124,7 +127,7 @@ impl AccountMsg {
             }
             AccountMsg::IdleTick => {}
             #[cfg(feature = "fault-injection")]
-            AccountMsg::Crash => {}
+            AccountMsg::Crash | AccountMsg::Stall(_) => {}
         }
     }
 }
@@ -152,6 +155,9 @@ pub enum AccountError {
     Unavailable(String),
     #[error("the account did not answer within {0:?}")]
     Timeout(Duration),
+    /// Load shedding: `max_queued` requests are already waiting for account actors.
+    #[error("overloaded: {0} requests are already queued; retry shortly")]
+    Overloaded(usize),
 }
 
 impl From<StoreError> for AccountError {
@@ -179,6 +185,9 @@ pub struct AccountSettings {
     pub max_live: usize,
     /// How long a `past_due` subscription keeps access.
     pub past_due_grace: Duration,
+    /// At most this many requests wait for account actors (in every mailbox, parked or
+    /// loading, together); beyond it calls fail at once with `Overloaded`.
+    pub max_queued: usize,
 }
 
 /// Everything an account actor needs, shared by all of them.
@@ -209,32 +218,44 @@ pub struct AccountState {
 }
 
 impl Actor for AccountActor {
-    type Msg = AccountMsg;
+    type Msg = Envelope;
     type State = AccountState;
     type Arguments = AccountArgs;
 
+    /// Cheap: the directory waits for it. The load from sled happens in `post_start`, in
+    /// this actor's own task, while requests queue in its mailbox.
     async fn pre_start(
         &self,
-        myself: ActorRef<AccountMsg>,
+        _myself: ActorRef<Envelope>,
         args: AccountArgs,
     ) -> Result<AccountState, ActorProcessingErr> {
-        let (fold, snapshot_seq) = recover(&args.deps.store, &args.id)?;
-        let period = (args.deps.settings.idle_timeout / 2).max(Duration::from_millis(10));
-        let ticker = myself.send_interval(period, || AccountMsg::IdleTick);
         Ok(AccountState {
             id: args.id,
             deps: args.deps,
             directory: args.directory,
-            fold,
-            snapshot_seq,
+            fold: AccountFold::default(),
+            snapshot_seq: 0,
             last_activity: Instant::now(),
-            ticker: Some(ticker),
+            ticker: None,
         })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Envelope>,
+        state: &mut AccountState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (fold, snapshot_seq) = recover(&state.deps.store, &state.id)?;
+        state.fold = fold;
+        state.snapshot_seq = snapshot_seq;
+        let period = (state.deps.settings.idle_timeout / 2).max(Duration::from_millis(10));
+        state.ticker = Some(myself.send_interval(period, || Envelope::bare(AccountMsg::IdleTick)));
+        Ok(())
     }
 
     async fn post_stop(
         &self,
-        _myself: ActorRef<AccountMsg>,
+        _myself: ActorRef<Envelope>,
         state: &mut AccountState,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(t) = state.ticker.take() {
@@ -248,10 +269,15 @@ impl Actor for AccountActor {
 
     async fn handle(
         &self,
-        myself: ActorRef<AccountMsg>,
-        msg: AccountMsg,
+        myself: ActorRef<Envelope>,
+        envelope: Envelope,
         state: &mut AccountState,
     ) -> Result<(), ActorProcessingErr> {
+        // The ticket is returned when this handler ends: the request has left the queue.
+        let Envelope {
+            msg,
+            ticket: _ticket,
+        } = envelope;
         if !matches!(msg, AccountMsg::IdleTick) {
             state.last_activity = Instant::now();
         }
@@ -280,6 +306,8 @@ impl Actor for AccountActor {
             }
             #[cfg(feature = "fault-injection")]
             AccountMsg::Crash => return Err("crash requested".into()),
+            #[cfg(feature = "fault-injection")]
+            AccountMsg::Stall(d) => tokio::time::sleep(d).await,
         }
         Ok(())
     }

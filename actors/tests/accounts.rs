@@ -66,6 +66,7 @@ fn settings() -> AccountSettings {
         call_timeout: Duration::from_secs(10),
         max_live: 1000,
         past_due_grace: Duration::from_secs(72 * 3600),
+        max_queued: 10_000,
     }
 }
 
@@ -612,4 +613,90 @@ async fn a_failed_webhook_actor_is_restarted_and_applies_the_log() {
         .await
         .expect("the supervisor ends after stop")
         .unwrap();
+}
+
+/// An unknown id costs one key lookup: every kind of request gets `UnknownAccount` and no
+/// actor is spawned (so unknown ids cannot fill memory or evict live accounts).
+#[tokio::test]
+async fn unknown_accounts_spawn_no_actor() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(&store, settings()).await;
+    create(&accounts, "known", "capped").await;
+    let before = accounts.stats().await.unwrap();
+    for i in 0..2_000 {
+        let who = id(&format!("nobody-{i}"));
+        let unknown = AccountError::UnknownAccount(who.clone());
+        assert_eq!(accounts.get(&who).await.err(), Some(unknown.clone()));
+        assert_eq!(
+            eat(&accounts, &who, 1, "k").await.err(),
+            Some(unknown.clone())
+        );
+        assert_eq!(
+            accounts.settle(&who, 1, None).await.err(),
+            Some(unknown.clone())
+        );
+    }
+    let after = accounts.stats().await.unwrap();
+    assert_eq!(after.spawned_total, before.spawned_total, "{after:?}");
+    assert_eq!(after.live, 1);
+    assert_eq!(accounts.queued(), 0);
+    // The known account is served as before; creating a new one still works.
+    eat(&accounts, &id("known"), 1, "k").await.unwrap();
+    create(&accounts, "nobody-0", "capped").await;
+    eat(&accounts, &id("nobody-0"), 1, "k").await.unwrap();
+}
+
+/// Beyond `max_queued` waiting requests a call fails at once with `Overloaded`; the queued
+/// ones are served, and every ticket comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_max_queued_are_shed_and_tickets_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(
+        &store,
+        AccountSettings {
+            max_queued: 4,
+            ..settings()
+        },
+    )
+    .await;
+    create(&accounts, "busy", "open").await;
+    create(&accounts, "other", "open").await;
+    // The stall holds one ticket while it runs; three consumes queue behind it.
+    accounts
+        .stall(&id("busy"), Duration::from_millis(500))
+        .unwrap();
+    let waiting: Vec<_> = (0..3)
+        .map(|i| {
+            let a = accounts.clone();
+            tokio::spawn(async move { eat(&a, &id("busy"), 1, &format!("q{i}")).await })
+        })
+        .collect();
+    let mut spins = 0;
+    while accounts.queued() < 4 {
+        spins += 1;
+        assert!(spins < 400, "queued stays at {}", accounts.queued());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Full: shed at once, for any account, without waiting.
+    let started = std::time::Instant::now();
+    assert_eq!(
+        eat(&accounts, &id("other"), 1, "shed").await.err(),
+        Some(AccountError::Overloaded(4))
+    );
+    assert!(started.elapsed() < Duration::from_millis(400));
+    for w in waiting {
+        assert_eq!(w.await.unwrap().unwrap().record.outcome, Outcome::Allowed);
+    }
+    let mut spins = 0;
+    while accounts.queued() > 0 {
+        spins += 1;
+        assert!(spins < 400, "tickets not returned: {}", accounts.queued());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The shed request wrote nothing: its key is still free.
+    let r = eat(&accounts, &id("other"), 1, "shed").await.unwrap();
+    assert!(!r.replayed);
+    assert_eq!(r.record.used_after, 1);
 }

@@ -1078,6 +1078,7 @@ async fn run(case: Case) -> Result<(), String> {
         snapshot_every: case.snapshot_every,
         call_timeout: Duration::from_secs(10),
         max_live: case.max_live,
+        max_queued: 10_000,
         past_due_grace: Duration::from_secs(72 * 3600),
     });
     let store = try_open_store(dir.path()).unwrap();

@@ -163,6 +163,7 @@ fn default_cache_mb() -> u64 {
 pub(super) struct RawAccounts {
     pub idle_timeout_s: NonZeroU64,
     pub max_live: NonZeroUsize,
+    pub max_queued: NonZeroUsize,
     pub call_timeout_ms: u64,
     pub snapshot_every: NonZeroU64,
     pub past_due_grace_hours: u64,
@@ -173,6 +174,7 @@ impl Default for RawAccounts {
         Self {
             idle_timeout_s: nonzero!(300),
             max_live: nonzero!(100_000),
+            max_queued: nonzero!(100_000),
             call_timeout_ms: 5_000,
             snapshot_every: nonzero!(1_000),
             past_due_grace_hours: 72,

@@ -82,6 +82,7 @@ pub(super) fn accounts(raw: &RawAccounts) -> Result<AccountSettings, Invalid> {
         snapshot_every: raw.snapshot_every.get(),
         call_timeout: Duration::from_millis(raw.call_timeout_ms),
         max_live: raw.max_live.get(),
+        max_queued: raw.max_queued.get(),
         past_due_grace: Duration::from_secs(raw.past_due_grace_hours * 3600),
     })
 }

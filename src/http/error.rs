@@ -26,7 +26,7 @@ pub struct ErrorBody {
     /// Machine-readable: `invalid_request`, `unauthorized`, `forbidden`, `unknown_account`,
     /// `not_found`, `method_not_allowed`, `idempotency_conflict`, `cap_reached`,
     /// `insufficient_credits`, `subscription_inactive`, `spend_cap_reached`, `meter_not_in_plan`,
-    /// `credit_balance_too_low`, `rate_limited`, `unavailable`,
+    /// `credit_balance_too_low`, `rate_limited`, `unavailable`, `overloaded`,
     /// `internal`.
     pub code: String,
     /// For humans; never contains secrets or request bodies.
@@ -128,7 +128,18 @@ impl From<AccountError> for ApiError {
                 "spend_cap_reached" => (StatusCode::PAYMENT_REQUIRED, "spend_cap_reached"),
                 _ => (StatusCode::TOO_MANY_REQUESTS, "cap_reached"),
             },
-            AccountError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            AccountError::Overloaded(_) => {
+                let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", msg);
+                e.retry_after = Some(1);
+                return e;
+            }
+            AccountError::Storage(_) => {
+                // The storage text is for the operator, not the client.
+                tracing::error!(error = %msg, "storage failure answered as 503");
+                return ApiError::unavailable(
+                    "storage is unavailable; retry with the same idempotency key",
+                );
+            }
             AccountError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AccountError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
@@ -199,7 +210,7 @@ const DOCUMENTED: &[(u16, &str)] = &[
     ),
     (
         503,
-        "`unavailable`: storage failure or timeout; retry with the same idempotency key",
+        "`unavailable`: storage failure or timeout; retry with the same idempotency key. `overloaded`: too many requests queued, shed at once (see `Retry-After`)",
     ),
 ];
 
@@ -257,4 +268,30 @@ pub fn render_poem_error(err: poem::Error) -> Response {
 /// A path's account id, or 400 `invalid_request` saying what is wrong with it.
 pub fn account_id(raw: &str) -> Result<meterd_actors::model::AccountId, ApiError> {
     meterd_actors::model::AccountId::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shedding_is_503_overloaded_with_retry_after() {
+        let e = ApiError::from(AccountError::Overloaded(100_000));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.body.code, "overloaded");
+        assert_eq!(e.retry_after, Some(1));
+        let r = e.into_response();
+        assert_eq!(r.headers()[poem::http::header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn storage_text_never_reaches_the_client() {
+        let e = ApiError::from(AccountError::Storage(
+            "IO error: /var/lib/meterd/db: No space left on device".into(),
+        ));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.body.code, "unavailable");
+        assert!(!e.body.message.contains("space"), "{}", e.body.message);
+        assert!(!e.body.message.contains("/var"), "{}", e.body.message);
+    }
 }

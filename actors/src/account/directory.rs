@@ -11,9 +11,19 @@
 //! message is always queued ahead of a drain marker and is never lost to a stopping actor.
 //! Messages for a draining account are parked and forwarded to its next actor.
 //!
-//! [`Accounts`] is the handle everything else uses. Every call has a timeout.
+//! An unknown account costs the directory one key lookup: it gets `UnknownAccount` and no
+//! actor is spawned (only an upsert creates an account).
+//!
+//! [`Accounts`] is the handle everything else uses. Every call has a timeout; beyond
+//! `max_queued` waiting requests a call fails at once with `Overloaded` (each admitted
+//! request holds a [`Ticket`] until its account actor has handled it).
+//!
+//! A cold account is loaded from sled in its actor's `post_start`, beside the directory:
+//! requests for it wait in its mailbox meanwhile, and other accounts are not held up.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ractor::concurrency::JoinHandle;
@@ -29,9 +39,36 @@ use super::{
 };
 use crate::model::AccountId;
 
+/// A request on its way to an account actor, with the ticket that counts it as queued.
+pub struct Envelope {
+    pub(crate) msg: AccountMsg,
+    pub(crate) ticket: Option<Ticket>,
+}
+
+impl Envelope {
+    /// A message no caller waits for (timers, fault injection): not counted.
+    pub(crate) fn bare(msg: AccountMsg) -> Envelope {
+        Envelope { msg, ticket: None }
+    }
+
+    fn fail(self, err: AccountError) {
+        self.msg.fail(err);
+    }
+}
+
+/// One admitted request, counted in [`Accounts::queued`] until dropped: when its account
+/// actor's handler ends, or when the request is failed or lost with a stopped actor.
+pub struct Ticket(Arc<AtomicUsize>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pub enum DirectoryMsg {
     /// Forward a message to the account's live actor, spawning it if needed.
-    Route(AccountId, AccountMsg),
+    Route(AccountId, Envelope),
     /// An account actor has been idle for the idle timeout.
     Idle(AccountId, ActorId),
     Stats(RpcReplyPort<DirectoryStats>),
@@ -48,7 +85,7 @@ pub struct DirectoryStats {
 }
 
 struct Live {
-    actor: ActorRef<AccountMsg>,
+    actor: ActorRef<Envelope>,
     last_used: u64,
 }
 
@@ -58,7 +95,7 @@ pub struct DirectoryState {
     /// `last_used` tick → account, for least-recently-used eviction.
     lru: BTreeMap<u64, AccountId>,
     /// Accounts whose actor is stopping, with the messages waiting for the next one.
-    draining: HashMap<AccountId, Vec<AccountMsg>>,
+    draining: HashMap<AccountId, Vec<Envelope>>,
     /// Which account each running actor serves.
     by_actor: HashMap<ActorId, AccountId>,
     tick: u64,
@@ -148,7 +185,16 @@ impl Actor for DirectoryActor {
 
 impl DirectoryState {
     /// Puts `msg` into the mailbox of the account's live actor, spawning one if needed.
-    async fn forward(&mut self, myself: &ActorRef<DirectoryMsg>, id: &AccountId, msg: AccountMsg) {
+    async fn forward(&mut self, myself: &ActorRef<DirectoryMsg>, id: &AccountId, msg: Envelope) {
+        // Only an upsert may create an account: anything else for an id with no live actor
+        // costs one key lookup, and an unknown one gets no actor at all.
+        if !self.live.contains_key(id) && !matches!(msg.msg, AccountMsg::Upsert(..)) {
+            match self.deps.store.account_exists(id) {
+                Ok(true) => {}
+                Ok(false) => return msg.fail(AccountError::UnknownAccount(id.clone())),
+                Err(e) => return msg.fail(e.into()),
+            }
+        }
         let actor = match self.get_or_spawn(myself, id).await {
             Ok(a) => a,
             Err(e) => return msg.fail(e),
@@ -174,7 +220,7 @@ impl DirectoryState {
         &mut self,
         myself: &ActorRef<DirectoryMsg>,
         id: &AccountId,
-    ) -> Result<ActorRef<AccountMsg>, AccountError> {
+    ) -> Result<ActorRef<Envelope>, AccountError> {
         self.tick += 1;
         let tick = self.tick;
         if let Some(l) = self.live.get_mut(id) {
@@ -195,7 +241,7 @@ impl DirectoryState {
             deps: self.deps.clone(),
             directory: myself.clone(),
         };
-        let (actor, _handle): (ActorRef<AccountMsg>, JoinHandle<()>) =
+        let (actor, _handle): (ActorRef<Envelope>, JoinHandle<()>) =
             Actor::spawn_linked(None, AccountActor, args, myself.get_cell())
                 .await
                 .map_err(|e| {
@@ -280,15 +326,42 @@ impl DirectoryState {
 pub struct Accounts {
     directory: ActorRef<DirectoryMsg>,
     timeout: Duration,
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
 }
 
 impl Accounts {
     pub async fn spawn(deps: AccountDeps) -> Result<(Accounts, JoinHandle<()>), AccountError> {
         let timeout = deps.settings.call_timeout;
+        let max_queued = deps.settings.max_queued;
         let (directory, handle) = Actor::spawn(None, DirectoryActor, deps)
             .await
             .map_err(|e| AccountError::Unavailable(e.to_string()))?;
-        Ok((Accounts { directory, timeout }, handle))
+        Ok((
+            Accounts {
+                directory,
+                timeout,
+                queued: Arc::new(AtomicUsize::new(0)),
+                max_queued,
+            },
+            handle,
+        ))
+    }
+
+    /// Requests admitted and not yet handled by their account actor.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// A ticket for one more queued request, or `Overloaded`.
+    fn admit(&self) -> Result<Ticket, AccountError> {
+        let before = self.queued.fetch_add(1, Ordering::AcqRel);
+        let ticket = Ticket(self.queued.clone());
+        if before >= self.max_queued {
+            drop(ticket);
+            return Err(AccountError::Overloaded(before));
+        }
+        Ok(ticket)
     }
 
     /// Sends one request to the account's actor through the directory and waits (bounded)
@@ -299,10 +372,22 @@ impl Accounts {
         id: &AccountId,
         build: impl FnOnce(RpcReplyPort<Result<T, AccountError>>) -> AccountMsg,
     ) -> Result<T, AccountError> {
+        let ticket = Some(self.admit()?);
         let id = id.clone();
         match self
             .directory
-            .call(|p| DirectoryMsg::Route(id, build(p)), Some(self.timeout))
+            .call(
+                |p| {
+                    DirectoryMsg::Route(
+                        id,
+                        Envelope {
+                            msg: build(p),
+                            ticket,
+                        },
+                    )
+                },
+                Some(self.timeout),
+            )
             .await
         {
             Ok(CallResult::Success(r)) => r,
@@ -395,7 +480,26 @@ impl Accounts {
     #[cfg(feature = "fault-injection")]
     pub async fn crash(&self, id: &AccountId) -> Result<(), AccountError> {
         self.directory
-            .cast(DirectoryMsg::Route(id.clone(), AccountMsg::Crash))
+            .cast(DirectoryMsg::Route(
+                id.clone(),
+                Envelope::bare(AccountMsg::Crash),
+            ))
+            .map_err(|e| AccountError::Unavailable(e.to_string()))
+    }
+
+    /// Fault injection (tests only): keeps the account's actor busy for `d`. The stall is a
+    /// queued request like any other (it holds a ticket while it runs).
+    #[cfg(feature = "fault-injection")]
+    pub fn stall(&self, id: &AccountId, d: Duration) -> Result<(), AccountError> {
+        let ticket = Some(self.admit()?);
+        self.directory
+            .cast(DirectoryMsg::Route(
+                id.clone(),
+                Envelope {
+                    msg: AccountMsg::Stall(d),
+                    ticket,
+                },
+            ))
             .map_err(|e| AccountError::Unavailable(e.to_string()))
     }
 

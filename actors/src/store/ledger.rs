@@ -45,6 +45,15 @@ impl Store {
         }
     }
 
+    /// Whether the account exists: one key lookup (its first ledger entry is its creation),
+    /// so a request for an unknown id costs no actor and no memory.
+    pub fn account_exists(&self, account: &AccountId) -> Result<bool, StoreError> {
+        Ok(self
+            .inner
+            .ledger
+            .contains_key(codec::ledger_key(account, 1))?)
+    }
+
     /// The highest sequence number in the account's ledger, if it has any entry.
     pub fn last_seq(&self, account: &AccountId) -> Result<Option<u64>, StoreError> {
         let upper = codec::ledger_key(account, u64::MAX);
