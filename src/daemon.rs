@@ -15,11 +15,12 @@ use std::time::Duration;
 use anyhow::Context;
 use meterd_actors::account::{AccountDeps, Accounts};
 use meterd_actors::billing::PriceMap;
-use meterd_actors::janitor::{JanitorActor, JanitorArgs};
+use meterd_actors::janitor::{self, JanitorArgs};
 use meterd_actors::model::Clock;
 use meterd_actors::outbox::{Outbox, OutboxArgs, OutboxSettings};
 use meterd_actors::store::{Store, StoreConfig};
 use meterd_actors::stripe::StripeHttp;
+use meterd_actors::supervisor::{Components, Health, Restart, Supervisor, SupervisorArgs};
 use meterd_actors::webhook::{WebhookArgs, WebhookSettings, Webhooks};
 use poem::Server;
 use poem::listener::TcpAcceptor;
@@ -330,22 +331,31 @@ pub async fn run_with_clock(
         clock: clock.clone(),
         settings: Arc::new(config.accounts.clone()),
     };
-    let (accounts, directory_handle) = Accounts::spawn(deps)
+    // One supervision tree: every singleton below is started by the root supervisor.
+    let components = Components::default();
+    components.set("storage", Health::Ok, None);
+    let (supervisor, supervisor_handle) = Supervisor::spawn(SupervisorArgs {
+        policy: config.supervisor.clone(),
+        components: components.clone(),
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot start the supervisor: {e}"))?;
+    let (accounts, start) = Accounts::prepare(deps);
+    supervisor
+        .start("directory", Restart::Never, start)
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the account directory: {e}"))?;
-    let (janitor, janitor_handle) = ractor::Actor::spawn(
-        None,
-        JanitorActor,
-        JanitorArgs {
-            store: store.clone(),
-            clock,
-            retention: config.idempotency_retention,
-            interval: config.sweep_interval,
-            page: 10_000,
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("cannot start the janitor: {e}"))?;
+    let (janitor, start) = janitor::prepare(JanitorArgs {
+        store: store.clone(),
+        clock,
+        retention: config.idempotency_retention,
+        interval: config.sweep_interval,
+        page: 10_000,
+    });
+    supervisor
+        .start("janitor", Restart::WithBackoff, start)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start the janitor: {e}"))?;
 
     let client = match &secrets.stripe_key {
         Some(key) => {
@@ -375,7 +385,8 @@ pub async fn run_with_clock(
     };
     let stripe_for_http = client.clone();
     let s = &config.stripe;
-    let (outbox, outbox_handle) = Outbox::spawn(OutboxArgs {
+    let stripe_online = client.is_some();
+    let (outbox, start) = Outbox::prepare(OutboxArgs {
         store: store.clone(),
         accounts: accounts.clone(),
         clock: clock_for_outbox,
@@ -394,9 +405,11 @@ pub async fn run_with_clock(
             aggregation: s.aggregation.clone(),
             meter_events: s.meter_events,
         },
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("cannot start the outbox: {e}"))?;
+    });
+    supervisor
+        .start("outbox", Restart::WithBackoff, start)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start the outbox: {e}"))?;
 
     let w = &config.webhooks;
     if secrets.webhook_secrets.is_empty() {
@@ -411,7 +424,7 @@ pub async fn run_with_clock(
             w.secret_env
         );
     }
-    let (webhooks, webhooks_handle) = Webhooks::spawn(WebhookArgs {
+    let (webhooks, start) = Webhooks::prepare(WebhookArgs {
         store: store.clone(),
         accounts: accounts.clone(),
         clock: clock_for_webhooks.clone(),
@@ -428,9 +441,11 @@ pub async fn run_with_clock(
             backfill_on_start: w.backfill_on_start,
             backfill_days: w.backfill_days,
         },
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("cannot start the webhook actor: {e}"))?;
+    });
+    supervisor
+        .start("webhooks", Restart::WithBackoff, start)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start the webhook actor: {e}"))?;
     let receiver = Arc::new(crate::http::webhooks::Receiver {
         webhooks: webhooks.clone(),
         secrets: secrets.webhook_secrets.clone(),
@@ -448,6 +463,8 @@ pub async fn run_with_clock(
         max_batch_body_bytes: config.max_batch_body_bytes,
         rate_limits: config.rate_limits,
         ready: ready.clone(),
+        components: components.clone(),
+        stripe_online,
         outbox: outbox.clone(),
         stripe: stripe_for_http,
         stripe_config: Arc::new(config.stripe.clone()),
@@ -466,25 +483,98 @@ pub async fn run_with_clock(
         println!("meterd listening on {addr}");
     }
 
+    let watchdog = spawn_watchdog(store.clone(), accounts.clone());
+    // Stop on the caller's signal, or on a fault the supervisor cannot repair (a component
+    // failing too often, the directory failing) or a failed flush: then exit non-zero so
+    // systemd restarts the process.
+    let fault: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let stop = {
+        let (supervisor, store, fault) = (supervisor.clone(), store.clone(), fault.clone());
+        async move {
+            let reason = tokio::select! {
+                () = shutdown => return,
+                r = supervisor.fatal() => r,
+                r = storage_failure(store) => r,
+            };
+            tracing::error!(reason = %reason, "stopping after a fault");
+            *fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        }
+    };
     let served = Server::new_with_acceptor(acceptor)
-        .run_with_graceful_shutdown(app, shutdown, Some(config.shutdown_timeout))
+        .run_with_graceful_shutdown(app, stop, Some(config.shutdown_timeout))
         .await;
     ready.store(false, Ordering::Release);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("HTTP stopped; draining account actors");
+    if let Some(w) = watchdog {
+        w.abort();
+    }
 
-    webhooks.stop();
-    let _ = webhooks_handle.await;
-    outbox.stop();
-    let _ = outbox_handle.await;
-    let drained = accounts.shutdown(config.shutdown_timeout).await;
-    janitor.stop(None);
-    let _ = janitor_handle.await;
-    let _ = directory_handle.await;
+    // In order, and none restarted meanwhile.
+    supervisor.stopping().await;
+    let bound = config.shutdown_timeout;
+    webhooks.stop_and_wait(bound).await;
+    outbox.stop_and_wait(bound).await;
+    let drained = accounts.shutdown(bound).await;
+    if let Some(j) = janitor.get() {
+        let _ = j.stop_and_wait(None, Some(bound)).await;
+    }
+    supervisor.stop();
+    let _ = supervisor_handle.await;
     let closed = tokio::task::spawn_blocking(move || store.close()).await?;
     served.context("HTTP server failed")?;
+    let fault = fault.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(reason) = fault {
+        anyhow::bail!("meterd stopped after a fault: {reason}");
+    }
     drained.map_err(|e| anyhow::anyhow!("account actors did not stop cleanly: {e}"))?;
     closed.map_err(|e| anyhow::anyhow!("final flush failed: {e}"))?;
     tracing::info!("meterd stopped");
     Ok(())
+}
+
+/// Resolves once a flush to disk has failed (checked twice a second).
+async fn storage_failure(store: Store) -> String {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if store.has_failed() {
+            return "a flush to disk failed: the store refuses every write until a restart".into();
+        }
+    }
+}
+
+/// Under systemd with `WatchdogSec=`: sends `WATCHDOG=1` at half the interval, but only
+/// while the flusher completes a flush and the account directory answers, each within a
+/// second. A wedged daemon stops pinging and systemd restarts it.
+fn spawn_watchdog(store: Store, accounts: Accounts) -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let every = Duration::from_micros(usec / 2);
+    tracing::info!(
+        every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
+        "systemd watchdog enabled"
+    );
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let limit = Duration::from_secs(1);
+            let flushed = matches!(
+                tokio::time::timeout(limit, store.barrier()).await,
+                Ok(Ok(()))
+            );
+            let directory = matches!(
+                tokio::time::timeout(limit, accounts.stats()).await,
+                Ok(Ok(_))
+            );
+            if flushed && directory {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            } else {
+                tracing::error!(flushed, directory, "watchdog: not pinging systemd");
+            }
+        }
+    }))
 }

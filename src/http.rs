@@ -24,8 +24,11 @@ use poem::{Endpoint, EndpointExt, Route};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, OpenApiService, Tags};
 
+use std::collections::BTreeMap;
+
 use meterd_actors::account::Accounts;
 use meterd_actors::store::StoreReader;
+use meterd_actors::supervisor::{Components, Health};
 
 use self::accounts::AccountsApi;
 use self::auth::ApiKeys;
@@ -38,24 +41,43 @@ enum HealthTags {
 }
 
 struct HealthApi {
-    accounts: Accounts,
     store: StoreReader,
     ready: Arc<AtomicBool>,
-    outbox: meterd_actors::outbox::Outbox,
+    components: Components,
+    /// A Stripe key is set.
+    online: bool,
     webhooks: meterd_actors::webhook::Webhooks,
     /// A webhook signing secret is configured.
     webhooks_configured: bool,
 }
 
 #[derive(Object)]
-struct HealthBody {
+struct ComponentBody {
+    /// `ok`, `degraded` (working around a failure, e.g. restarting) or `failed`.
     status: String,
+    #[oai(skip_serializing_if_is_none)]
+    detail: Option<String>,
+    /// Restarts since the daemon started.
+    restarts: u64,
+}
+
+#[derive(Object)]
+struct HealthBody {
+    /// `ok` (liveness); `ready`, `degraded` (ready, some component restarting),
+    /// `shutting_down`, `storage_failed` or `component_failed` (readiness).
+    status: String,
+    /// Each component (`storage`, `directory`, `outbox`, `webhooks`, `janitor`), from memory.
+    #[oai(skip_serializing_if_is_none)]
+    components: Option<BTreeMap<String, ComponentBody>>,
     /// `online`, or `offline` (no Stripe key: billable usage waits in the outbox).
     #[oai(skip_serializing_if_is_none)]
     stripe: Option<String>,
-    /// Billable entries waiting for Stripe.
+    /// Billable records waiting for Stripe.
     #[oai(skip_serializing_if_is_none)]
     outbox_queued: Option<u64>,
+    /// Billable records Stripe refused for good (dead letters).
+    #[oai(skip_serializing_if_is_none)]
+    outbox_dead: Option<u64>,
     /// `configured`, or `not_configured` (no signing secret: POST /webhooks/stripe answers 503).
     #[oai(skip_serializing_if_is_none)]
     webhooks: Option<String>,
@@ -64,9 +86,33 @@ struct HealthBody {
     webhooks_pending: Option<u64>,
 }
 
+impl HealthBody {
+    fn status(status: &str) -> HealthBody {
+        HealthBody {
+            status: status.into(),
+            components: None,
+            stripe: None,
+            outbox_queued: None,
+            outbox_dead: None,
+            webhooks: None,
+            webhooks_pending: None,
+        }
+    }
+}
+
+#[derive(ApiResponse)]
+enum HealthResponse {
+    /// The process answers and its storage works.
+    #[oai(status = 200)]
+    Ok(Json<HealthBody>),
+    /// A flush to disk failed: nothing can be recorded until the daemon restarts.
+    #[oai(status = 503)]
+    Failed(Json<HealthBody>),
+}
+
 #[derive(ApiResponse)]
 enum ReadyResponse {
-    /// The store is open, the actors answer, and the daemon is not shutting down.
+    /// The store works, no component has failed, and the daemon is not shutting down.
     #[oai(status = 200)]
     Ready(Json<HealthBody>),
     #[oai(status = 503)]
@@ -75,44 +121,62 @@ enum ReadyResponse {
 
 #[OpenApi(tag = "HealthTags::Health")]
 impl HealthApi {
-    /// Liveness: the process answers HTTP.
+    /// Liveness: the process answers and its storage has not failed.
     #[oai(path = "/healthz", method = "get")]
-    async fn healthz(&self) -> Json<HealthBody> {
-        Json(HealthBody {
-            status: "ok".into(),
-            stripe: None,
-            outbox_queued: None,
-            webhooks: None,
-            webhooks_pending: None,
-        })
+    async fn healthz(&self) -> HealthResponse {
+        if self.store.has_failed() {
+            return HealthResponse::Failed(Json(HealthBody::status("storage_failed")));
+        }
+        HealthResponse::Ok(Json(HealthBody::status("ok")))
     }
 
-    /// Readiness: able to accept and durably record consumption.
+    /// Readiness: able to accept and durably record consumption. Answered from memory
+    /// (counters and component states kept as things happen): no actor is asked, no tree
+    /// is scanned.
     #[oai(path = "/readyz", method = "get")]
     async fn readyz(&self) -> ReadyResponse {
-        let not_ready = |why: &str| {
-            ReadyResponse::NotReady(Json(HealthBody {
-                status: why.into(),
-                stripe: None,
-                outbox_queued: None,
-                webhooks: None,
-                webhooks_pending: None,
-            }))
+        let storage_failed = self.store.has_failed();
+        if storage_failed {
+            self.components.set(
+                "storage",
+                Health::Failed,
+                Some("a flush to disk failed; restart the daemon".into()),
+            );
+        }
+        let components: BTreeMap<String, ComponentBody> = self
+            .components
+            .snapshot()
+            .into_iter()
+            .map(|(name, c)| {
+                (
+                    name.to_owned(),
+                    ComponentBody {
+                        status: c.health.as_str().into(),
+                        detail: c.detail,
+                        restarts: c.restarts,
+                    },
+                )
+            })
+            .collect();
+        let worst = self.components.worst();
+        let status = if !self.ready.load(Ordering::Acquire) {
+            "shutting_down"
+        } else if storage_failed {
+            "storage_failed"
+        } else if worst == Health::Failed {
+            "component_failed"
+        } else if worst == Health::Degraded {
+            "degraded"
+        } else {
+            "ready"
         };
-        if !self.ready.load(Ordering::Acquire) {
-            return not_ready("shutting_down");
-        }
-        if self.store.has_failed() {
-            return not_ready("storage_failed");
-        }
-        if self.accounts.stats().await.is_err() {
-            return not_ready("actors_unavailable");
-        }
-        let outbox = self.outbox.stats().await;
-        ReadyResponse::Ready(Json(HealthBody {
-            status: "ready".into(),
-            stripe: outbox.map(|s| if s.online { "online" } else { "offline" }.into()),
-            outbox_queued: outbox.map(|s| s.queued as u64),
+        let (queued, dead) = self.store.outbox_gauges();
+        let body = HealthBody {
+            status: status.into(),
+            components: Some(components),
+            stripe: Some(if self.online { "online" } else { "offline" }.into()),
+            outbox_queued: Some(queued),
+            outbox_dead: Some(dead),
             webhooks: Some(
                 if self.webhooks_configured {
                     "configured"
@@ -121,8 +185,13 @@ impl HealthApi {
                 }
                 .into(),
             ),
-            webhooks_pending: self.webhooks.stats().await.map(|s| s.pending as u64),
-        }))
+            webhooks_pending: Some(self.webhooks.pending() as u64),
+        };
+        if matches!(status, "ready" | "degraded") {
+            ReadyResponse::Ready(Json(body))
+        } else {
+            ReadyResponse::NotReady(Json(body))
+        }
     }
 }
 
@@ -135,6 +204,10 @@ pub struct AppDeps {
     pub max_batch_body_bytes: usize,
     pub rate_limits: crate::config::RateLimits,
     pub ready: Arc<AtomicBool>,
+    /// Component health, kept by the supervisor.
+    pub components: Components,
+    /// A Stripe key is set.
+    pub stripe_online: bool,
     /// `None`: offline (no Stripe key).
     pub stripe: Option<meterd_actors::stripe::StripeHttp>,
     pub stripe_config: Arc<crate::config::StripeConfig>,
@@ -174,10 +247,10 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
                 store: deps.store.clone(),
             },
             HealthApi {
-                accounts: deps.accounts,
                 store: deps.store,
                 ready: deps.ready,
-                outbox: deps.outbox.clone(),
+                components: deps.components,
+                online: deps.stripe_online,
                 webhooks_configured: !deps.receiver.secrets.is_empty(),
                 webhooks: deps.webhooks.clone(),
             },

@@ -7,6 +7,8 @@
 //! - [`outbox::OutboxActor`] delivers billable usage to Stripe Billing Meters, exactly once.
 //! - [`webhook::WebhookActor`] applies logged Stripe events to their accounts, in order.
 //! - [`janitor::JanitorActor`] expires idempotency records after the retention period.
+//! - [`supervisor::RootSupervisor`] starts the singletons above (the directory included),
+//!   restarts a failed one with backoff, and reports a fault it cannot repair.
 //!
 //! **Architecture invariant:** this crate knows nothing of HTTP, CLIs or file formats; it
 //! depends on neither poem, clap nor toml. The daemon (`meterd`) turns config into a
@@ -24,5 +26,6 @@ pub mod pricing;
 pub mod signature;
 pub mod store;
 pub mod stripe;
+pub mod supervisor;
 pub mod verify;
 pub mod webhook;

@@ -39,6 +39,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::supervisor::{Slot, StartFn, start_fn};
+
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::account::Accounts;
@@ -151,6 +153,7 @@ pub struct OutboxStats {
     pub stream_requests_total: u64,
 }
 
+#[derive(Clone)]
 pub struct OutboxArgs {
     pub store: Store,
     pub accounts: Accounts,
@@ -424,27 +427,51 @@ impl OutboxState {
     }
 }
 
-/// The handle to the outbox.
+/// The handle to the outbox. It follows the actor across supervisor restarts.
 #[derive(Clone)]
 pub struct Outbox {
-    actor: ActorRef<OutboxMsg>,
+    actor: Slot<OutboxMsg>,
     aggregation: Arc<Aggregation>,
 }
 
 impl Outbox {
-    pub async fn spawn(
-        args: OutboxArgs,
-    ) -> Result<(Outbox, ractor::concurrency::JoinHandle<()>), String> {
+    /// The handle, and the function that starts (and restarts) the actor under a
+    /// supervisor. The actor keeps nothing that is not in sled: a restart resumes the queue.
+    pub fn prepare(args: OutboxArgs) -> (Outbox, StartFn) {
         let aggregation = Arc::new(args.settings.aggregation.clone());
-        let (actor, handle) = Actor::spawn(None, OutboxActor, args)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok((Outbox { actor, aggregation }, handle))
+        let slot = Slot::default();
+        let start = {
+            let slot = slot.clone();
+            start_fn(move |supervisor| {
+                let (args, slot) = (args.clone(), slot.clone());
+                async move {
+                    let (actor, _) = Actor::spawn_linked(None, OutboxActor, args, supervisor)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    slot.set(actor.clone());
+                    Ok(actor.get_cell())
+                }
+            })
+        };
+        (
+            Outbox {
+                actor: slot,
+                aggregation,
+            },
+            start,
+        )
+    }
+
+    fn actor(&self) -> Result<ActorRef<OutboxMsg>, String> {
+        self.actor
+            .get()
+            .ok_or_else(|| "the outbox is not running".to_owned())
     }
 
     pub async fn stats(&self) -> Option<OutboxStats> {
         match self
-            .actor
+            .actor()
+            .ok()?
             .call(OutboxMsg::Stats, Some(Duration::from_secs(30)))
             .await
         {
@@ -484,7 +511,7 @@ impl Outbox {
 
     async fn call_revive(&self, which: Option<(AccountId, u64)>) -> Result<u64, String> {
         match self
-            .actor
+            .actor()?
             .call(
                 |r| OutboxMsg::Revive(which, r),
                 Some(Duration::from_secs(60)),
@@ -497,8 +524,11 @@ impl Outbox {
         }
     }
 
-    pub fn stop(&self) {
-        self.actor.stop(None);
+    /// Stops the actor and waits (at most `bound`) until it has.
+    pub async fn stop_and_wait(&self, bound: Duration) {
+        if let Ok(a) = self.actor() {
+            let _ = a.stop_and_wait(None, Some(bound)).await;
+        }
     }
 }
 

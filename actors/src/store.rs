@@ -9,6 +9,9 @@
 //! - `accounts`: `account_id` → [`StoredSnapshot`]. Derived, written lazily.
 //! - `idem`:     `account_id 0x00 op key` → [`StoredIdem`]. Derived, written lazily, expired
 //!   by the janitor after the retention period.
+//! - `idem_expiry`: `at_ms_be` + the `idem` key → nothing: the same records in time order, so
+//!   the janitor takes the expired ones from the front instead of scanning `idem` (top-ups and
+//!   Stripe events, kept for good, are not filed).
 //! - `notify`:   `at_ms_be account_id 0x00 seq_be idx_be` → [`StoredNotification`]: alerts
 //!   queued for outgoing notification, in time order. Derived, written lazily, rebuilt from
 //!   the ledger tail; a notifier (a later component) deletes what it delivered.
@@ -54,7 +57,7 @@ pub mod records;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc;
 
 pub use codec::{OutboxBatch, OutboxRecord};
@@ -69,10 +72,11 @@ use crate::model::{AccountId, UnixMs};
 
 /// The data dir format this build writes and understands (older ones are migrated at open,
 /// see `migrate`).
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The tree of the hashed-identifier index.
 const HASHED_IDS: &str = "hashed_ids";
+const IDEM_EXPIRY: &str = "idem_expiry";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -135,6 +139,15 @@ pub enum IdemOp {
     Stripe = 6,
 }
 
+impl IdemOp {
+    /// Top-ups (a payment) and Stripe events are kept for good: Stripe, an admin replay or a
+    /// backfill may bring them back long after the retention period, and they must still be
+    /// recognised. Every other record expires.
+    pub fn expires(self) -> bool {
+        !matches!(self, IdemOp::Topup | IdemOp::Stripe)
+    }
+}
+
 /// Where an idempotency key points: the ledger entry that answered it first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdemRecord {
@@ -155,6 +168,7 @@ struct Inner {
     ledger: sled::Tree,
     accounts: sled::Tree,
     idem: sled::Tree,
+    idem_expiry: sled::Tree,
     notify: sled::Tree,
     outbox: sled::Tree,
     sent: sled::Tree,
@@ -165,6 +179,10 @@ struct Inner {
     customers: sled::Tree,
     meter_errors: sled::Tree,
     hashed_ids: sled::Tree,
+    /// Records in `outbox` and `dead`, counted once at open and kept as they change, so
+    /// readiness and metrics never scan a tree.
+    queued: AtomicI64,
+    dead_count: AtomicI64,
     flush_tx: mpsc::Sender<FlushCmd>,
     failed: Arc<AtomicBool>,
     stats: Arc<FlushStats>,
@@ -187,6 +205,11 @@ impl StoreReader {
     /// True once a flush has failed: nothing more can be acknowledged.
     pub fn has_failed(&self) -> bool {
         self.0.has_failed()
+    }
+
+    /// (queued, dead) outbox records, O(1).
+    pub fn outbox_gauges(&self) -> (u64, u64) {
+        self.0.outbox_gauges()
     }
 
     /// Up to `limit` ledger entries of `account` after `after`, in order.
@@ -280,21 +303,29 @@ impl Store {
                     source,
                 })?
         };
+        let outbox = db.open_tree("outbox")?;
+        let dead = db.open_tree("dead")?;
+        // The only full count: once, at open.
+        let queued = AtomicI64::new(i64::try_from(outbox.len()).unwrap_or(i64::MAX));
+        let dead_count = AtomicI64::new(i64::try_from(dead.len()).unwrap_or(i64::MAX));
         Ok(Store {
             inner: Arc::new(Inner {
                 ledger: db.open_tree("ledger")?,
                 accounts: db.open_tree("accounts")?,
                 idem: db.open_tree("idem")?,
+                idem_expiry: db.open_tree(IDEM_EXPIRY)?,
                 notify: db.open_tree("notify")?,
-                outbox: db.open_tree("outbox")?,
+                outbox,
                 sent: db.open_tree("sent")?,
-                dead: db.open_tree("dead")?,
+                dead,
                 batched: db.open_tree("batched")?,
                 webhooks: db.open_tree("webhooks")?,
                 webhook_bodies: db.open_tree("webhook_bodies")?,
                 customers: db.open_tree("customers")?,
                 meter_errors: db.open_tree("meter_errors")?,
                 hashed_ids: db.open_tree(HASHED_IDS)?,
+                queued,
+                dead_count,
                 flush_tx,
                 failed,
                 stats,
@@ -369,13 +400,36 @@ mod tests {
     use crate::ledger::{EntryKind, LedgerEntry};
     use crate::model::Period;
 
+    /// sled's background threads may hold the file lock of a just-closed database for a
+    /// moment: retry (bounded) while the lock is taken.
+    fn retry_locked<T, E: std::fmt::Display>(mut f: impl FnMut() -> Result<T, E>) -> T {
+        let started = std::time::Instant::now();
+        loop {
+            match f() {
+                Ok(v) => return v,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && started.elapsed() < std::time::Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("open: {e}"),
+            }
+        }
+    }
+
     fn open(dir: &std::path::Path) -> Store {
-        Store::open(&StoreConfig {
-            path: dir.to_path_buf(),
-            sync: SyncMode::Fdatasync,
-            cache_capacity_bytes: 16 << 20,
+        retry_locked(|| {
+            Store::open(&StoreConfig {
+                path: dir.to_path_buf(),
+                sync: SyncMode::Fdatasync,
+                cache_capacity_bytes: 16 << 20,
+            })
         })
-        .unwrap()
+    }
+
+    fn sled_open(dir: &std::path::Path) -> sled::Db {
+        retry_locked(|| sled::open(dir))
     }
 
     fn entry(seq: u64) -> LedgerEntry {
@@ -476,7 +530,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sweep_removes_only_expired_idempotency_records() {
+    async fn expiry_takes_only_expired_idempotency_records_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let a = AccountId::parse("acct").unwrap();
@@ -497,19 +551,25 @@ mod tests {
         let old = IdemRecord { seq: 99, at_ms: 0 };
         store.put_idem(&a, IdemOp::Topup, "cs_1", old).unwrap();
         store.put_idem(&a, IdemOp::Stripe, "evt_1", old).unwrap();
-        let mut cursor = None;
-        let mut total = 0;
-        // Small pages: the sweep must continue from its cursor; bounded loop.
+        // k1 (time 100) was rewritten at time 900: it stays until 900 expires.
+        store
+            .put_idem(&a, IdemOp::Consume, "k1", IdemRecord { seq: 1, at_ms: 900 })
+            .unwrap();
+        // Small pages, oldest first; a short page means nothing older is left. Bounded.
+        let (mut taken, mut deleted) = (Vec::new(), 0);
         for _ in 0..20 {
-            let (n, next) = store.sweep_idem(cursor, 500, 3).unwrap();
-            total += n;
-            cursor = next;
-            if cursor.is_none() {
+            let (n, d) = store.expire_idem(500, 2).unwrap();
+            taken.push(n);
+            deleted += d;
+            if n < 2 {
                 break;
             }
         }
-        assert_eq!(total, 5);
+        // Index entries at 0, 100, 200, 300, 400: five taken (2 + 2 + 1), four deleted.
+        assert_eq!(taken, vec![2, 2, 1]);
+        assert_eq!(deleted, 4);
         assert!(store.get_idem(&a, IdemOp::Consume, "k4").unwrap().is_none());
+        assert!(store.get_idem(&a, IdemOp::Consume, "k1").unwrap().is_some());
         assert!(store.get_idem(&a, IdemOp::Consume, "k5").unwrap().is_some());
         assert!(store.get_idem(&a, IdemOp::Topup, "cs_1").unwrap().is_some());
         assert!(
@@ -518,6 +578,12 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
+        // Nothing older than 500 is filed any more; k1 goes once 900 has passed.
+        assert_eq!(store.expire_idem(500, 100).unwrap(), (0, 0));
+        assert_eq!(store.expire_idem(1_000, 100).unwrap(), (6, 6));
+        assert!(store.get_idem(&a, IdemOp::Consume, "k1").unwrap().is_none());
+        assert_eq!(store.inner.idem.len(), 2, "only the permanent ones");
+        assert!(store.inner.idem_expiry.is_empty());
         store.close().unwrap();
     }
 
@@ -532,7 +598,18 @@ mod tests {
         }
     }
 
+    /// The O(1) gauges agree with a full count of the trees.
+    #[track_caller]
+    fn gauges_match(store: &Store) {
+        let counted = (
+            store.inner.outbox.len() as u64,
+            store.inner.dead.len() as u64,
+        );
+        assert_eq!(store.outbox_gauges(), counted);
+    }
+
     fn queued_seqs(store: &Store) -> Vec<(u64, Option<u64>)> {
+        gauges_match(store);
         store
             .outbox_items(false, None, 100)
             .unwrap()
@@ -634,11 +711,14 @@ mod tests {
             rec.item.last_error = Some("refused".into());
             store.mark_dead(&a, 3, &rec).unwrap();
             assert_eq!(store.outbox_counts(), (0, 1, 0));
+            gauges_match(&store);
             store.barrier().await.unwrap();
             store.close().unwrap();
         }
         let store = open(dir.path());
+        gauges_match(&store);
         assert!(store.revive(&a, 3, 50).unwrap());
+        gauges_match(&store);
         let (_, seq, rec) = store.outbox_items(false, None, 10).unwrap().remove(0);
         assert_eq!(seq, 3);
         assert_eq!(rec.batch.unwrap().last_seq, 8);
@@ -652,6 +732,7 @@ mod tests {
             .queue_outbox(&a, 8, &billable("tokens", 5, 1_000), false)
             .unwrap();
         assert_eq!(store.outbox_counts().0, 1);
+        gauges_match(&store);
         store.close().unwrap();
     }
 
@@ -684,7 +765,7 @@ mod tests {
     async fn a_newer_format_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = sled_open(dir.path());
             let meta = db.open_tree("meta").unwrap();
             meta.insert(b"format", &(FORMAT_VERSION + 1).to_be_bytes())
                 .unwrap();
@@ -725,7 +806,7 @@ mod tests {
     }
 
     fn format_of(dir: &std::path::Path) -> u32 {
-        let db = sled::open(dir).unwrap();
+        let db = sled_open(dir);
         let v = db
             .open_tree("meta")
             .unwrap()
@@ -782,7 +863,7 @@ mod tests {
             s.close().unwrap();
         }
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = sled_open(dir.path());
             db.drop_tree(HASHED_IDS).unwrap();
             db.open_tree("meta")
                 .unwrap()
@@ -806,6 +887,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_format_2_data_dir_gets_its_expiry_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::parse("acct").unwrap();
+        // What release 8 left: format 2, idempotency records, no expiry index.
+        {
+            let s = open(dir.path());
+            s.append_entry(&a, &upserted(1)).unwrap();
+            for (i, op) in [IdemOp::Consume, IdemOp::Settle, IdemOp::Topup]
+                .into_iter()
+                .enumerate()
+            {
+                let at_ms = 100 * i64::try_from(i).unwrap();
+                s.put_idem(&a, op, "k", IdemRecord { seq: 1, at_ms })
+                    .unwrap();
+            }
+            s.close().unwrap();
+        }
+        {
+            let db = sled_open(dir.path());
+            db.drop_tree(IDEM_EXPIRY).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(b"format", &2u32.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        assert_eq!(format_of(dir.path()), 2);
+        let s = open(dir.path());
+        // Filed again, all but the top-up, which is kept for good.
+        assert_eq!(s.inner.idem_expiry.len(), 2);
+        assert_eq!(s.expire_idem(1_000, 10).unwrap(), (2, 2));
+        assert!(s.get_idem(&a, IdemOp::Topup, "k").unwrap().is_some());
+        assert!(s.get_idem(&a, IdemOp::Consume, "k").unwrap().is_none());
+        s.close().unwrap();
+        drop(s);
+        assert_eq!(format_of(dir.path()), FORMAT_VERSION);
+    }
+
+    #[tokio::test]
     async fn data_without_a_format_stamp_is_refused_and_a_new_dir_is_stamped() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -815,7 +935,7 @@ mod tests {
         assert_eq!(format_of(dir.path()), FORMAT_VERSION);
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = sled_open(dir.path());
             db.open_tree("ledger").unwrap().insert(b"x", b"y").unwrap();
             db.flush().unwrap();
         }

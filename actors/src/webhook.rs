@@ -15,8 +15,8 @@
 //! than the retention period.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -31,6 +31,7 @@ use crate::store::{
     EventSource, MeterErrorRecord, Store, StoreError, WebhookRecord, WebhookStatus,
 };
 use crate::stripe::{Disposition, StripeHttp};
+use crate::supervisor::{Slot, StartFn, start_fn};
 
 pub enum WebhookMsg {
     /// An event was logged: apply it soon.
@@ -90,6 +91,8 @@ pub struct WebhookArgs {
 
 pub struct WebhookState {
     args: WebhookArgs,
+    /// Where `queue.len()` is published after every message, for readiness.
+    pending: Arc<AtomicUsize>,
     /// Pending events: id → (not before, created). Retries are timed on the monotonic clock
     /// (the business clock may be a test's manual one).
     queue: BTreeMap<String, (Instant, i64)>,
@@ -120,12 +123,12 @@ impl From<StoreError> for Failure {
 impl Actor for WebhookActor {
     type Msg = WebhookMsg;
     type State = WebhookState;
-    type Arguments = WebhookArgs;
+    type Arguments = (WebhookArgs, Arc<AtomicUsize>);
 
     async fn pre_start(
         &self,
         myself: ActorRef<WebhookMsg>,
-        args: WebhookArgs,
+        (args, pending): Self::Arguments,
     ) -> Result<WebhookState, ActorProcessingErr> {
         let mut queue = BTreeMap::new();
         let mut after: Option<String> = None;
@@ -157,8 +160,10 @@ impl Actor for WebhookActor {
                 }
             });
         }
+        pending.store(queue.len(), Ordering::Release);
         Ok(WebhookState {
             args,
+            pending,
             queue,
             stats: WebhookStats::default(),
             last_prune_ms: 0,
@@ -211,6 +216,7 @@ impl Actor for WebhookActor {
             #[cfg(feature = "fault-injection")]
             WebhookMsg::Crash => return Err("crash requested".into()),
         }
+        state.pending.store(state.queue.len(), Ordering::Release);
         Ok(())
     }
 }
@@ -535,75 +541,57 @@ impl WebhookState {
     }
 }
 
-/// A handle to the running webhook actor.
+/// A handle to the webhook actor. It follows the actor across supervisor restarts.
 #[derive(Clone)]
 pub struct Webhooks {
-    /// The live actor; replaced by the supervisor when it restarts one.
-    actor: Arc<RwLock<ActorRef<WebhookMsg>>>,
-    stopping: Arc<AtomicBool>,
+    actor: Slot<WebhookMsg>,
     /// The event log, for [`Webhooks::intake`].
     store: Store,
+    /// Events logged and not yet applied, as the actor last published it.
+    pending: Arc<AtomicUsize>,
 }
 
 impl Webhooks {
-    /// Spawns the actor under a small supervisor: if the actor stops while the daemon is not
-    /// stopping (a panic, an error from a handler), a new one starts from the log a second
-    /// later. The returned handle ends when the supervisor does (after [`Webhooks::stop`]).
-    pub async fn spawn(
-        args: WebhookArgs,
-    ) -> Result<(Webhooks, tokio::task::JoinHandle<()>), String> {
-        let (actor, mut handle) = Actor::spawn(None, WebhookActor, args.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let shared = Arc::new(RwLock::new(actor));
-        let stopping = Arc::new(AtomicBool::new(false));
+    /// The handle, and the function that starts (and restarts) the actor under a
+    /// supervisor: a new actor rebuilds its queue from the log, so nothing announced while
+    /// none ran is lost.
+    pub fn prepare(args: WebhookArgs) -> (Webhooks, StartFn) {
+        let slot = Slot::default();
+        let pending = Arc::new(AtomicUsize::new(0));
         let store = args.store.clone();
-        let supervisor = {
-            let (shared, stopping) = (shared.clone(), stopping.clone());
-            tokio::spawn(async move {
-                loop {
-                    let _ = (&mut handle).await;
-                    if stopping.load(Ordering::Acquire) {
-                        return;
-                    }
-                    tracing::error!("the webhook actor stopped unexpectedly; restarting it");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    if stopping.load(Ordering::Acquire) {
-                        return;
-                    }
-                    match Actor::spawn(None, WebhookActor, args.clone()).await {
-                        Ok((a, h)) => {
-                            if stopping.load(Ordering::Acquire) {
-                                // `stop` ran while this one was starting.
-                                a.stop(None);
-                            }
-                            if let Ok(mut g) = shared.write() {
-                                *g = a;
-                            }
-                            handle = h;
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot restart the webhook actor; retrying");
-                        }
-                    }
+        let start = {
+            let (slot, pending) = (slot.clone(), pending.clone());
+            start_fn(move |supervisor| {
+                let (args, slot, pending) = (args.clone(), slot.clone(), pending.clone());
+                async move {
+                    let (actor, _) =
+                        Actor::spawn_linked(None, WebhookActor, (args, pending), supervisor)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    slot.set(actor.clone());
+                    Ok(actor.get_cell())
                 }
             })
         };
-        Ok((
+        (
             Webhooks {
-                actor: shared,
-                stopping,
+                actor: slot,
                 store,
+                pending,
             },
-            supervisor,
-        ))
+            start,
+        )
     }
 
-    fn actor(&self) -> ActorRef<WebhookMsg> {
-        match self.actor.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+    /// Events logged and not yet applied (O(1): no actor is asked).
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    fn actor(&self) -> Result<ActorRef<WebhookMsg>, String> {
+        self.actor
+            .get()
+            .ok_or_else(|| "the webhook actor is not running".to_owned())
     }
 
     /// Tells the actor an event was logged.
@@ -629,32 +617,39 @@ impl Webhooks {
         Ok(new)
     }
 
+    /// Announces a logged event to the actor. If none runs (it is restarting), the next one
+    /// finds the event in the log.
     pub fn logged(&self, id: &str, created_s: i64) {
-        let _ = self
-            .actor()
-            .cast(WebhookMsg::Logged(id.to_owned(), created_s));
+        if let Ok(a) = self.actor() {
+            let _ = a.cast(WebhookMsg::Logged(id.to_owned(), created_s));
+        }
     }
 
     pub async fn replay(&self, id: &str) -> Result<bool, String> {
-        ractor::call!(self.actor(), WebhookMsg::Replay, id.to_owned()).map_err(|e| e.to_string())?
+        ractor::call!(self.actor()?, WebhookMsg::Replay, id.to_owned())
+            .map_err(|e| e.to_string())?
     }
 
     pub async fn backfill(&self) -> Result<BackfillReport, String> {
-        ractor::call!(self.actor(), WebhookMsg::Backfill).map_err(|e| e.to_string())?
+        ractor::call!(self.actor()?, WebhookMsg::Backfill).map_err(|e| e.to_string())?
     }
 
     pub async fn stats(&self) -> Option<WebhookStats> {
-        ractor::call_t!(self.actor(), WebhookMsg::Stats, 2000).ok()
+        ractor::call_t!(self.actor().ok()?, WebhookMsg::Stats, 2000).ok()
     }
 
     /// Fault injection (tests only): makes the actor fail.
     #[cfg(feature = "fault-injection")]
     pub fn crash(&self) {
-        let _ = self.actor().cast(WebhookMsg::Crash);
+        if let Ok(a) = self.actor() {
+            let _ = a.cast(WebhookMsg::Crash);
+        }
     }
 
-    pub fn stop(&self) {
-        self.stopping.store(true, Ordering::Release);
-        self.actor().stop(None);
+    /// Stops the actor and waits (at most `bound`) until it has.
+    pub async fn stop_and_wait(&self, bound: Duration) {
+        if let Ok(a) = self.actor() {
+            let _ = a.stop_and_wait(None, Some(bound)).await;
+        }
     }
 }

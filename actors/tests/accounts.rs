@@ -70,13 +70,32 @@ fn settings() -> AccountSettings {
     }
 }
 
+/// sled's background threads may hold the file lock of a just-closed database for a
+/// moment: retry (bounded) while the lock is taken.
+fn retry_locked<T, E: std::fmt::Display>(mut f: impl FnMut() -> Result<T, E>) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && started.elapsed() < Duration::from_secs(10) =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("open: {e}"),
+        }
+    }
+}
+
 fn open_store(dir: &std::path::Path) -> Store {
-    Store::open(&StoreConfig {
-        path: dir.to_path_buf(),
-        sync: SyncMode::Fdatasync,
-        cache_capacity_bytes: 16 << 20,
+    retry_locked(|| {
+        Store::open(&StoreConfig {
+            path: dir.to_path_buf(),
+            sync: SyncMode::Fdatasync,
+            cache_capacity_bytes: 16 << 20,
+        })
     })
-    .unwrap()
 }
 
 async fn system(store: &Store, settings: AccountSettings) -> Accounts {
@@ -366,7 +385,7 @@ async fn derived_state_is_rebuilt_from_the_ledger() {
     }
     // Wipe the derived trees, as a crash between ledger write and index write could.
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = retry_locked(|| sled::open(dir.path()));
         db.open_tree("idem").unwrap().clear().unwrap();
         db.open_tree("accounts").unwrap().clear().unwrap();
         db.flush().unwrap();
@@ -538,12 +557,26 @@ async fn a_conditional_customer_link_never_overwrites_one_set_meanwhile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_webhook_actor_is_restarted_and_applies_the_log() {
     use meterd_actors::store::{EventSource, WebhookRecord, WebhookStatus};
+    use meterd_actors::supervisor::{
+        Components, Health, Restart, Supervisor, SupervisorArgs, SupervisorPolicy,
+    };
     use meterd_actors::webhook::{WebhookArgs, WebhookSettings, Webhooks};
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
     let accounts = system(&store, settings()).await;
     create(&accounts, "acct_w", "capped").await;
-    let (webhooks, supervisor) = Webhooks::spawn(WebhookArgs {
+    let (supervisor, supervisor_handle) = Supervisor::spawn(SupervisorArgs {
+        policy: SupervisorPolicy {
+            max_failures: 1,
+            window: Duration::from_secs(60),
+            base_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(50),
+        },
+        components: Components::default(),
+    })
+    .await
+    .unwrap();
+    let (webhooks, start) = Webhooks::prepare(WebhookArgs {
         store: store.clone(),
         accounts: accounts.clone(),
         clock: Clock::System,
@@ -560,9 +593,11 @@ async fn a_failed_webhook_actor_is_restarted_and_applies_the_log() {
             backfill_on_start: false,
             backfill_days: 30,
         },
-    })
-    .await
-    .unwrap();
+    });
+    supervisor
+        .start("webhooks", Restart::WithBackoff, start)
+        .await
+        .unwrap();
     let log = |n: u32| {
         let id = format!("evt_w{n}");
         let body = format!(
@@ -608,8 +643,19 @@ async fn a_failed_webhook_actor_is_restarted_and_applies_the_log() {
     assert!(applied(second).await, "applied after the restart");
     let view = accounts.get(&id("acct_w")).await.unwrap();
     assert_eq!(view.profile.email.as_deref(), Some("w2@example.com"));
-    webhooks.stop();
-    tokio::time::timeout(Duration::from_secs(10), supervisor)
+    let c = supervisor.components().snapshot()["webhooks"].clone();
+    assert_eq!((c.health, c.restarts), (Health::Ok, 1), "{c:?}");
+    // A second failure within the window is over the budget of one: fatal, not restarted.
+    webhooks.crash();
+    let reason = tokio::time::timeout(Duration::from_secs(10), supervisor.fatal())
+        .await
+        .expect("the fault is reported");
+    assert!(reason.starts_with("webhooks failed"), "{reason}");
+    let c = supervisor.components().snapshot()["webhooks"].clone();
+    assert_eq!((c.health, c.restarts), (Health::Failed, 1), "{c:?}");
+    assert_eq!(supervisor.components().worst(), Health::Failed);
+    supervisor.stop();
+    tokio::time::timeout(Duration::from_secs(10), supervisor_handle)
         .await
         .expect("the supervisor ends after stop")
         .unwrap();

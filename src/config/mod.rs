@@ -9,7 +9,8 @@
 //! choices and nonzero settings), then hands each section to its builder, which checks the
 //! rest and names the offending key in any error:
 //!
-//! - `service`: `[server]`, `[storage]`, `[accounts]`, `[idempotency]`, `[auth]`, `[log]`;
+//! - `service`: `[server]`, `[storage]`, `[accounts]`, `[idempotency]`, `[supervisor]`,
+//!   `[auth]`, `[log]`;
 //! - `rate_limits`: `[rate_limits]`;
 //! - `catalog`: `[meters]`, `[plans]` (meter rules, price models), `[[credit_packages]]`;
 //! - `stripe`: `[stripe]` (meters, aggregation windows, Checkout) and each plan's Stripe keys;
@@ -68,6 +69,7 @@ pub struct Config {
     pub sync: SyncMode,
     pub cache_capacity_bytes: u64,
     pub accounts: AccountSettings,
+    pub supervisor: meterd_actors::supervisor::SupervisorPolicy,
     pub idempotency_retention: Duration,
     pub sweep_interval: Duration,
     pub admin_key_env: String,
@@ -123,6 +125,7 @@ impl Config {
         } = service::storage(&raw.storage, base)?;
         let accounts = service::accounts(&raw.accounts)?;
         let idempotency = service::idempotency(&raw.idempotency)?;
+        let supervisor = service::supervisor(&raw.supervisor)?;
         let auth = service::auth(raw.auth)?;
         let log = service::log(raw.log)?;
         let rate_limits = rate_limits::build(&raw.rate_limits)?;
@@ -139,6 +142,7 @@ impl Config {
             sync,
             cache_capacity_bytes,
             accounts,
+            supervisor,
             idempotency_retention: idempotency.retention,
             sweep_interval: idempotency.sweep_interval,
             admin_key_env: auth.admin_key_env,

@@ -104,6 +104,8 @@ pub(super) struct RawConfig {
     pub accounts: RawAccounts,
     #[serde(default)]
     pub idempotency: RawIdempotency,
+    #[serde(default)]
+    pub supervisor: RawSupervisor,
     pub auth: RawAuth,
     #[serde(default)]
     pub log: RawLog,
@@ -187,6 +189,26 @@ impl Default for RawAccounts {
 pub(super) struct RawIdempotency {
     pub retention_hours: u64,
     pub sweep_interval_s: NonZeroU64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawSupervisor {
+    pub max_failures: NonZeroUsize,
+    pub window_s: NonZeroU64,
+    pub base_backoff_ms: NonZeroU64,
+    pub max_backoff_ms: NonZeroU64,
+}
+
+impl Default for RawSupervisor {
+    fn default() -> Self {
+        Self {
+            max_failures: nonzero!(5),
+            window_s: nonzero!(300),
+            base_backoff_ms: nonzero!(500),
+            max_backoff_ms: nonzero!(30_000),
+        }
+    }
 }
 
 impl Default for RawIdempotency {

@@ -9,8 +9,11 @@ use std::time::Duration;
 
 use meterd_actors::account::AccountSettings;
 use meterd_actors::store::SyncMode;
+use meterd_actors::supervisor::SupervisorPolicy;
 
-use super::raw::{RawAccounts, RawAuth, RawIdempotency, RawLog, RawServer, RawStorage};
+use super::raw::{
+    RawAccounts, RawAuth, RawIdempotency, RawLog, RawServer, RawStorage, RawSupervisor,
+};
 use super::{Invalid, invalid, valid_env_name};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +87,22 @@ pub(super) fn accounts(raw: &RawAccounts) -> Result<AccountSettings, Invalid> {
         max_live: raw.max_live.get(),
         max_queued: raw.max_queued.get(),
         past_due_grace: Duration::from_secs(raw.past_due_grace_hours * 3600),
+    })
+}
+
+/// `[supervisor]`: restart policy of the singleton actors.
+pub(super) fn supervisor(raw: &RawSupervisor) -> Result<SupervisorPolicy, Invalid> {
+    if raw.max_backoff_ms < raw.base_backoff_ms {
+        return Err(invalid(
+            "supervisor.max_backoff_ms",
+            "must be at least supervisor.base_backoff_ms",
+        ));
+    }
+    Ok(SupervisorPolicy {
+        max_failures: raw.max_failures.get(),
+        window: Duration::from_secs(raw.window_s.get()),
+        base_backoff: Duration::from_millis(raw.base_backoff_ms.get()),
+        max_backoff: Duration::from_millis(raw.max_backoff_ms.get()),
     })
 }
 

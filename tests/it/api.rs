@@ -638,7 +638,14 @@ async fn api_keys_and_scopes() {
         assert_eq!(status, 200, "{path}: {body:?}");
     }
     assert_eq!(c.get_noauth("/healthz").await.1["status"], "ok");
-    assert_eq!(c.get_noauth("/readyz").await.1["status"], "ready");
+    let ready = c.get_noauth("/readyz").await.1;
+    assert_eq!(ready["status"], "ready");
+    // Every supervised component, and storage, from memory.
+    for name in ["storage", "directory", "outbox", "webhooks", "janitor"] {
+        assert_eq!(ready["components"][name]["status"], "ok", "{name}: {ready}");
+        assert_eq!(ready["components"][name]["restarts"], 0, "{name}: {ready}");
+    }
+    assert_eq!(ready["outbox_dead"], 0, "{ready}");
 
     d.stop().await;
 }

@@ -38,6 +38,7 @@ use super::{
     ConsumeReply, CreditCmd, CreditReply, UpsertCmd, UpsertReply,
 };
 use crate::model::AccountId;
+use crate::supervisor::{Slot, StartFn, start_fn};
 
 /// A request on its way to an account actor, with the ticket that counts it as queued.
 pub struct Envelope {
@@ -324,28 +325,53 @@ impl DirectoryState {
 /// The handle to every account: what the HTTP layer (and tests) call.
 #[derive(Clone)]
 pub struct Accounts {
-    directory: ActorRef<DirectoryMsg>,
+    directory: Slot<DirectoryMsg>,
     timeout: Duration,
     queued: Arc<AtomicUsize>,
     max_queued: usize,
 }
 
 impl Accounts {
+    /// Spawns the directory on its own (tests; the daemon uses [`Accounts::prepare`]).
     pub async fn spawn(deps: AccountDeps) -> Result<(Accounts, JoinHandle<()>), AccountError> {
-        let timeout = deps.settings.call_timeout;
-        let max_queued = deps.settings.max_queued;
+        let (accounts, _) = Accounts::prepare(deps.clone());
         let (directory, handle) = Actor::spawn(None, DirectoryActor, deps)
             .await
             .map_err(|e| AccountError::Unavailable(e.to_string()))?;
-        Ok((
-            Accounts {
-                directory,
-                timeout,
-                queued: Arc::new(AtomicUsize::new(0)),
-                max_queued,
-            },
-            handle,
-        ))
+        accounts.directory.set(directory);
+        Ok((accounts, handle))
+    }
+
+    /// The handle, and the function that starts the directory under a supervisor. The
+    /// directory is never restarted in process (its account actors would have to be gone
+    /// first): its failure is fatal.
+    pub fn prepare(deps: AccountDeps) -> (Accounts, StartFn) {
+        let accounts = Accounts {
+            directory: Slot::default(),
+            timeout: deps.settings.call_timeout,
+            queued: Arc::new(AtomicUsize::new(0)),
+            max_queued: deps.settings.max_queued,
+        };
+        let start = {
+            let slot = accounts.directory.clone();
+            start_fn(move |supervisor| {
+                let (deps, slot) = (deps.clone(), slot.clone());
+                async move {
+                    let (actor, _) = Actor::spawn_linked(None, DirectoryActor, deps, supervisor)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    slot.set(actor.clone());
+                    Ok(actor.get_cell())
+                }
+            })
+        };
+        (accounts, start)
+    }
+
+    fn directory(&self) -> Result<ActorRef<DirectoryMsg>, AccountError> {
+        self.directory
+            .get()
+            .ok_or_else(|| AccountError::Unavailable("the account directory is not running".into()))
     }
 
     /// Requests admitted and not yet handled by their account actor.
@@ -375,7 +401,7 @@ impl Accounts {
         let ticket = Some(self.admit()?);
         let id = id.clone();
         match self
-            .directory
+            .directory()?
             .call(
                 |p| {
                     DirectoryMsg::Route(
@@ -479,7 +505,7 @@ impl Accounts {
     /// Fault injection (tests only): makes the account's actor fail.
     #[cfg(feature = "fault-injection")]
     pub async fn crash(&self, id: &AccountId) -> Result<(), AccountError> {
-        self.directory
+        self.directory()?
             .cast(DirectoryMsg::Route(
                 id.clone(),
                 Envelope::bare(AccountMsg::Crash),
@@ -492,7 +518,7 @@ impl Accounts {
     #[cfg(feature = "fault-injection")]
     pub fn stall(&self, id: &AccountId, d: Duration) -> Result<(), AccountError> {
         let ticket = Some(self.admit()?);
-        self.directory
+        self.directory()?
             .cast(DirectoryMsg::Route(
                 id.clone(),
                 Envelope {
@@ -505,7 +531,7 @@ impl Accounts {
 
     pub async fn stats(&self) -> Result<DirectoryStats, AccountError> {
         match self
-            .directory
+            .directory()?
             .call(DirectoryMsg::Stats, Some(self.timeout))
             .await
         {
@@ -517,13 +543,11 @@ impl Accounts {
     /// Drains every account actor and stops the directory, within `bound`.
     pub async fn shutdown(&self, bound: Duration) -> Result<(), AccountError> {
         let started = std::time::Instant::now();
-        let r = self
-            .directory
-            .call(DirectoryMsg::Shutdown, Some(bound))
-            .await;
+        let directory = self.directory()?;
+        let r = directory.call(DirectoryMsg::Shutdown, Some(bound)).await;
         // Wait for the directory itself, so nothing holds the store afterwards.
         let rest = bound.saturating_sub(started.elapsed());
-        let _ = self.directory.stop_and_wait(None, Some(rest)).await;
+        let _ = directory.stop_and_wait(None, Some(rest)).await;
         match r {
             Ok(CallResult::Success(())) => Ok(()),
             Ok(CallResult::Timeout) => Err(AccountError::Timeout(bound)),

@@ -41,9 +41,21 @@ impl Store {
         key: &str,
         rec: IdemRecord,
     ) -> Result<(), StoreError> {
+        let k = codec::idem_key(account, op, key);
+        self.index_expiry(op, &k, rec.at_ms)?;
+        self.inner.idem.insert(k, codec::encode_idem(rec)?)?;
+        Ok(())
+    }
+
+    /// Files an idempotency record under its time in `idem_expiry`, unless it is kept for
+    /// good (top-ups and Stripe events).
+    fn index_expiry(&self, op: IdemOp, idem_key: &[u8], at_ms: UnixMs) -> Result<(), StoreError> {
+        if !op.expires() {
+            return Ok(());
+        }
         self.inner
-            .idem
-            .insert(codec::idem_key(account, op, key), codec::encode_idem(rec)?)?;
+            .idem_expiry
+            .insert(codec::expiry_key(at_ms, idem_key), &[] as &[u8])?;
         Ok(())
     }
 
@@ -56,11 +68,9 @@ impl Store {
         key: &str,
         rec: IdemRecord,
     ) -> Result<Option<IdemRecord>, StoreError> {
-        match self
-            .inner
-            .idem
-            .insert(codec::idem_key(account, op, key), codec::encode_idem(rec)?)?
-        {
+        let k = codec::idem_key(account, op, key);
+        self.index_expiry(op, &k, rec.at_ms)?;
+        match self.inner.idem.insert(k, codec::encode_idem(rec)?)? {
             Some(old) => Ok(Some(codec::decode_idem(&old)?)),
             None => Ok(None),
         }
@@ -78,47 +88,32 @@ impl Store {
         }
     }
 
-    /// Deletes up to `max` idempotency records created before `cutoff_ms`, scanning from
-    /// `cursor`. Returns the number deleted and where to continue (`None`: wrapped around).
-    /// A record rewritten meanwhile is left alone (compare-and-swap on the exact value).
-    pub fn sweep_idem(
-        &self,
-        cursor: Option<Vec<u8>>,
-        cutoff_ms: UnixMs,
-        max: usize,
-    ) -> Result<(usize, Option<Vec<u8>>), StoreError> {
-        let from = cursor.unwrap_or_default();
-        let mut deleted = 0;
-        let mut last = None;
-        for item in self.inner.idem.range(from..).take(max) {
-            let (k, v) = item?;
-            let rec = codec::decode_idem(&v)?;
-            // Top-ups (a payment) and Stripe events are kept for good: Stripe, an admin
-            // replay or a backfill may bring them back long after the retention period, and
-            // they must still be recognised.
-            let op = k
-                .iter()
-                .position(|b| *b == 0)
-                .and_then(|i| k.get(i + 1))
-                .copied();
-            let permanent = op == Some(IdemOp::Topup as u8) || op == Some(IdemOp::Stripe as u8);
-            if !permanent
-                && rec.at_ms < cutoff_ms
+    /// Expires idempotency records written before `cutoff_ms`, oldest first, taking up to
+    /// `max` entries of the time-ordered `idem_expiry` index (never a scan of `idem`).
+    /// Returns (index entries taken, records deleted); fewer than `max` taken means nothing
+    /// older is left. A record rewritten meanwhile with a later time stays (its newer index
+    /// entry expires it later); the delete is a compare-and-swap on the exact value read.
+    pub fn expire_idem(&self, cutoff_ms: UnixMs, max: usize) -> Result<(usize, usize), StoreError> {
+        let end = codec::expiry_key(cutoff_ms, &[]);
+        let mut taken = sled::Batch::default();
+        let (mut n, mut deleted) = (0, 0);
+        for item in self.inner.idem_expiry.range(..end).take(max) {
+            let (k, _) = item?;
+            let idem_key = codec::expiry_target(&k)?;
+            if let Some(v) = self.inner.idem.get(idem_key)?
+                && codec::decode_idem(&v)?.at_ms < cutoff_ms
                 && self
                     .inner
                     .idem
-                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                    .compare_and_swap(idem_key, Some(&v), None as Option<&[u8]>)?
                     .is_ok()
             {
                 deleted += 1;
             }
-            last = Some(k);
+            taken.remove(k);
+            n += 1;
         }
-        let next = last.map(|k| {
-            let mut n = k.to_vec();
-            n.push(0);
-            n
-        });
-        Ok((deleted, next))
+        self.inner.idem_expiry.apply_batch(taken)?;
+        Ok((n, deleted))
     }
 }

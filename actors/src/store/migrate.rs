@@ -4,7 +4,8 @@
 //! | format | written by | what changed |
 //! |---|---|---|
 //! | 1 | releases up to 7 | the first format (records in [`super::records::v1`]); the `meta` key was written once and never raised |
-//! | 2 | this release | the `hashed_ids` index maps every hashed identifier back to its account |
+//! | 2 | release 8 | the `hashed_ids` index maps every hashed identifier back to its account |
+//! | 3 | this release | the `idem_expiry` index files every expiring idempotency record by time |
 //!
 //! A migration is a step `n → n+1` that is idempotent (safe to run again after a crash half-way
 //! through). The new version is recorded only after the step's writes are flushed, so a crash
@@ -52,6 +53,7 @@ pub(super) fn check_and_migrate(db: &Db, dir: &std::path::Path) -> Result<(), St
         let started = std::time::Instant::now();
         let detail = match from {
             1 => index_hashed_ids(db)?,
+            2 => index_idem_expiry(db)?,
             _ => unreachable!("a migration for every format below FORMAT_VERSION"),
         };
         db.flush()?;
@@ -98,6 +100,33 @@ fn index_hashed_ids(db: &Db) -> Result<String, StoreError> {
     }
     Ok(format!(
         "indexed the hashed identifiers of {indexed} of {accounts} accounts"
+    ))
+}
+
+/// 2 → 3: file every expiring idempotency record under its time (one pass over `idem`).
+fn index_idem_expiry(db: &Db) -> Result<String, StoreError> {
+    let idem = db.open_tree("idem")?;
+    let index = db.open_tree(super::IDEM_EXPIRY)?;
+    let (mut records, mut filed) = (0u64, 0u64);
+    for item in idem.iter() {
+        let (k, v) = item?;
+        records += 1;
+        // `account 0x00 op key`: account ids never contain 0x00.
+        let op = k
+            .iter()
+            .position(|b| *b == 0)
+            .and_then(|i| k.get(i + 1))
+            .copied();
+        let kept =
+            op == Some(super::IdemOp::Topup as u8) || op == Some(super::IdemOp::Stripe as u8);
+        if !kept {
+            let at_ms = codec::decode_idem(&v)?.at_ms;
+            index.insert(codec::expiry_key(at_ms, &k), &[] as &[u8])?;
+            filed += 1;
+        }
+    }
+    Ok(format!(
+        "filed {filed} of {records} idempotency records by time"
     ))
 }
 

@@ -45,7 +45,8 @@ impl Store {
         let key = codec::ledger_key(account, seq);
         let value = codec::encode_fresh_outbox(item)?;
         if fresh {
-            self.inner.outbox.insert(&key, value)?;
+            let old = self.inner.outbox.insert(&key, value)?;
+            self.counted(&self.inner.queued, old.is_none(), false);
             return Ok(());
         }
         if self.inner.sent.contains_key(&key)?
@@ -54,11 +55,29 @@ impl Store {
         {
             return Ok(());
         }
-        let _ = self
+        let swapped = self
             .inner
             .outbox
-            .compare_and_swap(&key, None as Option<&[u8]>, Some(value))?;
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(value))?
+            .is_ok();
+        self.counted(&self.inner.queued, swapped, false);
         Ok(())
+    }
+
+    /// Keeps a gauge: one more record if `added`, one fewer if `removed`.
+    fn counted(&self, gauge: &AtomicI64, added: bool, removed: bool) {
+        if added {
+            gauge.fetch_add(1, Ordering::AcqRel);
+        }
+        if removed {
+            gauge.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// (queued, dead) records, as kept since the store opened: O(1).
+    pub fn outbox_gauges(&self) -> (u64, u64) {
+        let read = |g: &AtomicI64| u64::try_from(g.load(Ordering::Acquire)).unwrap_or(0);
+        (read(&self.inner.queued), read(&self.inner.dead_count))
     }
 
     /// Up to `limit` queued (or dead) records, oldest key first, starting after `after`
@@ -127,10 +146,11 @@ impl Store {
         seq: u64,
         record: &OutboxRecord,
     ) -> Result<(), StoreError> {
-        self.inner.outbox.insert(
+        let old = self.inner.outbox.insert(
             codec::ledger_key(account, seq),
             codec::encode_outbox(record)?,
         )?;
+        self.counted(&self.inner.queued, old.is_none(), false);
         Ok(())
     }
 
@@ -144,7 +164,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let key = codec::ledger_key(account, seq);
         self.inner.sent.insert(&key, &at_ms.to_be_bytes())?;
-        self.inner.outbox.remove(&key)?;
+        let old = self.inner.outbox.remove(&key)?;
+        self.counted(&self.inner.queued, false, old.is_some());
         Ok(())
     }
 
@@ -157,10 +178,13 @@ impl Store {
         record: &OutboxRecord,
     ) -> Result<(), StoreError> {
         let key = codec::ledger_key(account, seq);
-        self.inner
+        let was_dead = self
+            .inner
             .dead
             .insert(&key, codec::encode_outbox(record)?)?;
-        self.inner.outbox.remove(&key)?;
+        self.counted(&self.inner.dead_count, was_dead.is_none(), false);
+        let old = self.inner.outbox.remove(&key)?;
+        self.counted(&self.inner.queued, false, old.is_some());
         Ok(())
     }
 
@@ -173,20 +197,24 @@ impl Store {
         let Some(v) = self.inner.dead.remove(&key)? else {
             return Ok(false);
         };
+        self.counted(&self.inner.dead_count, false, true);
         let mut record = codec::decode_outbox(&v)?;
         record.item.attempts = 0;
         record.item.next_at_ms = now.min(record.item.at_ms);
-        self.inner
+        let old = self
+            .inner
             .outbox
             .insert(&key, codec::encode_outbox(&record)?)?;
+        self.counted(&self.inner.queued, old.is_none(), false);
         Ok(true)
     }
 
     /// (queued, dead, sent) counts: records, so a batch counts once.
     pub fn outbox_counts(&self) -> (usize, usize, usize) {
+        let (queued, dead) = self.outbox_gauges();
         (
-            self.inner.outbox.len(),
-            self.inner.dead.len(),
+            usize::try_from(queued).unwrap_or(usize::MAX),
+            usize::try_from(dead).unwrap_or(usize::MAX),
             self.inner.sent.len(),
         )
     }
@@ -242,7 +270,12 @@ impl Store {
                 Ok(())
             });
         match r {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                // Every member left the queue; the batch took the first one's key.
+                let merged = i64::try_from(keys.len()).unwrap_or(i64::MAX) - 1;
+                self.inner.queued.fetch_sub(merged, Ordering::AcqRel);
+                Ok(true)
+            }
             Err(TransactionError::Abort(())) => Ok(false),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
@@ -259,7 +292,7 @@ impl Store {
 
     /// Deletes a queued record if it still holds exactly what was read. True if deleted.
     pub fn drop_queued(&self, q: &QueuedRecord) -> Result<bool, StoreError> {
-        Ok(self
+        let dropped = self
             .inner
             .outbox
             .compare_and_swap(
@@ -267,7 +300,9 @@ impl Store {
                 Some(&q.raw),
                 None as Option<&[u8]>,
             )?
-            .is_ok())
+            .is_ok();
+        self.counted(&self.inner.queued, false, dropped);
+        Ok(dropped)
     }
 
     /// Reads one page (up to `max` keys of each tree, from `cursor`) of what may be pruned:
