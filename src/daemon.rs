@@ -340,6 +340,11 @@ pub async fn run_with_clock(
     })
     .await
     .map_err(|e| anyhow::anyhow!("cannot start the supervisor: {e}"))?;
+    // Generations of a third of the retention: a lookup asks about four, a record lives
+    // between the retention and a third more.
+    store.set_idem_generation(
+        i64::try_from(config.idempotency_retention.as_millis() / 3).unwrap_or(i64::MAX),
+    );
     let (accounts, start) = Accounts::prepare(deps);
     supervisor
         .start("directory", Restart::Never, start)
@@ -350,7 +355,6 @@ pub async fn run_with_clock(
         clock,
         retention: config.idempotency_retention,
         interval: config.sweep_interval,
-        page: 10_000,
     });
     supervisor
         .start("janitor", Restart::WithBackoff, start)

@@ -1,10 +1,9 @@
 //! The janitor: expires idempotency records older than the retention period.
 //!
 //! Idempotency records are derived data (the ledger keeps every key forever); the janitor only
-//! bounds the index's size. On a timer it takes the expired records from the front of the
-//! time-ordered `idem_expiry` index, a page at a time, and goes on at once while pages come
-//! back full, so it keeps up with any write rate without scanning `idem`. Deletes are
-//! compare-and-swap, so a record rewritten meanwhile survives. It must never touch the ledger.
+//! bounds the index's size. On a timer it drops the generations of records older than the
+//! retention, whole (`Store::expire_idem`): no scan, no per-record delete, so it keeps up with
+//! any write rate. It must never touch the ledger.
 
 use std::time::Duration;
 
@@ -35,7 +34,7 @@ pub fn prepare(args: JanitorArgs) -> (Slot<JanitorMsg>, StartFn) {
 }
 
 pub enum JanitorMsg {
-    /// Expire one page of idempotency records, oldest first (and go on while pages are full).
+    /// Drop the idempotency generations older than the retention.
     Sweep,
 }
 
@@ -46,7 +45,6 @@ pub struct JanitorArgs {
     /// Records younger than this are always kept.
     pub retention: Duration,
     pub interval: Duration,
-    pub page: usize,
 }
 
 pub struct JanitorState {
@@ -86,7 +84,7 @@ impl Actor for JanitorActor {
 
     async fn handle(
         &self,
-        myself: ActorRef<JanitorMsg>,
+        _myself: ActorRef<JanitorMsg>,
         msg: JanitorMsg,
         state: &mut JanitorState,
     ) -> Result<(), ActorProcessingErr> {
@@ -95,13 +93,9 @@ impl Actor for JanitorActor {
                 let retention_ms =
                     i64::try_from(state.args.retention.as_millis()).unwrap_or(i64::MAX);
                 let cutoff = state.args.clock.now_ms().saturating_sub(retention_ms);
-                let (taken, deleted) = state.args.store.expire_idem(cutoff, state.args.page)?;
-                if deleted > 0 {
-                    tracing::debug!(deleted, "expired idempotency records");
-                }
-                // A full page: more may be due. Go on at once, behind any queued message.
-                if taken == state.args.page {
-                    let _ = myself.cast(JanitorMsg::Sweep);
+                let (generations, records) = state.args.store.expire_idem(cutoff)?;
+                if generations > 0 {
+                    tracing::info!(generations, records, "expired idempotency records");
                 }
             }
         }

@@ -261,7 +261,8 @@ pub struct SettleRecord {
 pub struct Balances {
     pub period: Period,
     pub meters: BTreeMap<String, MeterUsage>,
-    /// Credit grants by id; a grant stays here, at `remaining = 0`, once used up or expired.
+    /// Credit grants by id: those with something left, or that an open hold may refund into.
+    /// A grant used up or expired leaves (the ledger keeps it).
     pub grants: BTreeMap<u64, Grant>,
     /// Open reservations by id (the seq of their `Reserved` entry).
     pub holds: BTreeMap<u64, Hold>,
@@ -455,6 +456,8 @@ impl Balances {
             recorded,
             folded,
         };
+        // Grants this entry may have emptied or released from a hold.
+        let mut touched: Vec<u64> = Vec::new();
         match &entry.kind {
             EntryKind::AccountUpserted(_) => {}
             EntryKind::PeriodRolled { to, .. } => {
@@ -490,6 +493,7 @@ impl Balances {
                         .checked_add(c.billable)
                         .ok_or(FoldError::Arithmetic { seq })?;
                     let spent = self.apply_burns(seq, entry.at_ms, &c.burns)?;
+                    touched.extend(c.burns.iter().map(|(g, _)| *g));
                     if spent != c.credits_spent {
                         return Err(mismatch("credits_spent", c.credits_spent, spent));
                     }
@@ -518,6 +522,7 @@ impl Balances {
                     }
                     (None, amount) if amount < 0 => {
                         let burned = self.apply_burns(seq, entry.at_ms, &c.burns)?;
+                        touched.extend(c.burns.iter().map(|(g, _)| *g));
                         if burned != amount.unsigned_abs() {
                             return Err(mismatch("burned", amount.unsigned_abs(), burned));
                         }
@@ -563,6 +568,7 @@ impl Balances {
                     return Err(mismatch("expires_at", 0, 0));
                 }
                 let held: u64 = hold.burns.iter().map(|(_, n)| n).sum();
+                touched.extend(hold.burns.iter().chain(&r.burns).map(|(g, _)| *g));
                 let refunded = self.refund(seq, &r.refunds)?;
                 if refunded.checked_add(r.kept) != Some(held) {
                     return Err(mismatch(
@@ -613,11 +619,37 @@ impl Balances {
                     return Err(mismatch("expired", *amount, g.remaining));
                 }
                 g.remaining = 0;
+                touched.push(*grant_id);
                 check_credits(self, *credits_after)?;
             }
             EntryKind::Stripe(r) => self.record_alerts(seq, at, &r.alerts)?,
         }
+        self.prune_grants(touched);
         Ok(())
+    }
+
+    /// Drops the given grants if they can never count again: nothing left in them, and no
+    /// open hold may refund into them. The ledger keeps them; the live state (and every
+    /// snapshot and read) stays the size of what can still be spent.
+    fn prune_grants(&mut self, ids: impl IntoIterator<Item = u64>) {
+        for id in ids {
+            let spent = self.grants.get(&id).is_some_and(|g| g.remaining == 0);
+            if spent
+                && !self
+                    .holds
+                    .values()
+                    .any(|h| h.burns.iter().any(|(g, _)| *g == id))
+            {
+                self.grants.remove(&id);
+            }
+        }
+    }
+
+    /// [`Self::prune_grants`] over every grant: for balances from a snapshot written before
+    /// grants were pruned as they emptied.
+    pub fn prune_spent_grants(&mut self) {
+        let ids: Vec<u64> = self.grants.keys().copied().collect();
+        self.prune_grants(ids);
     }
 }
 
@@ -760,7 +792,10 @@ mod tests {
             ..early
         };
         b.apply(&due).unwrap();
-        assert_eq!(b.grants[&1].remaining, 0);
+        assert!(
+            !b.grants.contains_key(&1),
+            "an expired grant leaves the live state"
+        );
     }
 
     fn consume_entry(seq: u64, q: u64, d: &ConsumeDecision) -> LedgerEntry {

@@ -7,11 +7,11 @@
 //! Key spaces (trees):
 //! - `ledger`:   `account_id 0x00 seq_be64` → [`StoredEntry`]. Append-only. The source of truth.
 //! - `accounts`: `account_id` → [`StoredSnapshot`]. Derived, written lazily.
-//! - `idem`:     `account_id 0x00 op key` → [`StoredIdem`]. Derived, written lazily, expired
-//!   by the janitor after the retention period.
-//! - `idem_expiry`: `at_ms_be` + the `idem` key → nothing: the same records in time order, so
-//!   the janitor takes the expired ones from the front instead of scanning `idem` (top-ups and
-//!   Stripe events, kept for good, are not filed).
+//! - `idem`:     `account_id 0x00 op key` → [`StoredIdem`]: the idempotency records kept for
+//!   good (top-ups, Stripe events). Derived, written lazily.
+//! - `idem@{start}-{end}` (generations): the same shape, for every other idempotency record
+//!   written for a time in `[start, end)`; the janitor drops a whole generation once it is
+//!   older than the retention (see `idem`).
 //! - `notify`:   `at_ms_be account_id 0x00 seq_be idx_be` → [`StoredNotification`]: alerts
 //!   queued for outgoing notification, in time order. Derived, written lazily, rebuilt from
 //!   the ledger tail; a notifier (a later component) deletes what it delivered.
@@ -34,7 +34,7 @@
 //! - `meta`:     `format` → the data dir's format version (see `migrate`).
 //!
 //! Where it lives: `ledger` (ledger, snapshots, hash index), `outbox` (the outbox family),
-//! `index` (idempotency and notification queue), `events` (webhook log, customers, meter
+//! `idem` (idempotency records, in generations), `index` (the notification queue), `events` (webhook log, customers, meter
 //! errors), `flusher` (group commit), `codec` (keys and versioned records), `records` (the
 //! frozen stored shapes), `migrate` (the data dir's format), `golden` (golden-bytes tests).
 //!
@@ -48,6 +48,7 @@ mod events;
 mod flusher;
 #[cfg(test)]
 mod golden;
+mod idem;
 mod index;
 mod ledger;
 mod migrate;
@@ -76,7 +77,6 @@ pub const FORMAT_VERSION: u32 = 3;
 
 /// The tree of the hashed-identifier index.
 const HASHED_IDS: &str = "hashed_ids";
-const IDEM_EXPIRY: &str = "idem_expiry";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -167,8 +167,11 @@ pub struct AccountSnapshot {
 struct Inner {
     ledger: sled::Tree,
     accounts: sled::Tree,
+    db: sled::Db,
+    /// Records kept for good (top-ups, Stripe events).
     idem: sled::Tree,
-    idem_expiry: sled::Tree,
+    /// Expiring idempotency records, in generations (see `idem`).
+    idem_gens: std::sync::RwLock<idem::Generations>,
     notify: sled::Tree,
     outbox: sled::Tree,
     sent: sled::Tree,
@@ -310,10 +313,11 @@ impl Store {
         let dead_count = AtomicI64::new(i64::try_from(dead.len()).unwrap_or(i64::MAX));
         Ok(Store {
             inner: Arc::new(Inner {
+                db: db.clone(),
                 ledger: db.open_tree("ledger")?,
                 accounts: db.open_tree("accounts")?,
                 idem: db.open_tree("idem")?,
-                idem_expiry: db.open_tree(IDEM_EXPIRY)?,
+                idem_gens: std::sync::RwLock::new(idem::Generations::open(&db)?),
                 notify: db.open_tree("notify")?,
                 outbox,
                 sent: db.open_tree("sent")?,
@@ -396,6 +400,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use super::idem::DEFAULT_GENERATION_MS;
     use super::*;
     use crate::ledger::{EntryKind, LedgerEntry};
     use crate::model::Period;
@@ -530,60 +535,67 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn expiry_takes_only_expired_idempotency_records_oldest_first() {
+    async fn idempotency_records_expire_by_whole_generations() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
+        store.set_idem_generation(60_000);
         let a = AccountId::parse("acct").unwrap();
-        for i in 0..10 {
+        let rec = |seq: u64, at_ms: i64| IdemRecord { seq, at_ms };
+        let get = |s: &Store, op, k: &str| s.get_idem(&a, op, k).unwrap();
+        // k0..k5 in the generation [0, 60 s), k6..k9 in [60 s, 120 s).
+        for i in 0..10u64 {
+            let at = i64::try_from(i).unwrap() * 10_000;
             store
-                .put_idem(
-                    &a,
-                    IdemOp::Consume,
-                    &format!("k{i}"),
-                    IdemRecord {
-                        seq: i,
-                        at_ms: i64::try_from(i).unwrap() * 100,
-                    },
-                )
+                .put_idem(&a, IdemOp::Consume, &format!("k{i}"), rec(i, at))
                 .unwrap();
         }
         // Old, but kept for good: a top-up and a Stripe event.
-        let old = IdemRecord { seq: 99, at_ms: 0 };
-        store.put_idem(&a, IdemOp::Topup, "cs_1", old).unwrap();
-        store.put_idem(&a, IdemOp::Stripe, "evt_1", old).unwrap();
-        // k1 (time 100) was rewritten at time 900: it stays until 900 expires.
         store
-            .put_idem(&a, IdemOp::Consume, "k1", IdemRecord { seq: 1, at_ms: 900 })
+            .put_idem(&a, IdemOp::Topup, "cs_1", rec(99, 0))
             .unwrap();
-        // Small pages, oldest first; a short page means nothing older is left. Bounded.
-        let (mut taken, mut deleted) = (Vec::new(), 0);
-        for _ in 0..20 {
-            let (n, d) = store.expire_idem(500, 2).unwrap();
-            taken.push(n);
-            deleted += d;
-            if n < 2 {
-                break;
-            }
-        }
-        // Index entries at 0, 100, 200, 300, 400: five taken (2 + 2 + 1), four deleted.
-        assert_eq!(taken, vec![2, 2, 1]);
-        assert_eq!(deleted, 4);
-        assert!(store.get_idem(&a, IdemOp::Consume, "k4").unwrap().is_none());
-        assert!(store.get_idem(&a, IdemOp::Consume, "k1").unwrap().is_some());
-        assert!(store.get_idem(&a, IdemOp::Consume, "k5").unwrap().is_some());
-        assert!(store.get_idem(&a, IdemOp::Topup, "cs_1").unwrap().is_some());
-        assert!(
-            store
-                .get_idem(&a, IdemOp::Stripe, "evt_1")
-                .unwrap()
-                .is_some()
-        );
-        // Nothing older than 500 is filed any more; k1 goes once 900 has passed.
-        assert_eq!(store.expire_idem(500, 100).unwrap(), (0, 0));
-        assert_eq!(store.expire_idem(1_000, 100).unwrap(), (6, 6));
-        assert!(store.get_idem(&a, IdemOp::Consume, "k1").unwrap().is_none());
+        store
+            .put_idem(&a, IdemOp::Stripe, "evt_1", rec(99, 0))
+            .unwrap();
+        // A fresh claim of k1 at 100 s goes to the generation of its time (it must live its
+        // own retention) and leaves the old one; putting the old record back (a replay)
+        // returns it to its own generation: a replay does not extend its life.
+        let old = store
+            .swap_idem(&a, IdemOp::Consume, "k1", rec(11, 100_000))
+            .unwrap();
+        assert_eq!(old, Some(rec(1, 10_000)));
+        assert_eq!(get(&store, IdemOp::Consume, "k1"), Some(rec(11, 100_000)));
+        let claimed = store
+            .swap_idem(&a, IdemOp::Consume, "k1", rec(1, 10_000))
+            .unwrap();
+        assert_eq!(claimed, Some(rec(11, 100_000)));
+        assert_eq!(get(&store, IdemOp::Consume, "k1"), Some(rec(1, 10_000)));
+        // A claim that stays (k2 claimed again at 70 s, not put back) lives in the new one.
+        store
+            .put_idem(&a, IdemOp::Consume, "k2", rec(12, 70_000))
+            .unwrap();
+        // Nothing is dropped before its generation's end.
+        assert_eq!(store.expire_idem(59_999).unwrap(), (0, 0));
+        assert_eq!(store.expire_idem(60_000).unwrap(), (1, 5), "k0, k1, k3..k5");
+        assert_eq!(get(&store, IdemOp::Consume, "k4"), None);
+        assert_eq!(get(&store, IdemOp::Consume, "k1"), None);
+        assert_eq!(get(&store, IdemOp::Consume, "k2"), Some(rec(12, 70_000)));
+        assert_eq!(get(&store, IdemOp::Consume, "k6"), Some(rec(6, 60_000)));
+        assert!(get(&store, IdemOp::Topup, "cs_1").is_some());
+        assert!(get(&store, IdemOp::Stripe, "evt_1").is_some());
+        // A record for an expired time (a recovery rewriting an old entry) is not kept.
+        store
+            .put_idem(&a, IdemOp::Consume, "late", rec(50, 30_000))
+            .unwrap();
+        assert_eq!(get(&store, IdemOp::Consume, "late"), None);
+        // Generations survive a reopen.
+        store.barrier().await.unwrap();
+        store.close().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(get(&store, IdemOp::Consume, "k9"), Some(rec(9, 90_000)));
+        assert_eq!(store.expire_idem(120_000).unwrap(), (1, 5), "k2, k6..k9");
+        assert_eq!(get(&store, IdemOp::Consume, "k9"), None);
         assert_eq!(store.inner.idem.len(), 2, "only the permanent ones");
-        assert!(store.inner.idem_expiry.is_empty());
         store.close().unwrap();
     }
 
@@ -756,8 +768,57 @@ mod tests {
         let (plan, next) = store.prune_candidates(&next, 1_000, 100).unwrap();
         assert!(plan.is_empty());
         assert!(next.at_start(), "wrapped around");
-        assert_eq!(store.prune(&plan).unwrap(), 0);
+        assert_eq!(store.prune(&plan).unwrap(), (0, 0));
         assert_eq!(store.outbox_counts().2, 3);
+        store.close().unwrap();
+    }
+
+    /// A dead letter of usage older than the cutoff goes once the snapshot covers its entry
+    /// (Stripe refuses meter events that old); a younger one stays.
+    #[tokio::test]
+    async fn old_dead_letters_are_pruned_once_covered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let a = AccountId::parse("acct").unwrap();
+        for (seq, at_ms) in [(1, 100), (2, 5_000)] {
+            store
+                .queue_outbox(&a, seq, &billable("tokens", 1, at_ms), true)
+                .unwrap();
+            let (_, _, rec) = store.outbox_items(false, None, 1).unwrap().remove(0);
+            store.mark_dead(&a, seq, &rec).unwrap();
+        }
+        let cutoff = 1_000;
+        let (plan, _) = store
+            .prune_candidates(&PruneCursor::default(), cutoff, 100)
+            .unwrap();
+        assert!(plan.is_empty(), "no snapshot covers them yet");
+        store
+            .put_snapshot(
+                &a,
+                &AccountSnapshot {
+                    profile: match upserted(1).kind {
+                        EntryKind::AccountUpserted(p) => p,
+                        _ => unreachable!(),
+                    },
+                    balances: Balances::new(crate::model::Period::calendar_month(0)),
+                    billing: Default::default(),
+                    last_seq: 2,
+                },
+            )
+            .unwrap();
+        let (plan, _) = store
+            .prune_candidates(&PruneCursor::default(), cutoff, 100)
+            .unwrap();
+        store.barrier().await.unwrap();
+        assert_eq!(store.prune(&plan).unwrap(), (1, 1));
+        let left: Vec<u64> = store
+            .outbox_items(true, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, s, _)| s)
+            .collect();
+        assert_eq!(left, vec![2]);
+        gauges_match(&store);
         store.close().unwrap();
     }
 
@@ -887,26 +948,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_format_2_data_dir_gets_its_expiry_index() {
+    async fn a_format_2_data_dir_moves_its_idempotency_records_into_generations() {
         let dir = tempfile::tempdir().unwrap();
         let a = AccountId::parse("acct").unwrap();
-        // What release 8 left: format 2, idempotency records, no expiry index.
+        let consume = codec::idem_key(&a, IdemOp::Consume, "k");
+        let topup = codec::idem_key(&a, IdemOp::Topup, "k");
+        // What release 8 left: format 2, every idempotency record in `idem`, alerts queued.
         {
             let s = open(dir.path());
             s.append_entry(&a, &upserted(1)).unwrap();
-            for (i, op) in [IdemOp::Consume, IdemOp::Settle, IdemOp::Topup]
-                .into_iter()
-                .enumerate()
-            {
-                let at_ms = 100 * i64::try_from(i).unwrap();
-                s.put_idem(&a, op, "k", IdemRecord { seq: 1, at_ms })
-                    .unwrap();
-            }
             s.close().unwrap();
         }
         {
             let db = sled_open(dir.path());
-            db.drop_tree(IDEM_EXPIRY).unwrap();
+            let idem = db.open_tree("idem").unwrap();
+            for (k, at_ms) in [(&consume, 100), (&topup, 200)] {
+                let v = codec::encode_idem(IdemRecord { seq: 1, at_ms }).unwrap();
+                idem.insert(k.as_slice(), v).unwrap();
+            }
+            db.open_tree("notify").unwrap().insert(b"x", b"y").unwrap();
             db.open_tree("meta")
                 .unwrap()
                 .insert(b"format", &2u32.to_be_bytes())
@@ -915,9 +975,13 @@ mod tests {
         }
         assert_eq!(format_of(dir.path()), 2);
         let s = open(dir.path());
-        // Filed again, all but the top-up, which is kept for good.
-        assert_eq!(s.inner.idem_expiry.len(), 2);
-        assert_eq!(s.expire_idem(1_000, 10).unwrap(), (2, 2));
+        assert_eq!(s.inner.idem.len(), 1, "only the top-up stays in `idem`");
+        assert!(s.inner.notify.is_empty());
+        assert_eq!(
+            s.get_idem(&a, IdemOp::Consume, "k").unwrap(),
+            Some(IdemRecord { seq: 1, at_ms: 100 })
+        );
+        assert_eq!(s.expire_idem(DEFAULT_GENERATION_MS).unwrap(), (1, 1));
         assert!(s.get_idem(&a, IdemOp::Topup, "k").unwrap().is_some());
         assert!(s.get_idem(&a, IdemOp::Consume, "k").unwrap().is_none());
         s.close().unwrap();

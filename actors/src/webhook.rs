@@ -537,6 +537,13 @@ impl WebhookState {
         if n > 0 {
             tracing::info!(pruned = n, "old stripe events pruned from the log");
         }
+        let n = self
+            .args
+            .store
+            .prune_meter_errors(now.saturating_sub(keep))?;
+        if n > 0 {
+            tracing::info!(pruned = n, "old meter error reports pruned");
+        }
         Ok(())
     }
 }

@@ -451,7 +451,7 @@ async fn verify_detects_a_gap() {
 
 /// Alerts are queued for outgoing notification in the store, in time order.
 #[tokio::test]
-async fn fired_alerts_are_queued_for_notification() {
+async fn fired_alerts_are_recorded_in_the_ledger_and_nothing_is_queued_unread() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
     let accounts = system(&store, settings()).await;
@@ -460,11 +460,22 @@ async fn fired_alerts_are_queued_for_notification() {
     assert_eq!(r.record.alerts.len(), 1);
     eat(&accounts, &id("q"), 400, "k2").await.unwrap();
     accounts.shutdown(Duration::from_secs(5)).await.unwrap();
-    let queued = store.queued_alerts(100).unwrap();
-    let thresholds: Vec<u64> = queued.iter().map(|(_, _, a)| a.threshold).collect();
-    assert_eq!(thresholds, vec![50, 80, 95, 100]);
-    assert!(queued.iter().all(|(acct, _, _)| acct == "q"));
-    assert_eq!(queued[0].1, 2, "the first consume's entry");
+    let fired: Vec<(u64, u64)> = store
+        .entries_after(&id("q"), 0, 100)
+        .unwrap()
+        .into_iter()
+        .flat_map(|e| match e.kind {
+            EntryKind::Consume(c) => c.alerts.iter().map(|a| (e.seq, a.threshold)).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(fired, vec![(2, 50), (3, 80), (3, 95), (3, 100)]);
+    // No notifier drains a queue yet, so none is written (it would only grow).
+    assert!(store.queued_alerts(100).unwrap().is_empty());
+    // Not after a recovery either, which replays the ledger tail.
+    let accounts = system(&store, settings()).await;
+    accounts.get(&id("q")).await.unwrap();
+    assert!(store.queued_alerts(100).unwrap().is_empty());
 }
 
 /// An idempotency record can dangle: it is claimed just before its entry is written, and a

@@ -251,3 +251,43 @@ async fn more_accounts_than_the_live_actor_limit_stay_correct() {
     assert_eq!(total_used, 32 * 30);
     d.stop().await;
 }
+
+/// A key is remembered for the retention, then forgotten whole: the janitor drops the
+/// generation of records that ended more than the retention ago, and the same key is a new
+/// request again.
+#[tokio::test]
+async fn idempotency_keys_are_remembered_for_the_retention_then_forgotten() {
+    use meterd_actors::model::Clock;
+    const HOUR: i64 = 3_600_000;
+    let t0 = 1_773_100_800_000; // 2026-03-10T00:00:00Z
+    let clock = Clock::manual(t0);
+    let d = TestDaemon::start_in(
+        tempfile::tempdir().unwrap(),
+        |c| c.sweep_interval = std::time::Duration::from_millis(50),
+        clock.clone(),
+    )
+    .await;
+    d.client.put_account("r", json!({"plan": "payg"})).await;
+    let first = d.client.consume("r", 1, "once").await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    // 72 hours and a generation (a third of the retention) later, minus a minute: remembered.
+    clock.set_ms(t0 + 96 * HOUR - 60_000);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(d.client.consume("r", 1, "once").await.replayed());
+    // Past that, the janitor forgets it (the replay above did not extend its life): the key
+    // is a new request. Bounded wait; each try is a replay until then.
+    clock.set_ms(t0 + 96 * HOUR);
+    let mut again = None;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let r = d.client.consume("r", 1, "once").await;
+        if !r.replayed() {
+            again = Some(r);
+            break;
+        }
+    }
+    let again = again.expect("the key is still remembered");
+    assert_eq!(again.status, 200);
+    assert_ne!(again.body["ledger_seq"], first.body["ledger_seq"]);
+    d.stop().await;
+}

@@ -92,6 +92,19 @@ const MOMENT: &[&str] = &[
 
 /// Every field of `expected` is in `actual` with an equal value (recursively; arrays match
 /// element by element and have the same length). Returns the first difference.
+/// What a release's answer looks like after the changes made on purpose since: each one
+/// named here, nothing else may differ.
+fn intended_changes(file: &str, mut expected: Value) -> Value {
+    // Issue 10: a grant used up or expired leaves the live state and the grants list (the
+    // ledger keeps it).
+    if file == "credits"
+        && let Some(grants) = expected.get_mut("grants").and_then(Value::as_array_mut)
+    {
+        grants.retain(|g| g["remaining"] != 0);
+    }
+    expected
+}
+
 fn subset(expected: &Value, actual: &Value, at: &str) -> Result<(), String> {
     match (expected, actual) {
         (Value::Object(e), Value::Object(a)) => {
@@ -189,7 +202,8 @@ async fn upgrade(release: &str) {
                 continue;
             }
             let actual = get(&d, &format!("/v1/accounts/{id}{route}"), key).await;
-            if let Err(e) = subset(&json(&f), &actual, &format!("{label}.{file}")) {
+            let expected = intended_changes(file, json(&f));
+            if let Err(e) = subset(&expected, &actual, &format!("{label}.{file}")) {
                 panic!("{release}: {e}");
             }
         }

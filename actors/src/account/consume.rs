@@ -92,19 +92,12 @@ impl AccountState {
             .ok_or_else(|| AccountError::UnknownAccount(self.id.clone()))
     }
 
-    /// Queues the alerts entry `seq` raised for outgoing notification.
-    pub(super) fn queue_alerts(
-        &self,
-        seq: u64,
-        now: i64,
-        alerts: &[crate::model::Alert],
-    ) -> Result<(), StoreError> {
-        for (i, a) in alerts.iter().enumerate() {
-            let idx = u32::try_from(i).unwrap_or(u32::MAX);
-            self.deps.store.queue_alert(&self.id, seq, idx, now, a)?;
-            tracing::info!(account = %self.id, kind = a.kind.as_str(), meter = %a.meter, threshold = a.threshold, "alert");
+    /// Logs the alerts entry `seq` raised. They are recorded in the entry itself; nothing is
+    /// queued elsewhere until a notifier drains such a queue.
+    pub(super) fn log_alerts(&self, seq: u64, alerts: &[crate::model::Alert]) {
+        for a in alerts {
+            tracing::info!(account = %self.id, seq, kind = a.kind.as_str(), meter = %a.meter, threshold = a.threshold, "alert");
         }
-        Ok(())
     }
 
     pub(super) fn consume(
@@ -226,7 +219,7 @@ impl AccountState {
         let record = consume_record(cmd, digest, d, alerts);
         let entry = self.append(EntryKind::Consume(record), now)?;
         if let EntryKind::Consume(rec) = &entry.kind {
-            self.queue_alerts(entry.seq, now, &rec.alerts)?;
+            self.log_alerts(entry.seq, &rec.alerts);
         }
         queue_billable(&self.deps.store, &self.id, &entry, true)?;
         debug_assert_eq!(entry.seq, claim.seq);

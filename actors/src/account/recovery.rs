@@ -10,9 +10,12 @@ pub(super) fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64
     let mut snapshot_seq = 0;
     if let Some(s) = store.get_snapshot(id)? {
         snapshot_seq = s.last_seq;
+        let mut balances = s.balances;
+        // Snapshots of older releases kept spent grants.
+        balances.prune_spent_grants();
         fold = AccountFold {
             profile: Some(s.profile),
-            balances: Some(s.balances),
+            balances: Some(balances),
             billing: s.billing,
             last_seq: s.last_seq,
         };
@@ -24,16 +27,6 @@ pub(super) fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64
         }
         for e in &batch {
             fold.apply(e).map_err(|err| corrupt(id, err))?;
-            let alerts = match &e.kind {
-                EntryKind::Consume(c) => c.alerts.as_slice(),
-                EntryKind::Settled(r) => r.alerts.as_slice(),
-                EntryKind::Stripe(r) => r.alerts.as_slice(),
-                _ => &[],
-            };
-            for (i, a) in alerts.iter().enumerate() {
-                let idx = u32::try_from(i).unwrap_or(u32::MAX);
-                store.queue_alert(id, e.seq, idx, e.at_ms, a)?;
-            }
             queue_billable(store, id, e, false)?;
             if let Some((op, key)) = idem_of(&e.kind) {
                 let rec = IdemRecord {

@@ -184,7 +184,7 @@ impl AccountState {
             &rid.to_string(),
         )?;
         if let EntryKind::Settled(rec) = &entry.kind {
-            self.queue_alerts(entry.seq, now, &rec.alerts)?;
+            self.log_alerts(entry.seq, &rec.alerts);
         }
         queue_billable(&self.deps.store, &self.id, &entry, true)?;
         if let EntryKind::Settled(record) = entry.kind {

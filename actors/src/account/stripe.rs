@@ -136,7 +136,7 @@ impl AccountState {
         let EntryKind::Stripe(r) = &entry.kind else {
             return Ok(Err(AccountError::Storage("stripe entry expected".into())));
         };
-        self.queue_alerts(entry.seq, now, &r.alerts)?;
+        self.log_alerts(entry.seq, &r.alerts);
         tracing::info!(
             account = %self.id,
             event = %r.event_id,

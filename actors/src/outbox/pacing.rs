@@ -52,7 +52,7 @@ impl OutboxState {
         }
     }
 
-    /// One bounded step of pruning `sent` records and `batched` marks older than
+    /// One bounded step of pruning `sent` records, `batched` marks and dead letters older than
     /// [`SENT_RETENTION_MS`] whose entries the account's snapshot covers (recovery replays only
     /// entries after it, so nothing could queue them again). The snapshots read are made
     /// durable (a barrier) before anything is deleted. Runs every 50 polls while a pass is
@@ -69,9 +69,15 @@ impl OutboxState {
                 .prune_candidates(&self.prune_cursor, cutoff, PRUNE_PAGE)?;
         if !plan.is_empty() {
             self.args.store.barrier().await?;
-            let n = self.args.store.prune(&plan)?;
+            let (n, dead) = self.args.store.prune(&plan)?;
             self.stats.pruned_total += n as u64;
             tracing::debug!(pruned = n, "outbox: old sent records pruned");
+            if dead > 0 {
+                tracing::warn!(
+                    dead,
+                    "outbox: dead letters of usage older than the retention pruned (Stripe refuses meter events that old; the ledger keeps the entries)"
+                );
+            }
         }
         let rest = if next.at_start() { 500 } else { 50 };
         self.next_prune = now_i + self.args.settings.poll * rest;

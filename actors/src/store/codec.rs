@@ -37,6 +37,8 @@ pub enum StoredNotification {
     },
 }
 
+/// Nothing writes `notify` until a notifier drains it; the golden tests keep the shape.
+#[cfg(test)]
 pub(super) fn encode_notification(
     account: &str,
     seq: u64,
@@ -322,23 +324,6 @@ pub(super) fn seq_of_key(key: &[u8], prefix_len: usize) -> Result<u64, StoreErro
             detail: "key without an 8-byte sequence number".into(),
         })?;
     Ok(u64::from_be_bytes(tail))
-}
-
-/// `idem_expiry` key: the record's time (big-endian, so keys sort by time; times before
-/// 1970 count as 0), then its `idem` key.
-pub(super) fn expiry_key(at_ms: UnixMs, idem_key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + idem_key.len());
-    k.extend_from_slice(&u64::try_from(at_ms.max(0)).unwrap_or(0).to_be_bytes());
-    k.extend_from_slice(idem_key);
-    k
-}
-
-/// The `idem` key an `idem_expiry` key files.
-pub(super) fn expiry_target(k: &[u8]) -> Result<&[u8], StoreError> {
-    k.get(8..).ok_or_else(|| StoreError::Corrupt {
-        tree: "idem_expiry",
-        detail: format!("a key of {} bytes", k.len()),
-    })
 }
 
 pub(super) fn idem_key(account: &AccountId, op: IdemOp, key: &str) -> Vec<u8> {

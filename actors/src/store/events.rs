@@ -243,6 +243,25 @@ impl Store {
         Ok(())
     }
 
+    /// Removes meter error reports received before `before_ms` (one pass). Returns how many
+    /// went.
+    pub fn prune_meter_errors(&self, before_ms: UnixMs) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self.inner.meter_errors.iter() {
+            let (k, v) = kv?;
+            if decode_meter_error(&v)?.reported_ms < before_ms
+                && self
+                    .inner
+                    .meter_errors
+                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                    .is_ok()
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Up to `limit` reported meter events, in account and seq order.
     pub fn meter_errors(
         &self,
@@ -305,6 +324,36 @@ mod tests {
             outcome: None,
             settled_ms: None,
         }
+    }
+
+    #[tokio::test]
+    async fn meter_error_reports_are_pruned_after_the_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreConfig {
+            path: dir.path().to_path_buf(),
+            sync: SyncMode::Flush,
+            cache_capacity_bytes: 16 << 20,
+        })
+        .unwrap();
+        let a = AccountId::parse("acct").unwrap();
+        for (seq, reported_ms) in [(1, 10), (2, 20), (3, 30)] {
+            let rec = MeterErrorRecord {
+                code: "meter_event_customer_not_found".into(),
+                identifier: format!("acct:{seq}"),
+                event_id: format!("evt_{seq}"),
+                reported_ms,
+            };
+            store.record_meter_error(&a, seq, &rec).unwrap();
+        }
+        assert_eq!(store.prune_meter_errors(25).unwrap(), 2);
+        let left: Vec<u64> = store
+            .meter_errors(10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, s, _)| s)
+            .collect();
+        assert_eq!(left, vec![3]);
+        assert_eq!(store.prune_meter_errors(25).unwrap(), 0);
     }
 
     #[tokio::test]

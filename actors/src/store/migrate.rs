@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | 1 | releases up to 7 | the first format (records in [`super::records::v1`]); the `meta` key was written once and never raised |
 //! | 2 | release 8 | the `hashed_ids` index maps every hashed identifier back to its account |
-//! | 3 | this release | the `idem_expiry` index files every expiring idempotency record by time |
+//! | 3 | this release | expiring idempotency records live in generations `idem@{start}-{end}` (dropped whole); `notify` (never read) emptied |
 //!
 //! A migration is a step `n → n+1` that is idempotent (safe to run again after a crash half-way
 //! through). The new version is recorded only after the step's writes are flushed, so a crash
@@ -53,7 +53,7 @@ pub(super) fn check_and_migrate(db: &Db, dir: &std::path::Path) -> Result<(), St
         let started = std::time::Instant::now();
         let detail = match from {
             1 => index_hashed_ids(db)?,
-            2 => index_idem_expiry(db)?,
+            2 => idem_generations(db)?,
             _ => unreachable!("a migration for every format below FORMAT_VERSION"),
         };
         db.flush()?;
@@ -103,11 +103,17 @@ fn index_hashed_ids(db: &Db) -> Result<String, StoreError> {
     ))
 }
 
-/// 2 → 3: file every expiring idempotency record under its time (one pass over `idem`).
-fn index_idem_expiry(db: &Db) -> Result<String, StoreError> {
+/// 2 → 3: move every expiring idempotency record from the single `idem` tree into the
+/// generation of its time (the janitor then drops whole generations), and empty the `notify`
+/// queue, which nothing ever read (alerts stay in their ledger entries). Idempotent: a record
+/// is written to its generation before it leaves `idem`.
+fn idem_generations(db: &Db) -> Result<String, StoreError> {
+    let notify = db.open_tree("notify")?;
+    let dropped = notify.len();
+    notify.clear()?;
     let idem = db.open_tree("idem")?;
-    let index = db.open_tree(super::IDEM_EXPIRY)?;
-    let (mut records, mut filed) = (0u64, 0u64);
+    let mut gens = super::idem::Generations::open(db)?;
+    let (mut records, mut moved) = (0u64, 0u64);
     for item in idem.iter() {
         let (k, v) = item?;
         records += 1;
@@ -120,13 +126,13 @@ fn index_idem_expiry(db: &Db) -> Result<String, StoreError> {
         let kept =
             op == Some(super::IdemOp::Topup as u8) || op == Some(super::IdemOp::Stripe as u8);
         if !kept {
-            let at_ms = codec::decode_idem(&v)?.at_ms;
-            index.insert(codec::expiry_key(at_ms, &k), &[] as &[u8])?;
-            filed += 1;
+            gens.put(&k, &v, codec::decode_idem(&v)?.at_ms)?;
+            idem.remove(&k)?;
+            moved += 1;
         }
     }
     Ok(format!(
-        "filed {filed} of {records} idempotency records by time"
+        "moved {moved} of {records} idempotency records into generations; dropped {dropped} unread notifications"
     ))
 }
 

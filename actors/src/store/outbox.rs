@@ -13,11 +13,12 @@ pub struct QueuedRecord {
     raw: sled::IVec,
 }
 
-/// Where pruning of the `sent` and `batched` trees continues.
+/// Where pruning of the `sent`, `batched` and `dead` trees continues.
 #[derive(Debug, Clone, Default)]
 pub struct PruneCursor {
     sent: Vec<u8>,
     batched: Vec<u8>,
+    dead: Vec<u8>,
 }
 
 /// Records [`Store::prune`] may delete.
@@ -25,6 +26,19 @@ pub struct PruneCursor {
 pub struct PrunePlan {
     sent: Vec<(sled::IVec, sled::IVec)>,
     batched: Vec<(sled::IVec, sled::IVec)>,
+    dead: Vec<(sled::IVec, sled::IVec)>,
+}
+
+/// What a pruned tree holds, to read the time a record is judged by.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pruned {
+    /// Delivery time.
+    Sent,
+    /// Batch formation time.
+    Mark,
+    /// A dead letter: the usage's own time (Stripe refuses meter events older than 35 days,
+    /// so an older one can never be revived with success).
+    Dead,
 }
 
 impl Store {
@@ -306,8 +320,8 @@ impl Store {
     }
 
     /// Reads one page (up to `max` keys of each tree, from `cursor`) of what may be pruned:
-    /// `sent` records delivered before `cutoff_ms` and `batched` marks of batches formed before
-    /// it, whose entry the account's snapshot covers. Recovery replays only entries after the
+    /// `sent` records delivered before `cutoff_ms`, `batched` marks of batches formed before
+    /// it, and dead letters of usage before it, whose entry the account's snapshot covers. Recovery replays only entries after the
     /// snapshot, so such an entry can never be queued again. Make the snapshots durable (a
     /// barrier) before [`Store::prune`]: then a crash cannot bring back an older snapshot.
     pub fn prune_candidates(
@@ -320,29 +334,36 @@ impl Store {
         let mut next = PruneCursor::default();
         // The snapshot's last seq of the account last looked at (keys come sorted by account).
         let mut covered: Option<(AccountId, u64)> = None;
-        for (tree, from, to, out, is_mark) in [
+        for (tree, from, to, out, kind) in [
             (
                 &self.inner.sent,
                 &cursor.sent,
                 &mut next.sent,
                 &mut plan.sent,
-                false,
+                Pruned::Sent,
             ),
             (
                 &self.inner.batched,
                 &cursor.batched,
                 &mut next.batched,
                 &mut plan.batched,
-                true,
+                Pruned::Mark,
+            ),
+            (
+                &self.inner.dead,
+                &cursor.dead,
+                &mut next.dead,
+                &mut plan.dead,
+                Pruned::Dead,
             ),
         ] {
             let mut last = None;
             for item in tree.range(from.clone()..).take(max) {
                 let (k, v) = item?;
-                let at = if is_mark {
-                    codec::decode_mark(&v)?.1
-                } else {
-                    codec::decode_sent_at(&v)?
+                let at = match kind {
+                    Pruned::Mark => codec::decode_mark(&v)?.1,
+                    Pruned::Sent => codec::decode_sent_at(&v)?,
+                    Pruned::Dead => codec::decode_outbox(&v)?.item.at_ms,
                 };
                 last = Some(k.clone());
                 if at >= cutoff_ms {
@@ -375,12 +396,13 @@ impl Store {
     }
 
     /// Deletes what [`Store::prune_candidates`] found (each only if unchanged). Returns how
-    /// many records were deleted.
-    pub fn prune(&self, plan: &PrunePlan) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for (tree, records) in [
-            (&self.inner.sent, &plan.sent),
-            (&self.inner.batched, &plan.batched),
+    /// many records were deleted, and how many of them were dead letters.
+    pub fn prune(&self, plan: &PrunePlan) -> Result<(usize, usize), StoreError> {
+        let (mut n, mut dead) = (0, 0);
+        for (tree, records, is_dead) in [
+            (&self.inner.sent, &plan.sent, false),
+            (&self.inner.batched, &plan.batched, false),
+            (&self.inner.dead, &plan.dead, true),
         ] {
             for (k, v) in records {
                 if tree
@@ -388,10 +410,14 @@ impl Store {
                     .is_ok()
                 {
                     n += 1;
+                    if is_dead {
+                        dead += 1;
+                        self.counted(&self.inner.dead_count, false, true);
+                    }
                 }
             }
         }
-        Ok(n)
+        Ok((n, dead))
     }
 
     /// Records in the `batched` tree (entries merged into batches and not yet pruned).
@@ -401,14 +427,14 @@ impl Store {
 }
 
 impl PruneCursor {
-    /// True when both trees wrapped around (a full pass ended).
+    /// True when every tree wrapped around (a full pass ended).
     pub fn at_start(&self) -> bool {
-        self.sent.is_empty() && self.batched.is_empty()
+        self.sent.is_empty() && self.batched.is_empty() && self.dead.is_empty()
     }
 }
 
 impl PrunePlan {
     pub fn is_empty(&self) -> bool {
-        self.sent.is_empty() && self.batched.is_empty()
+        self.sent.is_empty() && self.batched.is_empty() && self.dead.is_empty()
     }
 }
