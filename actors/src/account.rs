@@ -56,7 +56,7 @@ use crate::store::{AccountSnapshot, CommitError, IdemOp, IdemRecord, Store, Stor
 
 pub use directory::{Accounts, DirectoryActor, DirectoryMsg, DirectoryStats, Envelope};
 pub use messages::*;
-use recovery::{corrupt, queue_billable, recover};
+use recovery::{corrupt, recover};
 pub use stripe::{StripeCmd, StripeReply};
 
 /// Messages an account actor understands. Callers never build these: they use [`Accounts`].
@@ -248,6 +248,8 @@ impl Actor for AccountActor {
         let (fold, snapshot_seq) = recover(&state.deps.store, &state.id)?;
         state.fold = fold;
         state.snapshot_seq = snapshot_seq;
+        let now = state.deps.clock.now_ms();
+        state.finish_interrupted(now)?;
         let period = (state.deps.settings.idle_timeout / 2).max(Duration::from_millis(10));
         state.ticker = Some(myself.send_interval(period, || Envelope::bare(AccountMsg::IdleTick)));
         Ok(())

@@ -16,6 +16,8 @@
 
 pub mod account;
 pub mod billing;
+#[cfg(feature = "fault-injection")]
+pub mod failpoint;
 pub mod identifier;
 pub mod janitor;
 pub mod ledger;

@@ -324,6 +324,15 @@ impl OutboxState {
             if half_open && !ready.is_empty() {
                 break;
             }
+            // Delivered already: a crash fell between marking it sent and dequeuing it.
+            if let Some(q) = &queued
+                && self.args.store.is_sent(&account, seq)?
+            {
+                if self.args.store.drop_queued(q)? {
+                    self.stats.already_total += 1;
+                }
+                continue;
+            }
             // A single entry whose key is marked as a batch member is a re-queued member
             // (recovery raced with the batch): the batch carries its units.
             if record.batch.is_none()

@@ -66,7 +66,7 @@ pub use codec::{OutboxItem, StoredEntry, StoredIdem, StoredNotification, StoredS
 pub use events::{EventSource, MeterErrorRecord, WebhookRecord, WebhookStatus};
 pub use flusher::FlushStats;
 use flusher::{FlushCmd, flusher_loop, open_db};
-pub use outbox::{PruneCursor, PrunePlan, QueuedRecord};
+pub use outbox::{OutboxLocation, PruneCursor, PrunePlan, QueuedRecord};
 
 use crate::ledger::{AccountProfile, Balances, LedgerEntry};
 use crate::model::{AccountId, UnixMs};
@@ -205,6 +205,11 @@ pub struct Store {
 pub struct StoreReader(Store);
 
 impl StoreReader {
+    /// The store behind the view, for read-only checks inside this crate (`verify`).
+    pub(crate) fn store(&self) -> &Store {
+        &self.0
+    }
+
     /// True once a flush has failed: nothing more can be acknowledged.
     pub fn has_failed(&self) -> bool {
         self.0.has_failed()
@@ -270,6 +275,20 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Stops a multi-key change at failpoint `name` if a test armed it for `scope` (see
+/// [`crate::failpoint`]); nothing without the `fault-injection` feature.
+#[allow(unused_variables)]
+pub(crate) fn failpoint(name: &'static str, scope: &str) -> Result<(), StoreError> {
+    #[cfg(feature = "fault-injection")]
+    if crate::failpoint::hit(name, scope) {
+        return Err(StoreError::Corrupt {
+            tree: "failpoint",
+            detail: format!("stopped at {name}"),
+        });
+    }
+    Ok(())
+}
+
 impl Store {
     /// The read-only view the HTTP routes get.
     pub fn reader(&self) -> StoreReader {
@@ -308,6 +327,13 @@ impl Store {
         };
         let outbox = db.open_tree("outbox")?;
         let dead = db.open_tree("dead")?;
+        let repaired = outbox::settle_dead_and_queued(&outbox, &dead)?;
+        if repaired > 0 {
+            tracing::warn!(
+                repaired,
+                "dead letters that were also queued (a crash while reviving or dead-lettering) left `dead`; they are retried"
+            );
+        }
         // The only full count: once, at open.
         let queued = AtomicI64::new(i64::try_from(outbox.len()).unwrap_or(i64::MAX));
         let dead_count = AtomicI64::new(i64::try_from(dead.len()).unwrap_or(i64::MAX));

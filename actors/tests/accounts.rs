@@ -46,6 +46,11 @@ fn catalog() -> Catalog {
         .insert("capped".into(), plan("capped", 1000, Overage::Block));
     c.plans
         .insert("open".into(), plan("open", 0, Overage::Unlimited));
+    c.plans
+        .insert("metered".into(), plan("metered", 0, Overage::Bill));
+    let mut monthly = plan("monthly", 0, Overage::Unlimited);
+    monthly.monthly_credits = 100;
+    c.plans.insert("monthly".into(), monthly);
     c.plans.insert(
         "prepaid".into(),
         plan(
@@ -99,10 +104,14 @@ fn open_store(dir: &std::path::Path) -> Store {
 }
 
 async fn system(store: &Store, settings: AccountSettings) -> Accounts {
+    system_at(store, settings, Clock::System).await
+}
+
+async fn system_at(store: &Store, settings: AccountSettings, clock: Clock) -> Accounts {
     let deps = AccountDeps {
         store: store.clone(),
         catalog: Arc::new(catalog()),
-        clock: Clock::System,
+        clock,
         settings: Arc::new(settings),
     };
     Accounts::spawn(deps).await.unwrap().0
@@ -756,4 +765,183 @@ async fn requests_beyond_max_queued_are_shed_and_tickets_come_back() {
     let r = eat(&accounts, &id("other"), 1, "shed").await.unwrap();
     assert!(!r.replayed);
     assert_eq!(r.record.used_after, 1);
+}
+
+// ---- crash windows: a multi-key change stopped at a failpoint, as kill -9 would ----
+
+fn verified(store: &Store) {
+    let report = meterd_actors::verify::verify_store(store).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+fn kinds(store: &Store, account: &str) -> Vec<&'static str> {
+    store
+        .entries_after(&id(account), 0, 100)
+        .unwrap()
+        .iter()
+        .map(|e| e.kind.name())
+        .collect()
+}
+
+/// Creation, then a crash before the first monthly credits: recovery writes them.
+#[tokio::test]
+async fn a_creation_interrupted_before_its_monthly_credits_gets_them_at_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(&store, settings()).await;
+    meterd_actors::failpoint::arm("upsert:after-create", "fresh");
+    let r = accounts
+        .upsert(
+            &id("fresh"),
+            UpsertCmd {
+                plan: Some("monthly".into()),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(r.is_err(), "stopped at the failpoint");
+    assert_eq!(kinds(&store, "fresh"), ["account_upserted"]);
+    // The next actor for the account recovers and finishes the period start.
+    assert_eq!(accounts.get(&id("fresh")).await.unwrap().credits, 100);
+    assert_eq!(kinds(&store, "fresh"), ["account_upserted", "credit"]);
+    verified(&store);
+}
+
+/// A rollover, then a crash before the new period's monthly credits: recovery writes them.
+#[tokio::test]
+async fn a_rollover_interrupted_before_its_monthly_credits_gets_them_at_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    // 2026-03-10, then 2026-04-02.
+    let clock = Clock::manual(1_773_100_800_000);
+    let accounts = system_at(&store, settings(), clock.clone()).await;
+    create(&accounts, "roll", "monthly").await;
+    eat(&accounts, &id("roll"), 5, "march").await.unwrap();
+    clock.set_ms(1_775_088_000_000);
+    meterd_actors::failpoint::arm("catch_up:after-rollover", "roll");
+    assert!(eat(&accounts, &id("roll"), 5, "april").await.is_err());
+    assert_eq!(
+        kinds(&store, "roll"),
+        ["account_upserted", "credit", "consume", "period_rolled"]
+    );
+    let v = accounts.get(&id("roll")).await.unwrap();
+    assert_eq!(v.credits, 100, "April's monthly credits (March's expired)");
+    assert_eq!(
+        kinds(&store, "roll")[..5],
+        [
+            "account_upserted",
+            "credit",
+            "consume",
+            "period_rolled",
+            "credit"
+        ]
+    );
+    // The interrupted consume was never acknowledged: its retry is a new request.
+    let r = eat(&accounts, &id("roll"), 5, "april").await.unwrap();
+    assert!(!r.replayed);
+    verified(&store);
+}
+
+/// A billable entry written, then a crash before its outbox item: recovery queues it, and
+/// it is in exactly one place of the outbox family (verify checks that too).
+#[tokio::test]
+async fn a_billable_entry_interrupted_before_its_outbox_item_is_queued_at_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let accounts = system(
+        &store,
+        AccountSettings {
+            snapshot_every: 1,
+            ..settings()
+        },
+    )
+    .await;
+    create(&accounts, "bill", "metered").await;
+    eat(&accounts, &id("bill"), 3, "k1").await.unwrap();
+    meterd_actors::failpoint::arm("append:after-ledger", "bill");
+    assert!(eat(&accounts, &id("bill"), 4, "k2").await.is_err());
+    let seq = store
+        .entries_after(&id("bill"), 0, 100)
+        .unwrap()
+        .last()
+        .unwrap()
+        .seq;
+    assert!(
+        store
+            .outbox_location(&id("bill"), seq)
+            .unwrap()
+            .queued
+            .is_none()
+    );
+    let problems = meterd_actors::verify::verify_store(&store)
+        .unwrap()
+        .problems;
+    assert!(
+        problems.iter().any(|p| p.contains("in none of outbox")),
+        "verify sees the gap before recovery: {problems:?}"
+    );
+    accounts.get(&id("bill")).await.unwrap();
+    let queued = store.outbox_location(&id("bill"), seq).unwrap().queued;
+    assert_eq!(queued.map(|r| r.item.value), Some(4));
+    verified(&store);
+}
+
+/// A revive interrupted between queueing and leaving `dead`: at open, the record stays
+/// queued and leaves `dead` (retried, never lost, never in two places).
+#[tokio::test]
+async fn an_interrupted_revive_is_settled_at_open() {
+    use meterd_actors::store::OutboxItem;
+    let dir = tempfile::tempdir().unwrap();
+    let a = id("rev");
+    {
+        let store = open_store(dir.path());
+        let item = OutboxItem {
+            meter: "tokens".into(),
+            value: 7,
+            at_ms: 1_000,
+            attempts: 0,
+            next_at_ms: 1_000,
+            last_error: None,
+        };
+        store.queue_outbox(&a, 2, &item, true).unwrap();
+        let (_, _, rec) = store.outbox_items(false, None, 1).unwrap().remove(0);
+        store.mark_dead(&a, 2, &rec).unwrap();
+        meterd_actors::failpoint::arm("revive:after-queue", "rev");
+        assert!(store.revive(&a, 2, 5_000).is_err());
+        let at = store.outbox_location(&a, 2).unwrap();
+        assert!(at.queued.is_some() && at.dead.is_some(), "{at:?}");
+        store.barrier().await.unwrap();
+        store.close().unwrap();
+    }
+    let store = open_store(dir.path());
+    let at = store.outbox_location(&a, 2).unwrap();
+    assert!(at.queued.is_some() && at.dead.is_none(), "{at:?}");
+    assert_eq!(store.outbox_counts(), (1, 0, 0));
+    store.close().unwrap();
+}
+
+/// Marking sent interrupted before dequeuing: the record is in `sent` and still queued, and
+/// the store says it is sent, which the outbox checks before sending anything.
+#[tokio::test]
+async fn an_interrupted_mark_sent_is_recognised_as_sent() {
+    use meterd_actors::store::OutboxItem;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let a = id("sent");
+    let item = OutboxItem {
+        meter: "tokens".into(),
+        value: 1,
+        at_ms: 1_000,
+        attempts: 0,
+        next_at_ms: 1_000,
+        last_error: None,
+    };
+    store.queue_outbox(&a, 3, &item, true).unwrap();
+    assert!(!store.is_sent(&a, 3).unwrap());
+    meterd_actors::failpoint::arm("mark_sent:after-sent", "sent");
+    assert!(store.mark_sent(&a, 3, 2_000).is_err());
+    let at = store.outbox_location(&a, 3).unwrap();
+    assert!(at.sent && at.queued.is_some(), "{at:?}");
+    assert!(store.is_sent(&a, 3).unwrap());
+    store.close().unwrap();
 }

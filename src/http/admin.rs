@@ -1,4 +1,5 @@
-//! Admin routes of the Stripe outbox: its state, its pending and dead items, and retries.
+//! Admin routes of the Stripe outbox (its state, its pending and dead items, and retries) and
+//! `GET /v1/admin/verify` (`ledger verify` against the live store, read-only).
 //!
 //! They read the outbox trees through the read-only `StoreReader` and move dead letters back
 //! through the outbox actor (`Outbox::revive`); they never touch account state or the ledger.
@@ -24,6 +25,18 @@ enum AdminTags {
 pub struct AdminApi {
     pub store: StoreReader,
     pub outbox: Outbox,
+}
+
+/// The result of `ledger verify` run against the live store.
+#[derive(Debug, Object)]
+pub struct VerifyView {
+    pub ok: bool,
+    pub accounts: u64,
+    pub entries: u64,
+    /// At most 100; a write in flight may show as a transient problem: verify again before
+    /// acting on one.
+    pub problems: Vec<String>,
+    pub problems_total: u64,
 }
 
 /// One billable ledger entry, or a batch of them (aggregation), on its way to Stripe.
@@ -224,6 +237,33 @@ impl AdminApi {
             .map_err(ApiError::unavailable)?;
         tracing::info!(revived, "outbox dead letters revived");
         Ok(Json(RevivedView { revived }))
+    }
+
+    /// `meterd ledger verify` against the running daemon, read-only: every account refolded
+    /// from its ledger and checked against its snapshot, idempotency records, outbox family
+    /// and customer index. Reads every ledger: for operators, not for polling.
+    #[oai(path = "/v1/admin/verify", method = "get")]
+    async fn verify(&self, auth: ApiKeyAuth) -> Result<Json<VerifyView>, ApiError> {
+        auth.require_admin()?;
+        let store = self.store.clone();
+        let report =
+            tokio::task::spawn_blocking(move || meterd_actors::verify::verify_live(&store))
+                .await
+                .map_err(ApiError::unavailable)?
+                .map_err(|e| {
+                    tracing::error!(error = %e, "verify failed to read the store");
+                    ApiError::unavailable("the store could not be read; see the daemon's log")
+                })?;
+        if !report.ok() {
+            tracing::warn!(problems = report.problems.len(), "verify found problems");
+        }
+        Ok(Json(VerifyView {
+            ok: report.ok(),
+            accounts: report.accounts,
+            entries: report.entries,
+            problems_total: report.problems.len() as u64,
+            problems: report.problems.into_iter().take(100).collect(),
+        }))
     }
 }
 

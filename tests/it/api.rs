@@ -1203,3 +1203,40 @@ async fn openapi_document_lists_routes_and_responses() {
     );
     d.stop().await;
 }
+
+/// `ledger verify` runs against the live daemon: admin only, read-only, and clean after
+/// billable traffic.
+#[tokio::test]
+async fn verify_runs_against_the_live_daemon() {
+    let d = TestDaemon::start().await;
+    let c = &d.client;
+    c.put_account("v1", json!({"plan": "payg"})).await;
+    c.put_account("v2", json!({"plan": "free"})).await;
+    for i in 0..5 {
+        assert_eq!(c.consume("v1", 10, &format!("k{i}")).await.status, 200);
+        c.consume("v2", 30, &format!("k{i}")).await;
+    }
+    let r = c
+        .send(
+            reqwest::Method::GET,
+            "/v1/admin/verify",
+            Some(APP_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    let r = c
+        .send(
+            reqwest::Method::GET,
+            "/v1/admin/verify",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["ok"], true, "{:?}", r.body);
+    assert_eq!(r.body["accounts"], 2);
+    assert!(r.body["entries"].as_u64().unwrap() >= 12, "{:?}", r.body);
+    assert_eq!(r.body["problems_total"], 0);
+    d.stop().await;
+}

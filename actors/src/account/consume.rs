@@ -221,7 +221,6 @@ impl AccountState {
         if let EntryKind::Consume(rec) = &entry.kind {
             self.log_alerts(entry.seq, &rec.alerts);
         }
-        queue_billable(&self.deps.store, &self.id, &entry, true)?;
         debug_assert_eq!(entry.seq, claim.seq);
         self.after_write()?;
         let EntryKind::Consume(record) = entry.kind else {

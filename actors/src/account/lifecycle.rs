@@ -96,6 +96,33 @@ pub(super) fn check_period(p: Period, cur: Period, now: i64) -> Result<(), Accou
 }
 
 impl AccountState {
+    /// After recovery: a crash between the start of a period (a rollover, a period set, the
+    /// account's creation) and its monthly credits left the ledger ending there. Those
+    /// entries are written in one handler, right after each other, and sled recovers writes
+    /// in order, so the ledger's last entry tells: write what is missing.
+    pub(super) fn finish_interrupted(&mut self, now: i64) -> Result<(), StoreError> {
+        if self.fold.last_seq == 0 {
+            return Ok(());
+        }
+        let Some(last) = self.deps.store.read_entry(&self.id, self.fold.last_seq)? else {
+            return Ok(());
+        };
+        let interrupted = match &last.kind {
+            EntryKind::PeriodRolled { .. } => true,
+            EntryKind::AccountUpserted(_) => last.seq == 1,
+            EntryKind::Credit(c) => c.idempotency_key.starts_with("monthly trim "),
+            _ => false,
+        };
+        if interrupted {
+            let before = self.fold.last_seq;
+            self.grant_monthly(now)?;
+            if self.fold.last_seq > before {
+                tracing::warn!(account = %self.id, "monthly credits of an interrupted period start written at recovery");
+            }
+        }
+        Ok(())
+    }
+
     /// At the start of a period: cap the carried-over monthly credits, then grant the plan's
     /// monthly credits (expiring at the period's end unless they may roll over).
     pub(super) fn grant_monthly(&mut self, now: i64) -> Result<(), StoreError> {
@@ -212,7 +239,11 @@ impl AccountState {
                 EntryKind::Settled(r) => Some(r.rid),
                 _ => None,
             };
+            let rolled = matches!(kind, EntryKind::PeriodRolled { .. });
             let entry = self.append(kind, now)?;
+            if rolled {
+                crate::store::failpoint("catch_up:after-rollover", self.id.as_str())?;
+            }
             if let Some(rid) = expired_hold {
                 self.deps.store.put_idem(
                     &self.id,

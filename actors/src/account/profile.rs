@@ -36,6 +36,7 @@ impl AccountState {
         if self.fold.profile.as_ref() != Some(&next) {
             self.append(EntryKind::AccountUpserted(next), now)?;
             if created {
+                crate::store::failpoint("upsert:after-create", self.id.as_str())?;
                 self.grant_monthly(now)?;
             }
         }

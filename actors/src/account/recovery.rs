@@ -116,6 +116,10 @@ impl AccountState {
         // restarts from the store, so no rollback is needed here.
         self.fold.apply(&entry).map_err(|e| corrupt(&self.id, e))?;
         self.deps.store.append_entry(&self.id, &entry)?;
+        crate::store::failpoint("append:after-ledger", self.id.as_str())?;
+        // Billable usage is queued right behind its entry, before anything else (a snapshot
+        // may follow, and recovery replays only entries after the snapshot).
+        queue_billable(&self.deps.store, &self.id, &entry, true)?;
         Ok(entry)
     }
 

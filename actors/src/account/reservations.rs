@@ -186,7 +186,6 @@ impl AccountState {
         if let EntryKind::Settled(rec) = &entry.kind {
             self.log_alerts(entry.seq, &rec.alerts);
         }
-        queue_billable(&self.deps.store, &self.id, &entry, true)?;
         if let EntryKind::Settled(record) = entry.kind {
             self.reply_after_commit(
                 reply,

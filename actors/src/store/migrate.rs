@@ -131,9 +131,43 @@ fn idem_generations(db: &Db) -> Result<String, StoreError> {
             moved += 1;
         }
     }
+    let linked = index_customers(db)?;
     Ok(format!(
-        "moved {moved} of {records} idempotency records into generations; dropped {dropped} unread notifications"
+        "moved {moved} of {records} idempotency records into generations; dropped {dropped} unread notifications; indexed {linked} Stripe customers"
     ))
+}
+
+/// Every account's Stripe customer (its latest `AccountUpserted` names it) maps back to it in
+/// `customers`: releases before the index linked customers only from then on. An existing
+/// link is left as it is.
+fn index_customers(db: &Db) -> Result<u64, StoreError> {
+    let ledger = db.open_tree("ledger")?;
+    let customers = db.open_tree("customers")?;
+    let mut latest: std::collections::BTreeMap<AccountId, String> = Default::default();
+    for item in ledger.iter() {
+        let (k, v) = item?;
+        if let crate::ledger::EntryKind::AccountUpserted(p) = codec::decode_entry(&v)?.kind {
+            let (account, _) = codec::split_ledger_key(&k)?;
+            match p.stripe_customer_id {
+                Some(c) => latest.insert(account, c),
+                None => latest.remove(&account),
+            };
+        }
+    }
+    let mut linked = 0;
+    for (account, customer) in latest {
+        if customers
+            .compare_and_swap(
+                customer.as_bytes(),
+                None as Option<&[u8]>,
+                Some(account.as_str().as_bytes()),
+            )?
+            .is_ok()
+        {
+            linked += 1;
+        }
+    }
+    Ok(linked)
 }
 
 /// The account whose hashed id is `hash`, from the index.

@@ -13,6 +13,16 @@ pub struct QueuedRecord {
     raw: sled::IVec,
 }
 
+/// Where one key is in the outbox family.
+#[derive(Debug, Clone, Default)]
+pub struct OutboxLocation {
+    pub queued: Option<OutboxRecord>,
+    pub dead: Option<OutboxRecord>,
+    pub sent: bool,
+    /// Merged into the batch keyed by this first seq.
+    pub batch_first: Option<u64>,
+}
+
 /// Where pruning of the `sent`, `batched` and `dead` trees continues.
 #[derive(Debug, Clone, Default)]
 pub struct PruneCursor {
@@ -39,6 +49,24 @@ enum Pruned {
     /// A dead letter: the usage's own time (Stripe refuses meter events older than 35 days,
     /// so an older one can never be revived with success).
     Dead,
+}
+
+/// At open: a record in both `dead` and `outbox` was interrupted moving between them (a
+/// revive, or a dead-lettering). It stays queued, so it is retried and never lost; it leaves
+/// `dead`. Returns how many. One pass over `dead`, which is small.
+pub(super) fn settle_dead_and_queued(
+    outbox: &sled::Tree,
+    dead: &sled::Tree,
+) -> Result<usize, StoreError> {
+    let mut n = 0;
+    for item in dead.iter() {
+        let (k, _) = item?;
+        if outbox.contains_key(&k)? {
+            dead.remove(&k)?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 impl Store {
@@ -177,7 +205,10 @@ impl Store {
         at_ms: UnixMs,
     ) -> Result<(), StoreError> {
         let key = codec::ledger_key(account, seq);
+        // Sent first: a crash in between leaves it in both, and the outbox drops a queued
+        // record that is already sent (never the other way round, which could bill twice).
         self.inner.sent.insert(&key, &at_ms.to_be_bytes())?;
+        super::failpoint("mark_sent:after-sent", account.as_str())?;
         let old = self.inner.outbox.remove(&key)?;
         self.counted(&self.inner.queued, false, old.is_some());
         Ok(())
@@ -197,6 +228,9 @@ impl Store {
             .dead
             .insert(&key, codec::encode_outbox(record)?)?;
         self.counted(&self.inner.dead_count, was_dead.is_none(), false);
+        // A crash here leaves it in both: at open, a dead letter still queued leaves `dead`
+        // (it is retried, never lost).
+        super::failpoint("mark_dead:after-dead", account.as_str())?;
         let old = self.inner.outbox.remove(&key)?;
         self.counted(&self.inner.queued, false, old.is_some());
         Ok(())
@@ -208,19 +242,62 @@ impl Store {
     /// no such dead letter.
     pub fn revive(&self, account: &AccountId, seq: u64, now: UnixMs) -> Result<bool, StoreError> {
         let key = codec::ledger_key(account, seq);
-        let Some(v) = self.inner.dead.remove(&key)? else {
+        let Some(v) = self.inner.dead.get(&key)? else {
             return Ok(false);
         };
-        self.counted(&self.inner.dead_count, false, true);
         let mut record = codec::decode_outbox(&v)?;
         record.item.attempts = 0;
         record.item.next_at_ms = now.min(record.item.at_ms);
+        // Queued first: a crash in between leaves it in both, and at open a dead letter
+        // that is also queued leaves `dead` (it is never lost).
         let old = self
             .inner
             .outbox
             .insert(&key, codec::encode_outbox(&record)?)?;
         self.counted(&self.inner.queued, old.is_none(), false);
+        super::failpoint("revive:after-queue", account.as_str())?;
+        if self
+            .inner
+            .dead
+            .compare_and_swap(&key, Some(&v), None as Option<&[u8]>)?
+            .is_ok()
+        {
+            self.counted(&self.inner.dead_count, false, true);
+        }
         Ok(true)
+    }
+
+    /// Where record key `seq` of `account` is in the outbox family (for `verify`).
+    pub fn outbox_location(
+        &self,
+        account: &AccountId,
+        seq: u64,
+    ) -> Result<OutboxLocation, StoreError> {
+        let key = codec::ledger_key(account, seq);
+        Ok(OutboxLocation {
+            queued: match self.inner.outbox.get(&key)? {
+                Some(v) => Some(codec::decode_outbox(&v)?),
+                None => None,
+            },
+            dead: match self.inner.dead.get(&key)? {
+                Some(v) => Some(codec::decode_outbox(&v)?),
+                None => None,
+            },
+            sent: self.inner.sent.contains_key(&key)?,
+            batch_first: match self.inner.batched.get(&key)? {
+                Some(v) => Some(codec::decode_mark(&v)?.0),
+                None => None,
+            },
+        })
+    }
+
+    /// True if record `seq` of `account` was delivered (a queued copy is left over from a
+    /// crash in [`Store::mark_sent`]).
+    pub fn is_sent(&self, account: &AccountId, seq: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .inner
+            .sent
+            .contains_key(codec::ledger_key(account, seq))?)
     }
 
     /// (queued, dead, sent) counts: records, so a batch counts once.
