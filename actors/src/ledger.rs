@@ -645,8 +645,8 @@ impl Balances {
         }
     }
 
-    /// [`Self::prune_grants`] over every grant: for balances from a snapshot written before
-    /// grants were pruned as they emptied.
+    /// Drops every grant that can never count again (see `prune_grants`): for balances from a
+    /// snapshot written before grants were pruned as they emptied.
     pub fn prune_spent_grants(&mut self) {
         let ids: Vec<u64> = self.grants.keys().copied().collect();
         self.prune_grants(ids);

@@ -41,7 +41,9 @@
 //! Durability: sled 0.34.7 deadlocks when several threads call `flush_async` at once (upstream
 //! issues #1308, #1241) and its `flush` makes data safe from a process crash but not from a
 //! power loss. So exactly one thread, the flusher, ever flushes, and in `fdatasync` mode it
-//! also calls `fdatasync` on sled's log file after each flush.
+//! also calls `fdatasync` on sled's log file after each flush, and syncs what sled never
+//! does: the blob files it writes for large values (over ~128 KiB: webhook bodies, big
+//! snapshots), the `blobs` directory, and once the data directory.
 
 mod codec;
 mod events;
@@ -310,6 +312,10 @@ impl Store {
             }
             SyncMode::Flush => None,
         };
+        let extras = match cfg.sync {
+            SyncMode::Fdatasync => Some(flusher::SyncExtras::new(cfg.path.clone())),
+            SyncMode::Flush => None,
+        };
         let (flush_tx, rx) = mpsc::channel();
         let failed = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(FlushStats::default());
@@ -319,7 +325,7 @@ impl Store {
             let stats = stats.clone();
             std::thread::Builder::new()
                 .name("meterd-flusher".into())
-                .spawn(move || flusher_loop(db, sync_file, rx, failed, stats))
+                .spawn(move || flusher_loop(db, sync_file, extras, rx, failed, stats))
                 .map_err(|source| StoreError::Io {
                     path: cfg.path.clone(),
                     source,
@@ -845,6 +851,44 @@ mod tests {
             .collect();
         assert_eq!(left, vec![2]);
         gauges_match(&store);
+        store.close().unwrap();
+    }
+
+    /// sled writes a large value to a blob file of its own, which it never syncs: the
+    /// flusher syncs it (and the `blobs` directory) before answering a commit.
+    #[tokio::test]
+    async fn large_values_reach_disk_through_synced_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let before = store.stats().blobs_synced.load(Ordering::Relaxed);
+        // A webhook body near the 1 MiB a delivery may have: far past sled's blob threshold.
+        let body = vec![b'x'; 600 * 1024];
+        let rec = WebhookRecord {
+            id: "evt_big".into(),
+            event_type: "invoice.paid".into(),
+            created_s: 1,
+            received_ms: 1,
+            source: EventSource::Webhook,
+            thin: false,
+            status: WebhookStatus::Pending,
+            attempts: 0,
+            next_at_ms: 0,
+            last_error: None,
+            outcome: None,
+            settled_ms: None,
+        };
+        assert!(store.log_event(&rec, &body).unwrap());
+        store.barrier().await.unwrap();
+        let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+        assert!(blobs >= 1, "sled wrote the body to a blob");
+        assert!(
+            store.stats().blobs_synced.load(Ordering::Relaxed) > before,
+            "the blob was synced before the commit answered"
+        );
+        assert_eq!(
+            store.event_body("evt_big").unwrap().unwrap().len(),
+            body.len()
+        );
         store.close().unwrap();
     }
 

@@ -15,6 +15,64 @@ pub(super) enum FlushCmd {
 pub struct FlushStats {
     pub flushes: AtomicU64,
     pub waiters: AtomicU64,
+    /// Blob files (values sled writes apart from its log, and never syncs) synced.
+    pub blobs_synced: AtomicU64,
+}
+
+/// What `fdatasync` mode syncs besides sled's log file: the blob files sled writes for large
+/// values (it never syncs them), the `blobs` directory that names them, and, once, the data
+/// directory itself. Blobs are few (sled collects them); the directory listing is cheap.
+pub(super) struct SyncExtras {
+    data_dir: PathBuf,
+    synced: std::collections::HashSet<std::ffi::OsString>,
+    data_dir_synced: bool,
+}
+
+impl SyncExtras {
+    pub(super) fn new(data_dir: PathBuf) -> SyncExtras {
+        SyncExtras {
+            data_dir,
+            synced: Default::default(),
+            data_dir_synced: false,
+        }
+    }
+
+    /// Syncs every blob not synced yet, then the `blobs` directory if any was. Returns how
+    /// many blobs were synced.
+    fn sync(&mut self) -> std::io::Result<u64> {
+        if !self.data_dir_synced {
+            File::open(&self.data_dir)?.sync_all()?;
+            self.data_dir_synced = true;
+        }
+        let blobs = self.data_dir.join("blobs");
+        let entries = match std::fs::read_dir(&blobs) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut present = std::collections::HashSet::new();
+        let mut n = 0;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !self.synced.contains(&name) {
+                match File::open(entry.path()) {
+                    Ok(f) => f.sync_all()?,
+                    // Collected by sled meanwhile.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                n += 1;
+            }
+            present.insert(name);
+        }
+        // Forget blobs sled collected.
+        self.synced = present;
+        if n > 0 {
+            File::open(&blobs)?.sync_all()?;
+        }
+        Ok(n)
+    }
 }
 
 /// Opens sled, waiting (bounded) for the directory lock: a previous owner of the directory
@@ -43,6 +101,7 @@ pub(super) fn open_db(cfg: &StoreConfig) -> Result<sled::Db, StoreError> {
 pub(super) fn flusher_loop(
     db: sled::Db,
     sync_file: Option<File>,
+    mut extras: Option<SyncExtras>,
     rx: mpsc::Receiver<FlushCmd>,
     failed: Arc<AtomicBool>,
     stats: Arc<FlushStats>,
@@ -61,15 +120,29 @@ pub(super) fn flusher_loop(
         let result = if failed.load(Ordering::Acquire) {
             Err(CommitError::FlushFailed("an earlier flush failed".into()))
         } else {
-            let r = db
-                .flush()
-                .map_err(|e| CommitError::FlushFailed(e.to_string()))
+            let mut sync_extras = || -> Result<(), CommitError> {
+                if let Some(x) = extras.as_mut() {
+                    let n = x
+                        .sync()
+                        .map_err(|e| CommitError::FlushFailed(format!("syncing blobs: {e}")))?;
+                    stats.blobs_synced.fetch_add(n, Ordering::Relaxed);
+                }
+                Ok(())
+            };
+            // Blobs the inserts wrote first (the log will point at them), then the log, then
+            // any blob the flush itself wrote.
+            let r = sync_extras()
+                .and_then(|()| {
+                    db.flush()
+                        .map_err(|e| CommitError::FlushFailed(e.to_string()))
+                })
                 .and_then(|_| match &sync_file {
                     Some(f) => f
                         .sync_data()
                         .map_err(|e| CommitError::FlushFailed(e.to_string())),
                     None => Ok(()),
-                });
+                })
+                .and_then(|()| sync_extras());
             if let Err(e) = &r {
                 tracing::error!(error = %e, "flush failed; refusing further writes");
                 failed.store(true, Ordering::Release);
