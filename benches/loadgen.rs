@@ -6,7 +6,9 @@
 //! - `LOADGEN_SECS`: measured seconds per scenario, after a 2 s warm-up (default 10).
 //! - `LOADGEN_WARMUP_SECS`: warm-up seconds (default 2).
 //! - `LOADGEN_CLIENT_THREADS`: client runtime threads, 1 or 2 (default 1: current-thread).
-//! - `LOADGEN_SCENARIOS`: comma-separated subset of `hot,uniform,noop` (default all three).
+//! - `LOADGEN_SCENARIOS`: comma-separated subset of `hot,uniform,noop` (default all three),
+//!   plus `unknown` (not by default): `LOADGEN_UNKNOWN` (default 100000) reads of account ids
+//!   that do not exist, each a 404, and the daemon's resident memory before and after.
 //! - `LOADGEN_ACCOUNTS`: accounts for the uniform scenario (default 10000).
 //! - `LOADGEN_CONFIG`: the daemon's config file (default: the repository's config.toml).
 //!
@@ -77,8 +79,8 @@ impl Settings {
             .collect::<Vec<_>>();
         for s in &scenarios {
             assert!(
-                matches!(s.as_str(), "hot" | "uniform" | "noop"),
-                "unknown scenario {s:?} (hot, uniform, noop)"
+                matches!(s.as_str(), "hot" | "uniform" | "noop" | "unknown"),
+                "unknown scenario {s:?} (hot, uniform, noop, unknown)"
             );
         }
         let s = Settings {
@@ -494,6 +496,47 @@ async fn create_accounts(addr: SocketAddr, ids: Arc<Vec<String>>) {
     }
 }
 
+/// `n` reads of ids that name no account, on `SETUP_CONNS` connections: each must be a 404.
+/// Prints the rate and the daemon's resident memory (VmRSS) before and after.
+async fn unknown_ids(addr: SocketAddr, pid: u32, n: usize) {
+    let common = Common::new(addr, APP_KEY);
+    let rss = || status_kb(pid, "VmRSS:").unwrap_or(0);
+    let before = rss();
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..SETUP_CONNS {
+        let (common, next) = (common.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sender = connect(addr).await.expect("connect");
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    break;
+                }
+                let uri = Uri::try_from(format!("/v1/accounts/nobody-{i:07}")).unwrap();
+                let req = common.request(Method::GET, uri, Bytes::new());
+                let status = send(&mut sender, req).await.expect("GET");
+                assert_eq!(status, StatusCode::NOT_FOUND, "an unknown id is a 404");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss();
+    println!(
+        "
+unknown ids: {n} reads, all 404, {:.0} req/s; daemon RSS {:.1} MiB before, {:.1} MiB after ({:+.1} MiB)",
+        n as f64 / secs,
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        (after as f64 - before as f64) / 1024.0
+    );
+}
+
 /// Which account each request goes to.
 #[derive(Clone)]
 enum Target {
@@ -851,13 +894,17 @@ fn main() {
     );
 
     let mut outcomes = Vec::new();
-    let need_daemon = settings.wants("hot") || settings.wants("uniform");
+    let need_daemon =
+        settings.wants("hot") || settings.wants("uniform") || settings.wants("unknown");
     if need_daemon {
         let daemon = Daemon::start();
         let addr = daemon.addr;
         let pid = daemon.pid();
         rt.block_on(async {
             create_accounts(addr, Arc::new(vec![HOT_ACCOUNT.to_owned()])).await;
+            if settings.wants("unknown") {
+                unknown_ids(addr, pid, env_num("LOADGEN_UNKNOWN", 100_000usize)).await;
+            }
             let common = Common::new(addr, APP_KEY);
             if settings.wants("hot") {
                 let target = Target::One(consume_uri(HOT_ACCOUNT));

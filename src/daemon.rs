@@ -548,14 +548,23 @@ async fn storage_failure(store: Store) -> String {
     }
 }
 
+/// The watchdog interval systemd asks for, as `sd_watchdog_enabled(3)` reads it:
+/// `WATCHDOG_USEC`, unless `WATCHDOG_PID` is set and names another process.
+fn watchdog_usec() -> Option<u64> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then_some(usec)
+}
+
 /// Under systemd with `WatchdogSec=`: sends `WATCHDOG=1` at half the interval, but only
 /// while the flusher completes a flush and the account directory answers, each within a
 /// second. A wedged daemon stops pinging and systemd restarts it.
 fn spawn_watchdog(store: Store, accounts: Accounts) -> Option<tokio::task::JoinHandle<()>> {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return None;
-    }
+    let usec = watchdog_usec()?;
     let every = Duration::from_micros(usec / 2);
     tracing::info!(
         every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX),

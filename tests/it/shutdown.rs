@@ -330,3 +330,57 @@ async fn ledger_verify_exits_non_zero_on_a_tampered_ledger() {
     let out = String::from_utf8_lossy(&bad.stdout);
     assert!(out.contains("MISMATCH account tamper"), "{out}");
 }
+
+/// Under systemd's watchdog (`WATCHDOG_USEC` set), the daemon sends `READY=1`, then
+/// `WATCHDOG=1` at half the interval while its flusher flushes and its directory answers,
+/// and `STOPPING=1` on SIGTERM. The test plays systemd's notify socket.
+#[tokio::test]
+async fn the_systemd_watchdog_is_pinged_while_the_daemon_works() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let data = dir.path().join("data");
+    let path = sock_path.to_str().unwrap().to_owned();
+    let d = tokio::task::spawn_blocking(move || {
+        BinDaemon::start(
+            &data,
+            &[
+                ("NOTIFY_SOCKET", path.as_str()),
+                ("WATCHDOG_USEC", "400000"),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let read = move |sock: UnixDatagram, want_pings: usize, want: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            let (mut seen, mut pings) = (Vec::new(), 0);
+            let mut buf = [0u8; 512];
+            // Bounded: at most 50 datagrams, each within the read timeout.
+            for _ in 0..50 {
+                let Ok(n) = sock.recv(&mut buf) else { break };
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                pings += usize::from(msg.contains("WATCHDOG=1"));
+                let done = pings >= want_pings && msg.contains(want);
+                seen.push(msg);
+                if done {
+                    break;
+                }
+            }
+            (sock, seen)
+        })
+    };
+    let (sock, seen) = read(sock, 3, "WATCHDOG=1").await.unwrap();
+    assert!(seen.iter().any(|m| m.contains("READY=1")), "{seen:?}");
+    assert!(
+        seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3,
+        "{seen:?}"
+    );
+    let stopped = tokio::task::spawn_blocking(move || d.sigterm(SIGTERM_BOUND));
+    let (_, seen) = read(sock, 0, "STOPPING=1").await.unwrap();
+    assert!(seen.iter().any(|m| m.contains("STOPPING=1")), "{seen:?}");
+    assert!(stopped.await.unwrap().success());
+}

@@ -26,6 +26,9 @@ pub(super) struct SyncExtras {
     data_dir: PathBuf,
     synced: std::collections::HashSet<std::ffi::OsString>,
     data_dir_synced: bool,
+    /// The `blobs` directory's modification time when last listed: unchanged (and old
+    /// enough to trust), no blob was created since (one `stat` per check, not a listing).
+    listed_at: Option<std::time::SystemTime>,
 }
 
 impl SyncExtras {
@@ -34,6 +37,7 @@ impl SyncExtras {
             data_dir,
             synced: Default::default(),
             data_dir_synced: false,
+            listed_at: None,
         }
     }
 
@@ -45,6 +49,20 @@ impl SyncExtras {
             self.data_dir_synced = true;
         }
         let blobs = self.data_dir.join("blobs");
+        let modified = match std::fs::metadata(&blobs) {
+            Ok(m) => m.modified().ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        // Directory times are coarse (a few ms): an unchanged time proves nothing new only
+        // once it is a while old.
+        let settled = modified.is_some_and(|m| {
+            m.elapsed()
+                .is_ok_and(|age| age > std::time::Duration::from_secs(1))
+        });
+        if settled && modified == self.listed_at {
+            return Ok(0);
+        }
         let entries = match std::fs::read_dir(&blobs) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -68,6 +86,7 @@ impl SyncExtras {
         }
         // Forget blobs sled collected.
         self.synced = present;
+        self.listed_at = modified;
         if n > 0 {
             File::open(&blobs)?.sync_all()?;
         }
