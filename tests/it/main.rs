@@ -19,6 +19,7 @@ mod plans;
 mod ratelimit;
 mod reservations;
 mod shutdown;
+mod soak;
 mod stream;
 mod support;
 mod upgrade;
