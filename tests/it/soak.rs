@@ -373,10 +373,16 @@ async fn soak_with_kill_9_loses_nothing_and_bills_every_unit_once() {
     let fake = FakeStripe::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
+    // Stripe's own limit for meter events (1,000/s) instead of the shipped 25; and, for the
+    // long run, aggregation windows (`METERD_SOAK_AGGREGATE_S`), as a high-volume deployment
+    // would use.
+    let aggregate = env_secs("METERD_SOAK_AGGREGATE_S", 0);
     let ours = crate::support::shipped_config_on_fake(&fake.base_url())
         .replace("breaker_failures = 5", "breaker_failures = 1000")
-        .replace("max_attempts = 12", "max_attempts = 1000");
-    assert!(ours.contains("max_attempts = 1000"));
+        .replace("max_attempts = 12", "max_attempts = 1000")
+        .replace("calls_per_second = 25", "calls_per_second = 1000")
+        .replace("aggregate_s = 0", &format!("aggregate_s = {aggregate}"));
+    assert!(ours.contains("max_attempts = 1000") && ours.contains("calls_per_second = 1000"));
     std::fs::write(&config, ours).unwrap();
     let data: PathBuf = dir.path().join("data");
 
@@ -484,15 +490,24 @@ async fn soak_with_kill_9_loses_nothing_and_bills_every_unit_once() {
             .map(|e| e.value.parse::<u64>().unwrap())
             .sum()
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // The backlog drains at the rate limit: wait while Stripe's total grows, and fail once
+    // it stalls for a minute (or after an hour in all).
+    let drain = Instant::now();
+    let (mut last, mut moved) = (0u64, Instant::now());
     while PAYG.iter().any(|id| units_at_stripe(id) < billable[id]) {
+        let total: u64 = PAYG.iter().map(|id| units_at_stripe(id)).sum();
+        if total > last {
+            (last, moved) = (total, Instant::now());
+        }
         assert!(
-            Instant::now() < deadline,
+            moved.elapsed() < Duration::from_secs(60)
+                && drain.elapsed() < Duration::from_secs(3600),
             "Stripe has {:?}, the ledgers bill {billable:?}",
             PAYG.map(units_at_stripe)
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let drained_s = drain.elapsed().as_secs_f64();
     let events = fake.meter_events();
     let mut ids = std::collections::HashSet::new();
     for e in &events {
@@ -505,22 +520,30 @@ async fn soak_with_kill_9_loses_nothing_and_bills_every_unit_once() {
     for id in PAYG {
         assert_eq!(units_at_stripe(id), billable[id], "{id}: Stripe vs ledger");
     }
+    // Live verify reads every ledger: minutes on a long run's store.
+    let verify_started = Instant::now();
     let r = d
         .client
-        .send(
-            reqwest::Method::GET,
-            "/v1/admin/verify",
-            Some(ADMIN_KEY),
-            None,
-        )
-        .await;
-    assert_eq!(r.body["ok"], true, "live verify: {}", r.body);
+        .http
+        .get(format!("{}/v1/admin/verify", d.client.base))
+        .bearer_auth(ADMIN_KEY)
+        .timeout(Duration::from_secs(1800))
+        .send()
+        .await
+        .expect("live verify answers");
+    let body: Value = r.json().await.expect("verify body");
+    assert_eq!(body["ok"], true, "live verify: {body}");
+    println!(
+        "soak: live verify of {} entries: ok ({:.1} s)",
+        body["entries"],
+        verify_started.elapsed().as_secs_f64()
+    );
     let writes = acks
         .iter()
         .filter(|a| !matches!(a.op, Op::Webhook { .. }))
         .count();
     println!(
-        "soak: {rounds} kill -9 rounds in {:.0} s; {} writes acknowledged ({writes} ledger writes), {reads} reads; {} meter events, {} units at Stripe, 0 twice",
+        "soak: {rounds} kill -9 rounds in {:.0} s (backlog drained in {drained_s:.0} s); {} writes acknowledged ({writes} ledger writes), {reads} reads; {} meter events, {} units at Stripe, 0 twice",
         started.elapsed().as_secs_f64(),
         acks.len(),
         events.len(),

@@ -655,6 +655,9 @@ struct State {
     violations: Vec<String>,
     events: Vec<AcceptedEvent>,
     identifiers: HashMap<String, Instant>,
+    /// When `identifiers` was last swept of entries past the dedup window (at most once a
+    /// second: a sweep per event made a long run quadratic).
+    identifiers_swept: Option<Instant>,
     idempotency: HashMap<String, Cached>,
     meters: Vec<Meter>,
     prices: HashMap<String, Value>,
@@ -694,6 +697,19 @@ impl StoredEvent {
 type Params = Vec<(String, Node)>;
 
 impl State {
+    /// Forgets identifiers past the dedup window; an identifier's own age is checked on
+    /// lookup too, so sweeping only once a second changes no answer.
+    fn sweep_identifiers(&mut self, now: Instant) {
+        if self
+            .identifiers_swept
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.identifiers
+                .retain(|_, seen| now.duration_since(*seen) < DEDUP_WINDOW);
+            self.identifiers_swept = Some(now);
+        }
+    }
+
     fn next_id(&mut self) -> u64 {
         self.counter += 1;
         self.counter
@@ -872,9 +888,12 @@ impl State {
             .unwrap_or(now);
 
         let at = Instant::now();
-        self.identifiers
-            .retain(|_, seen| at.duration_since(*seen) < DEDUP_WINDOW);
-        if self.identifiers.contains_key(&identifier) {
+        self.sweep_identifiers(at);
+        if self
+            .identifiers
+            .get(&identifier)
+            .is_some_and(|seen| at.duration_since(*seen) < DEDUP_WINDOW)
+        {
             let msg = format!("An event already exists with identifier {identifier}.");
             return Reply::invalid(
                 400,
@@ -1329,8 +1348,7 @@ impl State {
                         return self.violation(method, path, r);
                     }
                 };
-                self.identifiers
-                    .retain(|_, seen| now.duration_since(*seen) < DEDUP_WINDOW);
+                self.sweep_identifiers(now);
                 self.stream_requests.push(events.len());
                 for e in events {
                     let identifier = match e.identifier.clone() {
@@ -1339,7 +1357,11 @@ impl State {
                             format!("fake_mev_{}_{:016x}", self.next_id(), rand::random::<u64>())
                         }
                     };
-                    if self.identifiers.contains_key(&identifier) {
+                    if self
+                        .identifiers
+                        .get(&identifier)
+                        .is_some_and(|seen| now.duration_since(*seen) < DEDUP_WINDOW)
+                    {
                         continue;
                     }
                     self.identifiers.insert(identifier.clone(), now);
