@@ -22,8 +22,6 @@ use meterd_actors::store::{Store, StoreConfig};
 use meterd_actors::stripe::StripeHttp;
 use meterd_actors::supervisor::{Components, Health, Restart, Supervisor, SupervisorArgs};
 use meterd_actors::webhook::{WebhookArgs, WebhookSettings, Webhooks};
-use poem::Server;
-use poem::listener::TcpAcceptor;
 
 use crate::config::Config;
 use crate::http::auth::{ApiKeys, Scope};
@@ -31,8 +29,10 @@ use crate::http::auth::{ApiKeys, Scope};
 /// Secrets, read from the environment by `main` (tests pass them directly).
 #[derive(Clone, Default)]
 pub struct Secrets {
-    pub admin_key: Option<String>,
-    pub app_key: Option<String>,
+    /// Admin keys (several during a rotation); empty: the generated `admin.key` is used.
+    pub admin_keys: Vec<String>,
+    /// App keys (several during a rotation); empty: no app-scoped key exists.
+    pub app_keys: Vec<String>,
     /// `None`: offline (no Stripe key).
     pub stripe_key: Option<String>,
     /// Webhook signing secrets (several during a rotation); empty: webhooks are refused.
@@ -48,18 +48,31 @@ impl std::fmt::Debug for Secrets {
 /// Shortest API key accepted from the environment.
 pub const MIN_KEY_LEN: usize = 16;
 
+/// Splits a comma-separated list of API keys; each must be at least [`MIN_KEY_LEN`] long.
+pub fn parse_api_keys(v: &str) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for k in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if k.len() < MIN_KEY_LEN {
+            return Err(format!(
+                "holds a key shorter than {MIN_KEY_LEN} characters (several keys are separated by commas)"
+            ));
+        }
+        if !out.iter().any(|o| o == k) {
+            out.push(k.to_owned());
+        }
+    }
+    Ok(out)
+}
+
 impl Secrets {
     /// Reads the variables the config names. A set but too short key is an error: a weak
     /// key must not be accepted silently.
     pub fn from_env(config: &Config) -> anyhow::Result<Secrets> {
-        let read = |var: &str| -> anyhow::Result<Option<String>> {
+        let read = |var: &str| -> anyhow::Result<Vec<String>> {
             match std::env::var(var) {
-                Ok(v) if v.is_empty() => Ok(None),
-                Ok(v) if v.len() < MIN_KEY_LEN => anyhow::bail!(
-                    "environment variable {var} holds a key shorter than {MIN_KEY_LEN} characters"
-                ),
-                Ok(v) => Ok(Some(v)),
-                Err(std::env::VarError::NotPresent) => Ok(None),
+                Ok(v) => parse_api_keys(&v)
+                    .map_err(|e| anyhow::anyhow!("environment variable {var} {e}")),
+                Err(std::env::VarError::NotPresent) => Ok(Vec::new()),
                 Err(e) => anyhow::bail!("environment variable {var}: {e}"),
             }
         };
@@ -79,8 +92,8 @@ impl Secrets {
             Err(_) => Vec::new(),
         };
         Ok(Secrets {
-            admin_key: read(&config.admin_key_env)?,
-            app_key: read(&config.app_key_env)?,
+            admin_keys: read(&config.admin_key_env)?,
+            app_keys: read(&config.app_key_env)?,
             stripe_key,
             webhook_secrets,
         })
@@ -106,41 +119,118 @@ pub fn admin_key_file(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.key")
 }
 
-/// The admin key from the environment, or else from `<data_dir>/admin.key`, generated with
-/// mode 0600 on first start. Logs the file's path, never the key.
+/// The admin keys from the environment, or else the one in `<data_dir>/admin.key`, generated
+/// with mode 0600 on first start; and the app keys. Logs the file's path, never a key. An
+/// admin key that is also an app key is an error: the app would have admin rights.
 fn load_keys(config: &Config, secrets: &Secrets) -> anyhow::Result<ApiKeys> {
     let mut keys = ApiKeys::default();
-    match &secrets.admin_key {
-        Some(k) => keys.add(k, Scope::Admin),
-        None => {
-            let path = admin_key_file(&config.data_dir);
-            let key = read_or_create_key_file(&path)?;
-            tracing::info!(
-                file = %path.display(),
-                "{} is not set; using the generated admin key stored in this file",
-                config.admin_key_env
-            );
-            keys.add(&key, Scope::Admin);
-        }
+    let admin: Vec<String> = if secrets.admin_keys.is_empty() {
+        let path = admin_key_file(&config.data_dir);
+        let key = read_or_create_key_file(&path)?;
+        tracing::info!(
+            file = %path.display(),
+            "{} is not set; using the generated admin key stored in this file",
+            config.admin_key_env
+        );
+        vec![key]
+    } else {
+        secrets.admin_keys.clone()
+    };
+    if let Some(shared) = secrets.app_keys.iter().find(|k| admin.contains(k)) {
+        let _ = shared; // never logged
+        anyhow::bail!(
+            "a key in {} is also an admin key ({}{}): an app would have admin rights; give apps a key of their own",
+            config.app_key_env,
+            config.admin_key_env,
+            if secrets.admin_keys.is_empty() {
+                ", from admin.key"
+            } else {
+                ""
+            }
+        );
     }
-    match &secrets.app_key {
-        Some(k) => keys.add(k, Scope::App),
-        None => tracing::warn!(
+    for k in &admin {
+        keys.add(k, Scope::Admin);
+    }
+    for k in &secrets.app_keys {
+        keys.add(k, Scope::App);
+    }
+    if secrets.app_keys.is_empty() {
+        tracing::warn!(
             "{} is not set: no app-scoped key exists, only the admin key can call the API",
             config.app_key_env
-        ),
+        );
+    }
+    if admin.len() > 1 || secrets.app_keys.len() > 1 {
+        tracing::info!(
+            admin_keys = admin.len(),
+            app_keys = secrets.app_keys.len(),
+            "several keys per scope (a rotation in progress?)"
+        );
     }
     Ok(keys)
+}
+
+/// Creates the data directory with mode 0700, or checks an existing one. A directory that
+/// holds a store and is open to group or others is an error (its ledgers, emails and webhook
+/// bodies would be readable by other local users); one without a store yet (a fresh clone's
+/// `data/`) is tightened to 0700.
+pub fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+            // The umask may have narrowed it further, never widened it; make it exact.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", dir.display())),
+        Ok(m) if !m.is_dir() => anyhow::bail!(
+            "storage.data_dir {} exists and is not a directory",
+            dir.display()
+        ),
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 == 0 {
+                return Ok(());
+            }
+            let holds_store = dir.join("conf").exists() || dir.join("db").exists();
+            if holds_store {
+                anyhow::bail!(
+                    "the data directory {} has mode {mode:03o}: group or others can read its ledgers; run `chmod 700 {}` (under systemd, set StateDirectoryMode=0700) and start again",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| {
+                    format!(
+                        "the data directory {} has mode {mode:03o} and cannot be narrowed to 0700; run `chmod 700 {}`",
+                        dir.display(),
+                        dir.display()
+                    )
+                })?;
+            tracing::info!(data_dir = %dir.display(), "data directory narrowed to mode 0700 (it held no store yet)");
+            Ok(())
+        }
+    }
 }
 
 fn read_or_create_key_file(path: &Path) -> anyhow::Result<String> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     match std::fs::read_to_string(path) {
         Ok(s) => {
-            let mode = std::fs::metadata(path)?.permissions().mode();
-            if mode & 0o077 != 0 {
-                tracing::warn!(file = %path.display(), "admin key file is readable by group or others; chmod 600 it");
-            }
+            let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+            anyhow::ensure!(
+                mode & 0o077 == 0,
+                "the admin key file {} has mode {mode:03o}: group or others can read the admin key; run `chmod 600 {}` (and rotate the key if others may have read it) and start again",
+                path.display(),
+                path.display()
+            );
             let key = s.trim().to_owned();
             anyhow::ensure!(
                 key.len() >= MIN_KEY_LEN,
@@ -309,6 +399,8 @@ pub async fn run_with_clock(
         sync: config.sync,
         cache_capacity_bytes: config.cache_capacity_bytes,
     };
+    prepare_data_dir(&config.data_dir)?;
+    let keys = load_keys(&config, &secrets)?;
     let store = tokio::task::spawn_blocking(move || Store::open(&store_cfg))
         .await?
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
@@ -322,7 +414,6 @@ pub async fn run_with_clock(
             "storage.sync = \"flush\": acknowledged consumption survives a process crash but NOT a power loss or kernel crash; use \"fdatasync\" for full durability"
         );
     }
-    let keys = load_keys(&config, &secrets)?;
     let clock_for_outbox = clock.clone();
     let clock_for_webhooks = clock.clone();
     let deps = AccountDeps {
@@ -466,6 +557,8 @@ pub async fn run_with_clock(
         max_body_bytes: config.max_body_bytes,
         max_batch_body_bytes: config.max_batch_body_bytes,
         rate_limits: config.rate_limits,
+        body_read_timeout: config.body_read_timeout,
+        failed_auth: config.failed_auth,
         ready: ready.clone(),
         components: components.clone(),
         stripe_online,
@@ -477,7 +570,7 @@ pub async fn run_with_clock(
         receiver,
     });
     let addr = listener.local_addr()?;
-    let acceptor = TcpAcceptor::from_tokio(listener)?;
+    warn_if_few_descriptors(config.connections.max_connections);
     tracing::info!(addr = %addr, "meterd ready");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     // One machine-readable line on stdout once ready: scripts and tests read the bound port
@@ -504,9 +597,14 @@ pub async fn run_with_clock(
             *fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
         }
     };
-    let served = Server::new_with_acceptor(acceptor)
-        .run_with_graceful_shutdown(app, stop, Some(config.shutdown_timeout))
-        .await;
+    let served = crate::server::serve(
+        listener,
+        app,
+        config.connections,
+        stop,
+        config.shutdown_timeout,
+    )
+    .await;
     ready.store(false, Ordering::Release);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("HTTP stopped; draining account actors");
@@ -535,6 +633,28 @@ pub async fn run_with_clock(
     closed.map_err(|e| anyhow::anyhow!("final flush failed: {e}"))?;
     tracing::info!("meterd stopped");
     Ok(())
+}
+
+/// Warns when the soft file-descriptor limit cannot hold `server.max_connections` plus the
+/// store's own files: past it, new connections wait for descriptors instead of the cap.
+fn warn_if_few_descriptors(max_connections: usize) {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(soft) = soft
+        && soft < max_connections.saturating_add(128)
+    {
+        tracing::warn!(
+            open_files_limit = soft,
+            max_connections,
+            "the open-files limit is close to server.max_connections; raise it (ulimit -n, or LimitNOFILE under systemd) or lower server.max_connections"
+        );
+    }
 }
 
 /// Resolves once a flush to disk has failed (checked twice a second).

@@ -203,6 +203,9 @@ pub struct AppDeps {
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,
     pub rate_limits: crate::config::RateLimits,
+    /// A request body must arrive within this.
+    pub body_read_timeout: std::time::Duration,
+    pub failed_auth: auth::FailedAuthLimit,
     pub ready: Arc<AtomicBool>,
     /// Component health, kept by the supervisor.
     pub components: Components,
@@ -275,6 +278,8 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
         .nest("/", api);
     ratelimit::wrap(routes, deps.rate_limits)
         .data(deps.keys)
+        .data(Arc::new(auth::FailedAuth::new(deps.failed_auth)))
+        .data(body::BodyReadTimeout(deps.body_read_timeout))
         .data(BodyLimit(deps.max_body_bytes))
         .data(body::BatchBodyLimit(deps.max_batch_body_bytes))
         .catch_all_error(|err| async move { error::render_poem_error(err) })

@@ -6,4 +6,5 @@
 pub mod config;
 pub mod daemon;
 pub mod http;
+pub mod server;
 pub mod telemetry;

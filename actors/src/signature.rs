@@ -124,6 +124,39 @@ fn parse(header: &str) -> Result<Parsed, SignatureError> {
     Ok(Parsed { timestamp, tags })
 }
 
+/// What can be checked before the body is read: the header is present and well formed, and
+/// its timestamp is within the tolerance. A receiver calls this first, so that a delivery that
+/// can never verify is refused without reading (or buffering) its body. [`verify`] still
+/// checks everything.
+pub fn precheck(header: Option<&str>, now_s: i64, tolerance_s: u64) -> Result<(), SignatureError> {
+    let header = header
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .ok_or(SignatureError::Missing)?;
+    let parsed = parse(header)?;
+    freshness(parsed.timestamp, now_s, tolerance_s)
+}
+
+/// `t` is within `tolerance_s` of `now_s`, either way.
+fn freshness(timestamp: i64, now_s: i64, tolerance_s: u64) -> Result<(), SignatureError> {
+    let diff = i128::from(now_s) - i128::from(timestamp);
+    let tolerance = i128::from(tolerance_s);
+    let secs = |d: i128| u64::try_from(d).unwrap_or(u64::MAX);
+    if diff > tolerance {
+        return Err(SignatureError::Stale {
+            age_s: secs(diff),
+            tolerance_s,
+        });
+    }
+    if -diff > tolerance {
+        return Err(SignatureError::Future {
+            ahead_s: secs(-diff),
+            tolerance_s,
+        });
+    }
+    Ok(())
+}
+
 /// Verifies a Stripe webhook delivery.
 ///
 /// * `header`: the `Stripe-Signature` header value (`None` if absent).
@@ -176,22 +209,7 @@ pub fn verify<S: AsRef<[u8]>>(
         }
     }
     let secret_index = matched.ok_or(SignatureError::NoMatch)?;
-
-    let diff = i128::from(now_s) - i128::from(parsed.timestamp);
-    let tolerance = i128::from(tolerance_s);
-    let secs = |d: i128| u64::try_from(d).unwrap_or(u64::MAX);
-    if diff > tolerance {
-        return Err(SignatureError::Stale {
-            age_s: secs(diff),
-            tolerance_s,
-        });
-    }
-    if -diff > tolerance {
-        return Err(SignatureError::Future {
-            ahead_s: secs(-diff),
-            tolerance_s,
-        });
-    }
+    freshness(parsed.timestamp, now_s, tolerance_s)?;
     Ok(Verified {
         timestamp: parsed.timestamp,
         secret_index,

@@ -56,6 +56,13 @@ pub enum ConfigError {
     },
 }
 
+/// `[auth] failed_per_minute` and `failed_burst`: wrong keys allowed per peer address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailedAuthLimit {
+    pub per_minute: u64,
+    pub burst: u64,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -65,6 +72,12 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,
     pub shutdown_timeout: Duration,
+    /// Connection cap and timeouts (`[server]`).
+    pub connections: crate::server::ConnectionLimits,
+    /// A request body must arrive within this (`server.body_read_timeout_ms`).
+    pub body_read_timeout: Duration,
+    /// Failed authentications allowed per peer address (`[auth] failed_*`).
+    pub failed_auth: FailedAuthLimit,
     pub data_dir: PathBuf,
     pub sync: SyncMode,
     pub cache_capacity_bytes: u64,
@@ -117,6 +130,8 @@ impl Config {
             max_body_bytes,
             max_batch_body_bytes,
             shutdown_timeout,
+            connections,
+            body_read_timeout,
         } = service::server(&raw.server)?;
         let service::Storage {
             data_dir,
@@ -138,6 +153,12 @@ impl Config {
             max_body_bytes,
             max_batch_body_bytes,
             shutdown_timeout,
+            connections,
+            body_read_timeout,
+            failed_auth: FailedAuthLimit {
+                per_minute: auth.failed_per_minute,
+                burst: auth.failed_burst,
+            },
             data_dir,
             sync,
             cache_capacity_bytes,

@@ -131,6 +131,27 @@ pub(super) struct RawServer {
     pub max_batch_body_bytes: usize,
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout_s: u64,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_ms: u64,
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout_ms: u64,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_s: u64,
+}
+
+fn default_max_connections() -> usize {
+    512
+}
+fn default_header_read_timeout() -> u64 {
+    10_000
+}
+fn default_body_read_timeout() -> u64 {
+    10_000
+}
+fn default_idle_timeout() -> u64 {
+    60
 }
 
 fn default_max_batch_body() -> usize {
@@ -225,6 +246,17 @@ impl Default for RawIdempotency {
 pub(super) struct RawAuth {
     pub admin_key_env: String,
     pub app_key_env: String,
+    #[serde(default = "default_failed_per_minute")]
+    pub failed_per_minute: u64,
+    #[serde(default = "default_failed_burst")]
+    pub failed_burst: u64,
+}
+
+fn default_failed_per_minute() -> u64 {
+    30
+}
+fn default_failed_burst() -> u64 {
+    10
 }
 
 #[derive(Debug, Deserialize)]

@@ -28,7 +28,12 @@ pub(super) struct Server {
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,
     pub shutdown_timeout: Duration,
+    pub connections: crate::server::ConnectionLimits,
+    pub body_read_timeout: Duration,
 }
+
+/// Most connections `server.max_connections` may allow (each is a file descriptor).
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 
 pub(super) fn server(raw: &RawServer) -> Result<Server, Invalid> {
     let listen: SocketAddr = raw.listen.parse().map_err(|e| {
@@ -49,11 +54,37 @@ pub(super) fn server(raw: &RawServer) -> Result<Server, Invalid> {
     if raw.max_body_bytes < 256 {
         return Err(invalid("server.max_body_bytes", "must be at least 256"));
     }
+    if !(1..=MAX_CONNECTIONS_LIMIT).contains(&raw.max_connections) {
+        return Err(invalid(
+            "server.max_connections",
+            format!("must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
+        ));
+    }
+    for (key, ms) in [
+        ("server.header_read_timeout_ms", raw.header_read_timeout_ms),
+        ("server.body_read_timeout_ms", raw.body_read_timeout_ms),
+    ] {
+        if !(100..=3_600_000).contains(&ms) {
+            return Err(invalid(key, "must be between 100 and 3600000 (one hour)"));
+        }
+    }
+    if !(1..=86_400).contains(&raw.idle_timeout_s) {
+        return Err(invalid(
+            "server.idle_timeout_s",
+            "must be between 1 and 86400 (one day)",
+        ));
+    }
     Ok(Server {
         listen,
         max_body_bytes: raw.max_body_bytes,
         max_batch_body_bytes: raw.max_batch_body_bytes,
         shutdown_timeout: Duration::from_secs(raw.shutdown_timeout_s.max(1)),
+        connections: crate::server::ConnectionLimits {
+            max_connections: raw.max_connections,
+            header_read_timeout: Duration::from_millis(raw.header_read_timeout_ms),
+            idle_timeout: Duration::from_secs(raw.idle_timeout_s),
+        },
+        body_read_timeout: Duration::from_millis(raw.body_read_timeout_ms),
     })
 }
 
@@ -136,6 +167,14 @@ pub(super) fn auth(raw: RawAuth) -> Result<RawAuth, Invalid> {
                 key,
                 format!("`{var}` is not an environment variable name"),
             ));
+        }
+    }
+    for (key, v) in [
+        ("auth.failed_per_minute", raw.failed_per_minute),
+        ("auth.failed_burst", raw.failed_burst),
+    ] {
+        if !(1..=1_000_000).contains(&v) {
+            return Err(invalid(key, "must be between 1 and 1000000"));
         }
     }
     if raw.admin_key_env == raw.app_key_env {

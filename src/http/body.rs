@@ -47,6 +47,47 @@ fn json_request_meta<T: Type>() -> Option<MetaRequest> {
     })
 }
 
+/// How long a request body may take to arrive (`server.body_read_timeout_ms`), installed as
+/// request data by the daemon.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyReadTimeout(pub std::time::Duration);
+
+/// Why a body could not be read.
+pub enum ReadError {
+    /// Over the limit (each route answers this its own way).
+    TooLarge,
+    /// Timed out (408 `request_timeout`) or broken (400).
+    Other(ApiError),
+}
+
+/// Reads at most `limit` bytes of `body` within the request's [`BodyReadTimeout`] (10 s if none
+/// is installed): a client that trickles its body does not hold a connection forever.
+pub async fn read_limited(
+    request: &Request,
+    body: poem::Body,
+    limit: usize,
+) -> Result<bytes::Bytes, ReadError> {
+    let timeout = request
+        .data::<BodyReadTimeout>()
+        .map(|t| t.0)
+        .unwrap_or(std::time::Duration::from_secs(10));
+    match tokio::time::timeout(timeout, body.into_bytes_limit(limit)).await {
+        Err(_elapsed) => Err(ReadError::Other(ApiError::new(
+            poem::http::StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                timeout.as_millis()
+            ),
+        ))),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(poem::error::ReadBodyError::PayloadTooLarge)) => Err(ReadError::TooLarge),
+        Ok(Err(other)) => Err(ReadError::Other(ApiError::invalid(format!(
+            "cannot read request body: {other}"
+        )))),
+    }
+}
+
 /// Content type check, size-limited read, object check, field-named serde errors.
 async fn read_json<T: DeserializeOwned>(
     request: &Request,
@@ -65,15 +106,13 @@ async fn read_json<T: DeserializeOwned>(
             return Err(ApiError::invalid("missing Content-Type: send application/json").into());
         }
     }
-    let bytes = body
-        .take()?
-        .into_bytes_limit(limit)
+    let bytes = read_limited(request, body.take()?, limit)
         .await
         .map_err(|e| match e {
-            poem::error::ReadBodyError::PayloadTooLarge => {
+            ReadError::TooLarge => {
                 ApiError::invalid(format!("request body is larger than {limit} bytes"))
             }
-            other => ApiError::invalid(format!("cannot read request body: {other}")),
+            ReadError::Other(e) => e,
         })?;
     // serde would read a JSON array positionally into a struct; only objects are bodies.
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {

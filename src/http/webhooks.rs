@@ -19,11 +19,11 @@ use poem_openapi::{Object, OpenApi, Tags};
 use meterd_actors::account::Accounts;
 use meterd_actors::billing::{InvoiceSummary, Transaction, head};
 use meterd_actors::model::{Clock, format_rfc3339};
-use meterd_actors::signature::verify;
+use meterd_actors::signature::{SignatureError, precheck, verify};
 use meterd_actors::store::{EventSource, StoreReader, WebhookRecord, WebhookStatus};
 use meterd_actors::webhook::Webhooks;
 
-use super::auth::ApiKeyAuth;
+use super::auth::{ApiKeyAuth, FailedAuth, peer_ip};
 use super::error::{ApiError, account_id};
 use super::views::unix_s;
 
@@ -68,20 +68,47 @@ async fn receive_inner(req: &Request, body: Body, rx: &Receiver) -> Result<Recei
             "no webhook signing secret is configured (see [webhooks] secret_env); the event was not accepted",
         ));
     }
-    let limit = rx.max_body_bytes;
-    let bytes = body.into_bytes_limit(limit).await.map_err(|e| match e {
-        poem::error::ReadBodyError::PayloadTooLarge => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("webhook body is larger than {limit} bytes"),
-        ),
-        other => ApiError::invalid(format!("cannot read request body: {other}")),
-    })?;
+    // A peer that sent too many wrongly signed deliveries waits, like a wrong API key.
+    let failed = req.data::<Arc<FailedAuth>>();
+    let peer = peer_ip(req);
+    if let (Some(f), Some(ip)) = (failed, peer)
+        && let Some(wait) = f.limited(ip, tokio::time::Instant::now())
+    {
+        return Err(FailedAuth::refusal(wait));
+    }
     let header = req
         .headers()
         .get("stripe-signature")
         .map(|v| v.to_str().unwrap_or("\u{fffd}"));
     let now_ms = rx.clock.now_ms();
+    let refused = |e: SignatureError| {
+        tracing::warn!(code = e.code(), "stripe webhook refused");
+        ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+    };
+    // Everything that can be judged without the body is judged before it is read.
+    precheck(header, now_ms.div_euclid(1000), rx.tolerance_s).map_err(refused)?;
+    let limit = rx.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("webhook body is larger than {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(poem::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let bytes = super::body::read_limited(req, body, limit)
+        .await
+        .map_err(|e| match e {
+            super::body::ReadError::TooLarge => too_large(),
+            super::body::ReadError::Other(e) => e,
+        })?;
     verify(
         header,
         &bytes,
@@ -90,8 +117,12 @@ async fn receive_inner(req: &Request, body: Body, rx: &Receiver) -> Result<Recei
         rx.tolerance_s,
     )
     .map_err(|e| {
-        tracing::warn!(code = e.code(), "stripe webhook refused");
-        ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+        if e == SignatureError::NoMatch
+            && let (Some(f), Some(ip)) = (failed, peer)
+        {
+            f.record(ip, tokio::time::Instant::now());
+        }
+        refused(e)
     })?;
     let h = head(&bytes).map_err(|e| {
         ApiError::new(

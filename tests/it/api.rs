@@ -495,7 +495,8 @@ async fn idempotency_key_header_replaces_body_key_and_replays() {
 
 #[tokio::test]
 async fn api_keys_and_scopes() {
-    let d = TestDaemon::start().await;
+    // Many wrong keys from one peer on purpose: the per-peer failure limit is not the subject.
+    let d = TestDaemon::start_with(|c| c.failed_auth.burst = 1000).await;
     let c = &d.client;
     create(c, "auth", "prepaid").await;
     let r = c.credit("auth", 100, "seed").await;

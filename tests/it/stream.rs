@@ -198,6 +198,9 @@ async fn stream_mode_makes_about_one_call_per_hundred_consumes_under_load() {
         stream_mode(&fake)(c);
         // A slower poll lets a tick find a full request's worth of due entries.
         c.stripe.poll = Duration::from_millis(250);
+        // 2,000 requests at once open as many connections: past the default cap, idle ones
+        // would be closed under the client's feet (see hostile.rs); not this test's subject.
+        c.connections.max_connections = 4096;
     })
     .await;
     payg(&d, "load").await;

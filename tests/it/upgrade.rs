@@ -169,6 +169,10 @@ async fn upgrade(release: &str) {
     let at_ms = meterd_actors::model::parse_rfc3339(written).unwrap() + 60_000;
     let clock = Clock::Manual(Arc::new(AtomicI64::new(at_ms)));
     let path = dir.path().to_path_buf();
+    // Earlier releases left the data dir at the umask's mode; this one refuses a store open
+    // to group or others, and the upgrade note says to `chmod 700` it, as done here.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
     let d = TestDaemon::start_full(
         dir,
         |c| {

@@ -68,8 +68,8 @@ pub fn test_config(data_dir: &Path) -> Config {
 
 pub fn secrets() -> Secrets {
     Secrets {
-        admin_key: Some(ADMIN_KEY.into()),
-        app_key: Some(APP_KEY.into()),
+        admin_keys: vec![ADMIN_KEY.into()],
+        app_keys: vec![APP_KEY.into()],
         stripe_key: None,
         webhook_secrets: vec![WEBHOOK_SECRET.into()],
     }
@@ -150,18 +150,27 @@ impl TestDaemon {
             clock,
         ));
         let client = Client::new(addr);
-        let d = TestDaemon {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.get_noauth("/healthz").await.0 != 200 {
+            if join.is_finished() {
+                match join.await {
+                    Ok(Err(e)) => panic!("the daemon did not start: {e:#}"),
+                    other => panic!("the daemon stopped during start-up: {other:?}"),
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not answer within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        TestDaemon {
             addr,
             client,
             dir,
             stop: Some(tx),
             join: Some(join),
-        };
-        eventually(Duration::from_secs(10), || async {
-            d.client.get_noauth("/healthz").await.0 == 200
-        })
-        .await;
-        d
+        }
     }
 
     /// Graceful stop; returns the data directory for a restart.
