@@ -355,6 +355,19 @@ impl Balances {
     }
 
     /// The spendable credit balance at `at`: the sum of live grants.
+    /// Whether grants may hold `more` credits on top of what all of them (live or not yet
+    /// effective) hold now, staying within `i64::MAX` in total. Grants are refused past it, so
+    /// every sum of credits (balances, burns, trims) fits a `u64` and every credit entry's
+    /// amount an `i64`.
+    pub fn can_hold(&self, more: u64) -> bool {
+        let held = self
+            .grants
+            .values()
+            .try_fold(0u64, |acc, g| acc.checked_add(g.remaining));
+        held.and_then(|h| h.checked_add(more))
+            .is_some_and(|total| total <= i64::MAX.unsigned_abs())
+    }
+
     pub fn live_credits(&self, at: UnixMs) -> u64 {
         self.grants
             .values()

@@ -90,6 +90,17 @@ impl IdempotencyKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The key of a dry run (`check`) sent without one: it contains a space, which `parse`
+    /// refuses, so no client key can ever equal it.
+    pub fn dry_run() -> Self {
+        Self("dry run".to_owned())
+    }
+
+    /// This is [`Self::dry_run`]'s key.
+    pub fn is_dry_run(&self) -> bool {
+        self.0 == "dry run"
+    }
 }
 
 /// Free-form string metadata attached to a request or an account, bounded in size.

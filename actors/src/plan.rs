@@ -160,10 +160,11 @@ pub fn usage_cost_with(
         .meters
         .keys()
         .map(|m| {
+            // Other meters count with their held units: a hold is spend to come.
             let u = if m == meter {
                 used
             } else {
-                balances.usage(m).used
+                balances.usage(m).occupied()
             };
             (m.clone(), u)
         })

@@ -410,11 +410,16 @@ impl AccountsApi {
     ) -> Result<Json<ConsumeResult>, ApiError> {
         let id = account_id(&id)?;
         let mut b = body.0;
-        // A check records nothing, so a key is optional; one is made up if absent.
-        if b.idempotency_key.is_none() && idem.0.is_none() {
+        // A check records nothing, so a key is optional. With one, a key already used
+        // answers as a consume with it would (replayed, or a conflict).
+        let made_up = b.idempotency_key.is_none() && idem.0.is_none();
+        if made_up {
             b.idempotency_key = Some("check".into());
         }
-        let cmd = consume_cmd(b, idem.0)?;
+        let mut cmd = consume_cmd(b, idem.0)?;
+        if made_up {
+            cmd.idempotency_key = meterd_actors::model::IdempotencyKey::dry_run();
+        }
         let reply = self.accounts.check(&id, cmd).await?;
         Ok(Json(consume_result(&reply)))
     }
@@ -505,7 +510,7 @@ impl AccountsApi {
             limit: r.limit,
             remaining: r
                 .limit
-                .map(|l| l.saturating_sub(r.used_after + r.reserved_after)),
+                .map(|l| l.saturating_sub(r.used_after.saturating_add(r.reserved_after))),
             billable: 0,
         };
         let credits = CreditsView {

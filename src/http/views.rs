@@ -595,7 +595,10 @@ pub fn account_result(v: &AccountView) -> AccountResult {
                 seats: c.seats,
                 usage,
                 total: c.total,
-                projected_total: c.base + c.seats + v.projected_usage.max(usage),
+                projected_total: c
+                    .base
+                    .saturating_add(c.seats)
+                    .saturating_add(v.projected_usage.max(usage)),
                 meters: c
                     .meters
                     .iter()

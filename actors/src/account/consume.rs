@@ -28,9 +28,40 @@ pub(super) fn consume_record(
     }
 }
 
+/// What an account's spend cap says about a projected usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Spend {
+    /// No cap applies: none is set, or the meter is not priced.
+    Uncapped,
+    /// The projected usage spend (minor units) and the cap in force.
+    Priced(u64, SpendCap),
+    /// A cap applies but the spend cannot be computed (it overflows: units past `u64`, or a
+    /// price times a quantity past what fits). A blocking cap refuses: it fails closed.
+    Unpriceable(SpendCap),
+}
+
+impl Spend {
+    /// A blocking cap refuses this usage.
+    pub(super) fn blocks(self) -> bool {
+        match self {
+            Spend::Uncapped => false,
+            Spend::Priced(spent, cap) => cap.action == SpendCapAction::Block && spent > cap.amount,
+            Spend::Unpriceable(cap) => cap.action == SpendCapAction::Block,
+        }
+    }
+
+    /// The spend and cap for the spend-cap alerts (none when it cannot be priced).
+    pub(super) fn priced(self) -> Option<(u64, SpendCap)> {
+        match self {
+            Spend::Priced(spent, cap) => Some((spent, cap)),
+            _ => None,
+        }
+    }
+}
+
 impl AccountState {
-    /// The priced usage spend if `meter` reached `units`, with the spend cap in force, for a
-    /// billed meter under a cap; `None` otherwise.
+    /// The spend cap's view of `meter` reaching `units` (`None`: the units themselves
+    /// overflowed), every other meter counted with its held units.
     pub(super) fn spend_with(
         &self,
         plan: &Plan,
@@ -38,26 +69,35 @@ impl AccountState {
         rule: &crate::model::MeterRule,
         balances: &Balances,
         meter: &str,
-        units: u64,
-    ) -> Option<(u64, SpendCap)> {
-        let cap = effective_spend_cap(plan, profile)?;
-        rule.price.as_ref()?;
+        units: Option<u64>,
+    ) -> Spend {
+        let Some(cap) = effective_spend_cap(plan, profile) else {
+            return Spend::Uncapped;
+        };
+        if rule.price.is_none() {
+            return Spend::Uncapped;
+        }
+        let Some(units) = units else {
+            tracing::warn!(account = %self.id, meter, "usage past u64 under a spend cap: refused");
+            return Spend::Unpriceable(cap);
+        };
         match usage_cost_with(plan, profile, balances, meter, units) {
-            Ok(spent) => Some((spent, cap)),
+            Ok(spent) => Spend::Priced(spent, cap),
             Err(e) => {
-                tracing::warn!(account = %self.id, error = %e, "cannot price usage for the spend cap");
-                None
+                tracing::warn!(account = %self.id, error = %e, "cannot price usage for the spend cap: a blocking cap refuses");
+                Spend::Unpriceable(cap)
             }
         }
     }
 
-    /// Would `units` of `meter` pass a blocking spend cap?
+    /// Would `units` of `meter` (`None`: past `u64`) pass a blocking spend cap? A meter the
+    /// plan lacks is refused elsewhere (`meter_not_in_plan`).
     pub(super) fn over_blocking_cap(
         &self,
         profile: &AccountProfile,
         balances: &Balances,
         meter: &str,
-        units: u64,
+        units: Option<u64>,
     ) -> bool {
         let Some(plan) = self.deps.catalog.plans.get(&profile.plan) else {
             return false;
@@ -65,10 +105,62 @@ impl AccountState {
         let Some(rule) = effective_rule(plan, profile, meter) else {
             return false;
         };
-        matches!(
-            self.spend_with(plan, profile, &rule, balances, meter, units),
-            Some((spent, cap)) if cap.action == SpendCapAction::Block && spent > cap.amount
-        )
+        self.spend_with(plan, profile, &rule, balances, meter, units)
+            .blocks()
+    }
+
+    /// The whole decision on a consume at `now` over `balances`: access, allowance and
+    /// credits (`decide_consume`), then the spend cap, and the alerts an allowed consume
+    /// raises. Consume and its dry run (`check`) both call this, so they cannot differ.
+    pub(super) fn decide_full(
+        &self,
+        profile: &AccountProfile,
+        balances: &Balances,
+        meter: &str,
+        quantity: u64,
+        now: i64,
+    ) -> (ConsumeDecision, Vec<crate::model::Alert>) {
+        let plan = self.deps.catalog.plans.get(&profile.plan);
+        let rule = plan.and_then(|p| effective_rule(p, profile, meter));
+        let active = self.access_at(profile, now) != Access::Denied;
+        let d = decide_consume(balances, meter, rule.as_ref(), quantity, active, now);
+        let (Some(rule), Some(plan), Outcome::Allowed) = (rule.as_ref(), plan, d.outcome) else {
+            return (d, Vec::new());
+        };
+        // Held units count as spend to come, so holds cannot slip past the cap.
+        let reserved = balances.usage(meter).reserved;
+        let spend = self.spend_with(
+            plan,
+            profile,
+            rule,
+            balances,
+            meter,
+            d.used_after.checked_add(reserved),
+        );
+        if spend.blocks() {
+            let usage = balances.usage(meter);
+            let d = ConsumeDecision {
+                outcome: Outcome::Denied(DenyCode::SpendCapReached),
+                billable: 0,
+                credits_spent: 0,
+                burns: Vec::new(),
+                used_after: usage.used,
+                billable_after: usage.billable,
+                credits_after: balances.live_credits(now),
+                ..d
+            };
+            return (d, Vec::new());
+        }
+        let alerts = alerts_for(
+            plan,
+            rule,
+            balances,
+            meter,
+            d.used_after,
+            d.credits_after,
+            spend.priced(),
+        );
+        (d, alerts)
     }
 
     pub(super) fn validate_consume(
@@ -105,13 +197,10 @@ impl AccountState {
         cmd: ConsumeCmd,
         reply: RpcReplyPort<Result<ConsumeReply, AccountError>>,
     ) -> Result<(), StoreError> {
-        let plan = match self.validate_consume(&cmd) {
-            Ok(p) => p.plan.clone(),
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return Ok(());
-            }
-        };
+        if let Err(e) = self.validate_consume(&cmd) {
+            let _ = reply.send(Err(e));
+            return Ok(());
+        }
         let digest = cmd.digest();
         let now = self.deps.clock.now_ms();
         // One tree operation for the common case, a new key: claim the key for the entry about
@@ -160,62 +249,7 @@ impl AccountState {
         let (Some(profile), Some(balances)) = (&self.fold.profile, &self.fold.balances) else {
             return Ok(());
         };
-        let rule = self
-            .deps
-            .catalog
-            .plans
-            .get(&plan)
-            .and_then(|p| effective_rule(p, profile, &cmd.meter));
-        let active = self.access_at(profile, now) != Access::Denied;
-        let mut d = decide_consume(
-            balances,
-            &cmd.meter,
-            rule.as_ref(),
-            cmd.quantity,
-            active,
-            now,
-        );
-        let mut alerts = Vec::new();
-        if let (Some(rule), Some(plan_def), Outcome::Allowed) =
-            (rule.as_ref(), self.deps.catalog.plans.get(&plan), d.outcome)
-        {
-            // Held units count as spend to come, so holds cannot slip past the cap.
-            let reserved = balances.usage(&cmd.meter).reserved;
-            let spend = self.spend_with(
-                plan_def,
-                profile,
-                rule,
-                balances,
-                &cmd.meter,
-                d.used_after.saturating_add(reserved),
-            );
-            if let Some((spent, cap)) = spend
-                && cap.action == SpendCapAction::Block
-                && spent > cap.amount
-            {
-                let usage = balances.usage(&cmd.meter);
-                d = ConsumeDecision {
-                    outcome: Outcome::Denied(DenyCode::SpendCapReached),
-                    billable: 0,
-                    credits_spent: 0,
-                    burns: Vec::new(),
-                    used_after: usage.used,
-                    billable_after: usage.billable,
-                    credits_after: balances.live_credits(now),
-                    ..d
-                };
-            } else {
-                alerts = alerts_for(
-                    plan_def,
-                    rule,
-                    balances,
-                    &cmd.meter,
-                    d.used_after,
-                    d.credits_after,
-                    spend,
-                );
-            }
-        }
+        let (d, alerts) = self.decide_full(profile, balances, &cmd.meter, cmd.quantity, now);
         let record = consume_record(cmd, digest, d, alerts);
         let entry = self.append(EntryKind::Consume(record), now)?;
         if let EntryKind::Consume(rec) = &entry.kind {
@@ -237,6 +271,9 @@ impl AccountState {
         Ok(())
     }
 
+    /// The dry run of a consume: the answer `consume` would give now, nothing written. A key
+    /// already used answers as a consume with it would: the recorded decision (replayed) or
+    /// an idempotency conflict.
     pub(super) fn check(
         &self,
         cmd: ConsumeCmd,
@@ -244,25 +281,33 @@ impl AccountState {
     ) {
         let r = (|| {
             let profile = self.validate_consume(&cmd)?;
-            let plan = self.catalog_plan(profile)?;
-            let now = self.deps.clock.now_ms();
-            let balances = self
-                .balances_at(now)
-                .ok_or_else(|| AccountError::UnknownAccount(self.id.clone()))?;
-            let rule = effective_rule(plan, profile, &cmd.meter);
-            let active = self.access_at(profile, now) != Access::Denied;
-            let d = decide_consume(
-                &balances,
-                &cmd.meter,
-                rule.as_ref(),
-                cmd.quantity,
-                active,
-                now,
-            );
             let digest = cmd.digest();
+            let key = cmd.idempotency_key.as_str();
+            if !cmd.idempotency_key.is_dry_run()
+                && let Some(old) = self.deps.store.get_idem(&self.id, IdemOp::Consume, key)?
+                && let Some(prev) = self.entry_for_key(old.seq, IdemOp::Consume, key)?
+            {
+                return match prev.kind {
+                    EntryKind::Consume(rec) if rec.digest == digest => Ok(ConsumeReply {
+                        seq: Some(prev.seq),
+                        record: rec,
+                        replayed: true,
+                    }),
+                    _ => Err(AccountError::IdempotencyConflict { seq: prev.seq }),
+                };
+            }
+            let now = self.deps.clock.now_ms();
+            // The balances a consume would decide on after its catch-up; a fold error fails
+            // a consume too.
+            let balances = match self.due_at(now) {
+                Ok((_, Some(b))) => b,
+                Ok((_, None)) => return Err(AccountError::UnknownAccount(self.id.clone())),
+                Err(e) => return Err(AccountError::Storage(corrupt(&self.id, e).to_string())),
+            };
+            let (d, alerts) = self.decide_full(profile, &balances, &cmd.meter, cmd.quantity, now);
             Ok(ConsumeReply {
                 seq: None,
-                record: consume_record(cmd, digest, d, Vec::new()),
+                record: consume_record(cmd, digest, d, alerts),
                 replayed: false,
             })
         })();

@@ -259,6 +259,14 @@ impl AccountState {
         };
         let balance = balances.live_credits(now);
         let (burns, credits_after) = if amount > 0 {
+            // Every grant, effective or not yet, counts toward the bound on all credits held.
+            if !balances.can_hold(amount.unsigned_abs()) {
+                return Ok(Err(ValidationError::new(format!(
+                    "credit balance would overflow: all grants together may hold at most {} credits",
+                    i64::MAX
+                ))
+                .into()));
+            }
             // A grant that is effective already counts at once.
             let live_now = terms.as_ref().is_some_and(|t| t.effective_at_ms <= now);
             let after = if live_now {

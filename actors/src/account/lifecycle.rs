@@ -29,7 +29,10 @@ pub(super) fn monthly_entries(plan: &Plan, b: &Balances, now: i64) -> Vec<EntryK
             })
             .map(|(id, g)| (*id, g.remaining))
             .collect();
-        let left: u64 = monthly.iter().map(|(_, r)| r).sum();
+        // All grants hold at most i64::MAX together (`Balances::can_hold`): no overflow.
+        let left: u64 = monthly
+            .iter()
+            .fold(0u64, |acc, (_, r)| acc.saturating_add(*r));
         let total = left.saturating_sub(cap);
         if total > 0 {
             monthly.sort_by_key(|(id, _)| *id);
@@ -53,6 +56,12 @@ pub(super) fn monthly_entries(plan: &Plan, b: &Balances, now: i64) -> Vec<EntryK
                 credits_after: credits,
             }));
         }
+    }
+    // The grant is skipped (and logged) if all grants together could not hold it.
+    let trimmed = b.live_credits(now).saturating_sub(credits);
+    if !b.can_hold(plan.monthly_credits.saturating_sub(trimmed)) {
+        tracing::warn!(plan = %plan.name, "monthly credits not granted: the account's grants already hold the most credits allowed");
+        return out;
     }
     // Keys with spaces: no client key can collide with them.
     let key = format!("monthly credits {}", period.start_ms);

@@ -67,7 +67,10 @@ impl AccountState {
                 profile,
                 balances,
                 &cmd.meter,
-                usage.occupied().saturating_add(cmd.quantity),
+                usage
+                    .used
+                    .checked_add(usage.reserved)
+                    .and_then(|u| u.checked_add(cmd.quantity)),
             )
         {
             d = ConsumeDecision {
@@ -244,7 +247,10 @@ impl AccountState {
                 profile,
                 &balances,
                 &hold.meter,
-                usage.used.saturating_add(others).saturating_add(q),
+                usage
+                    .used
+                    .checked_add(others)
+                    .and_then(|u| u.checked_add(q)),
             );
         let mut r = match decide_commit(&balances, rid, rule.as_ref(), q, now) {
             Ok(_) if over_cap => {
@@ -264,14 +270,16 @@ impl AccountState {
         if let (Some(rule), Some(plan)) =
             (rule.as_ref(), self.deps.catalog.plans.get(&profile.plan))
         {
-            let spend = self.spend_with(
-                plan,
-                profile,
-                rule,
-                &balances,
-                &hold.meter,
-                r.used_after.saturating_add(r.reserved_after),
-            );
+            let spend = self
+                .spend_with(
+                    plan,
+                    profile,
+                    rule,
+                    &balances,
+                    &hold.meter,
+                    r.used_after.checked_add(r.reserved_after),
+                )
+                .priced();
             r.alerts = alerts_for(
                 plan,
                 rule,

@@ -308,56 +308,63 @@ impl OutboxState {
                 .unwrap_or(g.window_start);
             parts.entry(start).or_default().push(q);
         }
-        for (start, members) in parts {
-            if members.len() == 1 {
-                if let Some(q) = members.into_iter().next()
-                    && q.record.item.next_at_ms <= now
-                {
+        for (start, all) in parts {
+            // Units past u64 cannot be one meter event: such a part splits into runs
+            // whose sums fit (in order, so a re-run splits the same way).
+            for members in runs_that_fit(all) {
+                if members.len() == 1 {
+                    if let Some(q) = members.into_iter().next()
+                        && q.record.item.next_at_ms <= now
+                    {
+                        candidates.push(Candidate {
+                            account: q.account.clone(),
+                            seq: q.seq,
+                            record: q.record.clone(),
+                            queued: Some(q),
+                        });
+                    }
+                    continue;
+                }
+                let value = members
+                    .iter()
+                    .try_fold(0u64, |s, q| s.checked_add(q.record.item.value))
+                    .unwrap_or(u64::MAX);
+                let item = OutboxItem {
+                    meter: g.meter.clone(),
+                    value,
+                    at_ms: start,
+                    attempts: 0,
+                    next_at_ms: now,
+                    last_error: None,
+                };
+                let first = members.first().map(|q| q.seq).unwrap_or_default();
+                let count = members.len();
+                if self.args.store.form_batch(
+                    &g.account,
+                    &members,
+                    item.clone(),
+                    g.window_ms,
+                    now,
+                )? {
+                    self.stats.batches_total += 1;
+                    self.stats.batched_entries_total += count as u64;
+                    let record = OutboxRecord {
+                        item,
+                        batch: Some(crate::store::OutboxBatch {
+                            last_seq: members.last().map(|q| q.seq).unwrap_or(first),
+                            members: u32::try_from(count).unwrap_or(u32::MAX),
+                            window_ms: g.window_ms,
+                        }),
+                        attempted: false,
+                    };
+                    tracing::debug!(account = %g.account, id = %record_identifier(&g.account, first, &record), entries = count, value, "aggregation window merged");
                     candidates.push(Candidate {
-                        account: q.account.clone(),
-                        seq: q.seq,
-                        record: q.record.clone(),
-                        queued: Some(q),
+                        account: g.account.clone(),
+                        seq: first,
+                        record,
+                        queued: None,
                     });
                 }
-                continue;
-            }
-            let value = members
-                .iter()
-                .fold(0u64, |s, q| s.saturating_add(q.record.item.value));
-            let item = OutboxItem {
-                meter: g.meter.clone(),
-                value,
-                at_ms: start,
-                attempts: 0,
-                next_at_ms: now,
-                last_error: None,
-            };
-            let first = members.first().map(|q| q.seq).unwrap_or_default();
-            let count = members.len();
-            if self
-                .args
-                .store
-                .form_batch(&g.account, &members, item.clone(), g.window_ms, now)?
-            {
-                self.stats.batches_total += 1;
-                self.stats.batched_entries_total += count as u64;
-                let record = OutboxRecord {
-                    item,
-                    batch: Some(crate::store::OutboxBatch {
-                        last_seq: members.last().map(|q| q.seq).unwrap_or(first),
-                        members: u32::try_from(count).unwrap_or(u32::MAX),
-                        window_ms: g.window_ms,
-                    }),
-                    attempted: false,
-                };
-                tracing::debug!(account = %g.account, id = %record_identifier(&g.account, first, &record), entries = count, value, "aggregation window merged");
-                candidates.push(Candidate {
-                    account: g.account.clone(),
-                    seq: first,
-                    record,
-                    queued: None,
-                });
             }
         }
         Ok(())
@@ -385,4 +392,25 @@ impl OutboxState {
         infos.insert(account.clone(), i.clone());
         i
     }
+}
+
+/// Splits `members` (in order) into consecutive runs whose values sum within `u64`.
+fn runs_that_fit(members: Vec<QueuedRecord>) -> Vec<Vec<QueuedRecord>> {
+    let mut runs: Vec<Vec<QueuedRecord>> = Vec::new();
+    let mut sum = 0u64;
+    for q in members {
+        match sum.checked_add(q.record.item.value) {
+            Some(s) if !runs.is_empty() => {
+                sum = s;
+                if let Some(run) = runs.last_mut() {
+                    run.push(q);
+                }
+            }
+            _ => {
+                sum = q.record.item.value;
+                runs.push(vec![q]);
+            }
+        }
+    }
+    runs
 }
