@@ -13,6 +13,7 @@ pub mod billing;
 pub mod body;
 pub mod error;
 pub mod ratelimit;
+pub mod request_id;
 pub mod usage;
 pub mod views;
 pub mod webhooks;
@@ -276,11 +277,12 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .nest("/", api);
-    ratelimit::wrap(routes, deps.rate_limits)
+    let routes = ratelimit::wrap(routes, deps.rate_limits)
         .data(deps.keys)
         .data(Arc::new(auth::FailedAuth::new(deps.failed_auth)))
         .data(body::BodyReadTimeout(deps.body_read_timeout))
         .data(BodyLimit(deps.max_body_bytes))
         .data(body::BatchBodyLimit(deps.max_batch_body_bytes))
-        .catch_all_error(|err| async move { error::render_poem_error(err) })
+        .catch_all_error(|err| async move { error::render_poem_error(err) });
+    request_id::wrap(routes)
 }

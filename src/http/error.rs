@@ -42,6 +42,11 @@ pub struct ErrorBody {
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credits: Option<CreditsView>,
+    /// The request's id (also the `X-Request-Id` response header): quote it to the operator,
+    /// whose log has the details under the same id.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +69,7 @@ impl ApiError {
                 ledger_seq: None,
                 meter: None,
                 credits: None,
+                request_id: None,
             }),
             replayed: false,
             retry_after: None,
@@ -135,12 +141,18 @@ impl From<AccountError> for ApiError {
             }
             AccountError::Storage(_) => {
                 // The storage text is for the operator, not the client.
-                tracing::error!(error = %msg, "storage failure answered as 503");
+                tracing::error!(request_id = super::request_id::current().as_deref(), error = %msg, "storage failure answered as 503");
                 return ApiError::unavailable(
                     "storage is unavailable; retry with the same idempotency key",
                 );
             }
-            AccountError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            AccountError::Unavailable(_) => {
+                // Which actor stopped, and why, is for the operator.
+                tracing::warn!(request_id = super::request_id::current().as_deref(), error = %msg, "answered 503 unavailable");
+                return ApiError::unavailable(
+                    "the daemon cannot serve this right now; retry with the same idempotency key",
+                );
+            }
             AccountError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiError::new(status, code, msg)
@@ -167,7 +179,11 @@ impl poem::error::ResponseError for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::to_vec(&ErrorEnvelope { error: *self.body }).unwrap_or_default();
+        let mut error = *self.body;
+        if error.request_id.is_none() {
+            error.request_id = super::request_id::current();
+        }
+        let body = serde_json::to_vec(&ErrorEnvelope { error }).unwrap_or_default();
         let mut resp = Response::builder()
             .status(self.status)
             .content_type("application/json; charset=utf-8")
@@ -254,7 +270,7 @@ pub fn render_poem_error(err: poem::Error) -> Response {
         StatusCode::UNAUTHORIZED => ApiError::unauthorized(),
         s if s.is_client_error() => ApiError::invalid(err.to_string()),
         _ => {
-            tracing::error!(status = %status, error = %err, "request failed");
+            tracing::error!(request_id = super::request_id::current().as_deref(), status = %status, error = %err, "request failed");
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",

@@ -146,9 +146,8 @@ async fn receive_inner(req: &Request, body: Body, rx: &Receiver) -> Result<Recei
         settled_ms: None,
     };
     let not_stored = |e: String| {
-        ApiError::unavailable(format!(
-            "the event could not be stored; Stripe will retry: {e}"
-        ))
+        tracing::error!(request_id = super::request_id::current().as_deref(), event = %h.id, error = %e, "stripe webhook not stored");
+        ApiError::unavailable("the event could not be stored; Stripe will retry")
     };
     let new = rx.webhooks.intake(&rec, &bytes).await.map_err(not_stored)?;
     tracing::info!(event = %h.id, event_type = %h.event_type, duplicate = !new, "stripe webhook received");

@@ -329,3 +329,45 @@ async fn a_webhook_that_can_never_verify_is_refused_before_its_body_is_read() {
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     d.stop().await;
 }
+
+#[tokio::test]
+async fn every_answer_carries_a_request_id_and_errors_quote_it() {
+    let d = TestDaemon::start().await;
+    let r = d.client.get_account("nobody").await;
+    assert_eq!(r.status, 404);
+    let header = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(header.len(), 16, "{header}");
+    assert_eq!(r.body["error"]["request_id"], header.as_str());
+    // Another request, another id; a success carries one too.
+    let ok = d.client.get_noauth("/healthz").await;
+    assert_eq!(ok.0, 200);
+    let again = d.client.get_account("nobody").await;
+    assert_ne!(again.headers["x-request-id"], header.as_str());
+    // A client's own id is kept (and a malformed one replaced).
+    for (sent, kept) in [("app-req-42", true), ("bad id with spaces", false)] {
+        let r = d
+            .client
+            .http
+            .get(format!("{}/v1/accounts/nobody", d.client.base))
+            .bearer_auth(APP_KEY)
+            .header("X-Request-Id", sent)
+            .send()
+            .await
+            .unwrap();
+        let got = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(got == sent, kept, "{got}");
+        assert_eq!(body["error"]["request_id"], got.as_str());
+    }
+    // Errors poem raises itself (unknown route) carry it too.
+    let r = d
+        .client
+        .send(reqwest::Method::GET, "/v1/nowhere", Some(APP_KEY), None)
+        .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        r.body["error"]["request_id"],
+        r.headers["x-request-id"].to_str().unwrap()
+    );
+    d.stop().await;
+}
