@@ -25,4 +25,5 @@ mod stream;
 mod support;
 mod upgrade;
 mod usage;
+mod validation;
 mod webhooks;
