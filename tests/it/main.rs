@@ -12,6 +12,7 @@ mod consume;
 mod crash;
 mod credits;
 mod fake_stripe;
+mod fuzz;
 mod hostile;
 mod logs;
 mod outbox;

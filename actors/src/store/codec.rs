@@ -401,4 +401,74 @@ mod tests {
         let k = ledger_key(&a, 0x0102_0304_0506_0708);
         assert_eq!(seq_of_key(&k, 2).unwrap(), 0x0102_0304_0506_0708);
     }
+
+    /// Fuzzing (issue 11): no decoder panics, whatever the bytes (a torn write, a bit flip,
+    /// a record of a later release): each answers a record or an error.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn decode_all(b: &[u8]) {
+            let _ = decode_notification(b);
+            let _ = decode_outbox(b);
+            let _ = decode_mark(b);
+            let _ = decode_sent_at(b);
+            let _ = decode_entry(b);
+            let _ = decode_snapshot(b);
+            let _ = decode_idem(b);
+            let _ = decode_format(b);
+            let _ = crate::store::events::decode_webhook(b);
+            let _ = crate::store::events::decode_meter_error(b);
+        }
+
+        /// Valid encodings to mutate: most random bytes fail at the version tag.
+        fn samples() -> Vec<Vec<u8>> {
+            let item = OutboxItem {
+                meter: "tokens".into(),
+                value: 9,
+                at_ms: 1_700_000_000_000,
+                attempts: 2,
+                next_at_ms: 1_700_000_000_000,
+                last_error: Some("boom".into()),
+            };
+            vec![
+                encode_idem(IdemRecord { seq: 7, at_ms: 1 }).unwrap(),
+                encode_fresh_outbox(&item).unwrap(),
+                encode_outbox(&OutboxRecord {
+                    item,
+                    batch: Some(OutboxBatch {
+                        last_seq: 12,
+                        members: 4,
+                        window_ms: 60_000,
+                    }),
+                    attempted: true,
+                })
+                .unwrap(),
+                encode_mark(3, 4).to_vec(),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {
+                decode_all(&b);
+            }
+
+            #[test]
+            fn mutated_records_never_panic(
+                which in 0usize..4,
+                flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+                cut in any::<usize>(),
+            ) {
+                let mut b = samples().swap_remove(which);
+                for (at, v) in flips {
+                    let n = b.len();
+                    b[at % n] = v;
+                }
+                decode_all(&b);
+                let keep = cut % (b.len() + 1);
+                decode_all(&b[..keep]);
+            }
+        }
+    }
 }

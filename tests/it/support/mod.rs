@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 pub mod fake_stripe;
+pub mod httpfuzz;
 pub mod seed;
 pub mod signer;
 
