@@ -42,10 +42,19 @@ async fn main() {
     let bin = root.join("target/release/meterd");
     assert!(bin.is_file(), "build it first: cargo build --release");
     let dir = tempfile::tempdir().unwrap();
+    // The shipped config, with the per-peer limit on wrong keys lifted: every request of the
+    // run comes from one address, and a limited peer would only see 429s.
+    let shipped = std::fs::read_to_string(root.join("config.toml")).unwrap();
+    let config = shipped
+        .replace("failed_per_minute = 30", "failed_per_minute = 1000000")
+        .replace("failed_burst = 10", "failed_burst = 1000000");
+    assert_ne!(config, shipped);
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, config).unwrap();
     let mut child = Command::new(&bin)
         .arg("serve")
         .arg("--config")
-        .arg(root.join("config.toml"))
+        .arg(&config_path)
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--data-dir")

@@ -10,7 +10,11 @@
 //!   plus `unknown` (not by default): `LOADGEN_UNKNOWN` (default 100000) reads of account ids
 //!   that do not exist, each a 404, and the daemon's resident memory before and after.
 //! - `LOADGEN_ACCOUNTS`: accounts for the uniform scenario (default 10000).
+//! - `stalled` (not by default): the hot scenario again while `LOADGEN_STALLED` (default 400)
+//!   hostile connections are open: half connect and send nothing, half send part of a
+//!   request head and stop (closed by the header-read timeout, 10 s by default).
 //! - `LOADGEN_CONFIG`: the daemon's config file (default: the repository's config.toml).
+//! - `LOADGEN_BIN`: the meterd binary (default: this build's), for A/B runs.
 //!
 //! See BENCHMARKS.md for what the figures mean.
 
@@ -79,8 +83,11 @@ impl Settings {
             .collect::<Vec<_>>();
         for s in &scenarios {
             assert!(
-                matches!(s.as_str(), "hot" | "uniform" | "noop" | "unknown"),
-                "unknown scenario {s:?} (hot, uniform, noop, unknown)"
+                matches!(
+                    s.as_str(),
+                    "hot" | "uniform" | "noop" | "unknown" | "stalled"
+                ),
+                "unknown scenario {s:?} (hot, uniform, noop, unknown, stalled)"
             );
         }
         let s = Settings {
@@ -222,7 +229,11 @@ impl Daemon {
             .prefix("meterd-loadgen-")
             .tempdir()
             .expect("create a temporary data dir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_meterd"))
+        // `LOADGEN_BIN`: another meterd binary (an A/B against an earlier commit's build).
+        let bin = std::env::var_os("LOADGEN_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_meterd").into());
+        let mut child = Command::new(bin)
             .arg("serve")
             .arg("--config")
             .arg(&config)
@@ -894,8 +905,10 @@ fn main() {
     );
 
     let mut outcomes = Vec::new();
-    let need_daemon =
-        settings.wants("hot") || settings.wants("uniform") || settings.wants("unknown");
+    let need_daemon = settings.wants("hot")
+        || settings.wants("uniform")
+        || settings.wants("unknown")
+        || settings.wants("stalled");
     if need_daemon {
         let daemon = Daemon::start();
         let addr = daemon.addr;
@@ -911,6 +924,34 @@ fn main() {
                 outcomes.push(
                     run_scenario("hot", addr, Some(pid), common.clone(), target, &settings).await,
                 );
+            }
+            if settings.wants("stalled") {
+                use tokio::io::AsyncWriteExt;
+                let n = env_num("LOADGEN_STALLED", 400usize);
+                let mut stalled = Vec::with_capacity(n);
+                for i in 0..n {
+                    let mut s = TcpStream::connect(addr).await.unwrap();
+                    if i % 2 == 1 {
+                        s.write_all(b"POST /v1/accounts/hot/consume HTTP/1.1\r\nHost: x\r\nAuthor")
+                            .await
+                            .unwrap();
+                    }
+                    stalled.push(s);
+                }
+                println!("\nstalled: {n} hostile connections open");
+                let target = Target::One(consume_uri(HOT_ACCOUNT));
+                outcomes.push(
+                    run_scenario(
+                        "stalled",
+                        addr,
+                        Some(pid),
+                        common.clone(),
+                        target,
+                        &settings,
+                    )
+                    .await,
+                );
+                drop(stalled);
             }
             if settings.wants("uniform") {
                 let setup = Instant::now();
