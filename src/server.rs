@@ -22,8 +22,8 @@
 //! The request body's own read timeout lives where bodies are read (`http::body`), since only
 //! the route knows when it wants the body.
 //!
-//! Each connection's deadlines are kept in [`Deadlines`], updated by the socket wrapper
-//! ([`Watched`]) on the first byte of a request and by the service around each request; one
+//! Each connection's deadlines are kept in `Deadlines`, updated by the socket wrapper
+//! (`Watched`) on the first byte of a request and by the service around each request; one
 //! sleeping future per connection enforces them. No lock is shared between connections.
 
 use std::convert::Infallible;
@@ -368,7 +368,7 @@ impl Drop for InFlight {
     }
 }
 
-/// The socket, reporting reads and writes to the connection's [`Deadlines`].
+/// The socket, reporting reads and writes to the connection's `Deadlines`.
 struct Watched {
     inner: TcpStream,
     deadlines: Arc<Deadlines>,

@@ -949,6 +949,43 @@ mod tests {
             prop_assert!(!shown.ends_with('0') || !shown.contains('.'));
         }
 
+        /// Extreme values (issue 11): up to 100 tiers with bounds anywhere in `u64`, any
+        /// quantity. The cost is a number or `Overflow`, never a panic or a wrapped value; and
+        /// for graduated tiers, once a quantity overflows every larger one does too, so a cap
+        /// check that refuses on `Overflow` stays refused.
+        #[test]
+        fn extreme_tiers_and_quantities_never_wrap(
+            gaps in proptest::collection::vec(1u64..=u64::MAX / 128, 0..100),
+            prices in proptest::collection::vec(any_decimal(), 101),
+            fees in proptest::collection::vec(any::<u64>(), 101),
+            q in prop_oneof![any::<u64>(), Just(u64::MAX), Just(1u64 << 53)],
+            more in any::<u64>(),
+        ) {
+            let mut up_to = 0u64;
+            let mut tiers = Vec::new();
+            for (i, gap) in gaps.iter().enumerate() {
+                up_to = up_to.saturating_add(*gap);
+                if tiers.last().is_some_and(|t: &Tier| t.up_to == Some(up_to)) || up_to == u64::MAX {
+                    break;
+                }
+                tiers.push(Tier::new(Some(up_to), prices[i], fees[i] % 1_000_000));
+            }
+            tiers.push(Tier::new(None, prices[100], fees[100] % 1_000_000));
+            let graduated = PriceModel::graduated(tiers.clone()).unwrap();
+            let volume = PriceModel::volume(tiers).unwrap();
+            let larger = q.saturating_add(more);
+            let at_q = cost(&graduated, q);
+            prop_assert!(matches!(at_q, Ok(_) | Err(PricingError::Overflow)), "{at_q:?}");
+            let at_larger = cost(&graduated, larger);
+            if at_q == Err(PricingError::Overflow) {
+                prop_assert_eq!(at_larger, Err(PricingError::Overflow));
+            } else if let (Ok(a), Ok(b)) = (at_q, at_larger) {
+                prop_assert!(a <= b);
+            }
+            let v = cost(&volume, q);
+            prop_assert!(matches!(v, Ok(_) | Err(PricingError::Overflow)), "{v:?}");
+        }
+
         /// Every model whose tiers do not get cheaper costs at least as much for more units.
         #[test]
         fn cost_is_monotonic(model in monotonic_model(), a in 0u64..30_000, b in 0u64..30_000) {

@@ -484,3 +484,34 @@ fn the_generated_states_reach_every_denial_code() {
         assert!(seen.contains_key(code), "{code} never occurred: {seen:?}");
     }
 }
+
+/// A usage the cap cannot price (2^53 units at 10^12 minor units each does not fit a u64) is
+/// refused by a blocking cap, in the check and the consume alike: the cap fails closed. A
+/// notify cap lets it through (it only alerts), and without a cap the overflow is the
+/// allowance's business.
+#[test]
+fn an_unpriceable_usage_is_refused_by_a_blocking_cap() {
+    let rt = runtime();
+    for (plan, cap, expect) in [
+        ("capped", 1_000, "SpendCapReached"),
+        ("capped", u64::MAX, "SpendCapReached"),
+        ("notify", 1_000, "allowed"),
+    ] {
+        let c = Case {
+            price_tokens: 3,
+            price_images: 0,
+            cap,
+            plan: PLAN_NAMES.iter().position(|p| *p == plan).unwrap(),
+            ops: vec![Op::Probe {
+                meter: 0,
+                q: MAX_QUANTITY,
+            }],
+        };
+        let seen = rt.block_on(run(c)).unwrap();
+        assert_eq!(
+            seen.keys().collect::<Vec<_>>(),
+            vec![expect],
+            "{plan}, cap {cap}: {seen:?}"
+        );
+    }
+}
