@@ -311,7 +311,7 @@ impl OutboxState {
         for (start, all) in parts {
             // Units past u64 cannot be one meter event: such a part splits into runs
             // whose sums fit (in order, so a re-run splits the same way).
-            for members in runs_that_fit(all) {
+            for members in runs_that_fit(all, |q| q.record.item.value) {
                 if members.len() == 1 {
                     if let Some(q) = members.into_iter().next()
                         && q.record.item.next_at_ms <= now
@@ -395,22 +395,36 @@ impl OutboxState {
 }
 
 /// Splits `members` (in order) into consecutive runs whose values sum within `u64`.
-fn runs_that_fit(members: Vec<QueuedRecord>) -> Vec<Vec<QueuedRecord>> {
-    let mut runs: Vec<Vec<QueuedRecord>> = Vec::new();
+fn runs_that_fit<T>(members: Vec<T>, value: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
+    let mut runs: Vec<Vec<T>> = Vec::new();
     let mut sum = 0u64;
-    for q in members {
-        match sum.checked_add(q.record.item.value) {
-            Some(s) if !runs.is_empty() => {
+    for m in members {
+        let v = value(&m);
+        match (sum.checked_add(v), runs.last_mut()) {
+            (Some(s), Some(run)) => {
                 sum = s;
-                if let Some(run) = runs.last_mut() {
-                    run.push(q);
-                }
+                run.push(m);
             }
             _ => {
-                sum = q.record.item.value;
-                runs.push(vec![q]);
+                sum = v;
+                runs.push(vec![m]);
             }
         }
     }
     runs
+}
+
+#[cfg(test)]
+mod runs_tests {
+    use super::runs_that_fit;
+
+    #[test]
+    fn runs_split_only_where_the_sum_would_pass_u64() {
+        let half = u64::MAX / 2;
+        let runs = runs_that_fit(vec![1, 2, 3], |v| *v);
+        assert_eq!(runs, vec![vec![1, 2, 3]]);
+        let runs = runs_that_fit(vec![half, half, 2, 5, u64::MAX], |v| *v);
+        assert_eq!(runs, vec![vec![half, half], vec![2, 5], vec![u64::MAX]]);
+        assert!(runs_that_fit(Vec::<u64>::new(), |v| *v).is_empty());
+    }
 }
