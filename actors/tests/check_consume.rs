@@ -26,7 +26,9 @@ use meterd_actors::model::{
 use meterd_actors::pricing::PriceModel;
 use meterd_actors::store::{Store, StoreConfig, SyncMode};
 use proptest::prelude::*;
-use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
+use proptest::test_runner::FailurePersistence;
+
+mod common;
 
 const METERS: [&str; 2] = ["tokens", "images"];
 
@@ -417,23 +419,12 @@ const REGRESSIONS: &str = concat!(
     "/proptest-regressions/check_consume.txt"
 );
 
-fn regressions() -> FileFailurePersistence {
-    FileFailurePersistence::Direct(REGRESSIONS)
+fn regressions() -> proptest::test_runner::FileFailurePersistence {
+    common::regressions(REGRESSIONS)
 }
 
 fn config() -> ProptestConfig {
-    let default = ProptestConfig::default();
-    ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(48),
-        failure_persistence: default
-            .failure_persistence
-            .is_some()
-            .then(|| Box::new(regressions()) as Box<dyn FailurePersistence>),
-        ..default
-    }
+    common::config(REGRESSIONS, 48, true)
 }
 
 /// The saved cases are read: the file holds a canary seed, so an empty answer means the path

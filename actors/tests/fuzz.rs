@@ -14,28 +14,19 @@ use std::path::Path;
 use meterd_actors::billing::{PriceMap, head, interpret};
 use meterd_actors::signature::{precheck, verify};
 use proptest::prelude::*;
-use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
+use proptest::test_runner::FailurePersistence;
+
+mod common;
 use serde_json::Value;
 
 const REGRESSIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/proptest-regressions/fuzz.txt");
 
-fn regressions() -> FileFailurePersistence {
-    FileFailurePersistence::Direct(REGRESSIONS)
+fn regressions() -> proptest::test_runner::FileFailurePersistence {
+    common::regressions(REGRESSIONS)
 }
 
 fn config() -> ProptestConfig {
-    let default = ProptestConfig::default();
-    ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(256),
-        failure_persistence: default
-            .failure_persistence
-            .is_some()
-            .then(|| Box::new(regressions()) as Box<dyn FailurePersistence>),
-        ..default
-    }
+    common::config(REGRESSIONS, 256, true)
 }
 
 #[test]

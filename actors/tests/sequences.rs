@@ -35,7 +35,9 @@ use meterd_actors::pricing::PriceModel;
 use meterd_actors::store::{Store, StoreConfig, SyncMode};
 use meterd_actors::verify::verify_store;
 use proptest::prelude::*;
-use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
+use proptest::test_runner::FailurePersistence;
+
+mod common;
 
 const METER: &str = "tokens";
 const MINUTE: i64 = 60_000;
@@ -1233,22 +1235,13 @@ const REGRESSIONS: &str = concat!(
     "/proptest-regressions/sequences.txt"
 );
 
-fn regressions() -> FileFailurePersistence {
-    FileFailurePersistence::Direct(REGRESSIONS)
+fn regressions() -> proptest::test_runner::FileFailurePersistence {
+    common::regressions(REGRESSIONS)
 }
 
-/// `cases` new cases, after the saved ones. `PROPTEST_DISABLE_FAILURE_PERSISTENCE` still
-/// switches persistence off.
+/// `cases` new cases, after the saved ones.
 fn config(cases: u32) -> ProptestConfig {
-    let default = ProptestConfig::default();
-    ProptestConfig {
-        cases,
-        failure_persistence: default
-            .failure_persistence
-            .is_some()
-            .then(|| Box::new(regressions()) as Box<dyn FailurePersistence>),
-        ..default
-    }
+    common::config(REGRESSIONS, cases, false)
 }
 
 /// The saved cases are read from where the config says: the file holds a canary seed (a
