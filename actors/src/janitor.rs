@@ -11,25 +11,13 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::model::Clock;
 use crate::store::Store;
-use crate::supervisor::{Slot, StartFn, start_fn};
+use crate::supervisor::{Slot, StartFn, linked};
 
 /// The janitor's slot (to stop it) and the function that starts (and restarts) it under a
 /// supervisor; a restarted janitor begins a new pass.
 pub fn prepare(args: JanitorArgs) -> (Slot<JanitorMsg>, StartFn) {
     let slot = Slot::default();
-    let start = {
-        let slot = slot.clone();
-        start_fn(move |supervisor| {
-            let (args, slot) = (args.clone(), slot.clone());
-            async move {
-                let (actor, _) = Actor::spawn_linked(None, JanitorActor, args, supervisor)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                slot.set(actor.clone());
-                Ok(actor.get_cell())
-            }
-        })
-    };
+    let start = linked(|| JanitorActor, args, slot.clone());
     (slot, start)
 }
 

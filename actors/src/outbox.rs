@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::supervisor::{Slot, StartFn, start_fn};
+use crate::supervisor::{Slot, StartFn, linked};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -449,19 +449,7 @@ impl Outbox {
     pub fn prepare(args: OutboxArgs) -> (Outbox, StartFn) {
         let aggregation = Arc::new(args.settings.aggregation.clone());
         let slot = Slot::default();
-        let start = {
-            let slot = slot.clone();
-            start_fn(move |supervisor| {
-                let (args, slot) = (args.clone(), slot.clone());
-                async move {
-                    let (actor, _) = Actor::spawn_linked(None, OutboxActor, args, supervisor)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    slot.set(actor.clone());
-                    Ok(actor.get_cell())
-                }
-            })
-        };
+        let start = linked(|| OutboxActor, args, slot.clone());
         (
             Outbox {
                 actor: slot,

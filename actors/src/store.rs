@@ -291,6 +291,17 @@ pub(crate) fn failpoint(name: &'static str, scope: &str) -> Result<(), StoreErro
     Ok(())
 }
 
+/// Opens the sled database under `path` as it is (no migration, no flusher), waiting
+/// (bounded) for its lock as [`Store::open`] does: for tools and tests that inspect or edit
+/// a stopped store.
+pub fn open_raw(path: &std::path::Path) -> Result<sled::Db, StoreError> {
+    flusher::open_db(&StoreConfig {
+        path: path.to_path_buf(),
+        sync: SyncMode::Flush,
+        cache_capacity_bytes: 16 << 20,
+    })
+}
+
 impl Store {
     /// The read-only view the HTTP routes get.
     pub fn reader(&self) -> StoreReader {
@@ -437,36 +448,18 @@ mod tests {
     use crate::ledger::{EntryKind, LedgerEntry};
     use crate::model::Period;
 
-    /// sled's background threads may hold the file lock of a just-closed database for a
-    /// moment: retry (bounded) while the lock is taken.
-    fn retry_locked<T, E: std::fmt::Display>(mut f: impl FnMut() -> Result<T, E>) -> T {
-        let started = std::time::Instant::now();
-        loop {
-            match f() {
-                Ok(v) => return v,
-                Err(e)
-                    if e.to_string().contains("could not acquire lock")
-                        && started.elapsed() < std::time::Duration::from_secs(10) =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(e) => panic!("open: {e}"),
-            }
-        }
-    }
-
+    /// `Store::open` waits (bounded) for the lock a just-closed store's threads may hold.
     fn open(dir: &std::path::Path) -> Store {
-        retry_locked(|| {
-            Store::open(&StoreConfig {
-                path: dir.to_path_buf(),
-                sync: SyncMode::Fdatasync,
-                cache_capacity_bytes: 16 << 20,
-            })
+        Store::open(&StoreConfig {
+            path: dir.to_path_buf(),
+            sync: SyncMode::Fdatasync,
+            cache_capacity_bytes: 16 << 20,
         })
+        .unwrap()
     }
 
     fn sled_open(dir: &std::path::Path) -> sled::Db {
-        retry_locked(|| sled::open(dir))
+        open_raw(dir).unwrap()
     }
 
     fn entry(seq: u64) -> LedgerEntry {

@@ -420,6 +420,25 @@ impl Supervisor {
     }
 }
 
+/// The start function of a singleton: spawns `actor` (a unit struct, made by `make`) with a
+/// clone of `args`, linked to the supervisor, and points `slot` at it, on every (re)start.
+pub fn linked<A>(make: fn() -> A, args: A::Arguments, slot: Slot<A::Msg>) -> StartFn
+where
+    A: Actor,
+    A::Arguments: Clone + Sync,
+{
+    start_fn(move |supervisor| {
+        let (args, slot) = (args.clone(), slot.clone());
+        async move {
+            let (actor, _) = Actor::spawn_linked(None, make(), args, supervisor)
+                .await
+                .map_err(|e| e.to_string())?;
+            slot.set(actor.clone());
+            Ok(actor.get_cell())
+        }
+    })
+}
+
 /// Boxes a start function (saves the caller the `Arc<dyn ...>` and `Box::pin`).
 pub fn start_fn<F, Fut>(f: F) -> StartFn
 where

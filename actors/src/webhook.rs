@@ -31,7 +31,7 @@ use crate::store::{
     EventSource, MeterErrorRecord, Store, StoreError, WebhookRecord, WebhookStatus,
 };
 use crate::stripe::{Disposition, StripeHttp};
-use crate::supervisor::{Slot, StartFn, start_fn};
+use crate::supervisor::{Slot, StartFn, linked};
 
 pub enum WebhookMsg {
     /// An event was logged: apply it soon.
@@ -566,20 +566,7 @@ impl Webhooks {
         let slot = Slot::default();
         let pending = Arc::new(AtomicUsize::new(0));
         let store = args.store.clone();
-        let start = {
-            let (slot, pending) = (slot.clone(), pending.clone());
-            start_fn(move |supervisor| {
-                let (args, slot, pending) = (args.clone(), slot.clone(), pending.clone());
-                async move {
-                    let (actor, _) =
-                        Actor::spawn_linked(None, WebhookActor, (args, pending), supervisor)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    slot.set(actor.clone());
-                    Ok(actor.get_cell())
-                }
-            })
-        };
+        let start = linked(|| WebhookActor, (args, pending.clone()), slot.clone());
         (
             Webhooks {
                 actor: slot,

@@ -75,32 +75,14 @@ fn settings() -> AccountSettings {
     }
 }
 
-/// sled's background threads may hold the file lock of a just-closed database for a
-/// moment: retry (bounded) while the lock is taken.
-fn retry_locked<T, E: std::fmt::Display>(mut f: impl FnMut() -> Result<T, E>) -> T {
-    let started = std::time::Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && started.elapsed() < Duration::from_secs(10) =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("open: {e}"),
-        }
-    }
-}
-
+/// `Store::open` waits (bounded) for the lock a just-closed store's threads may hold.
 fn open_store(dir: &std::path::Path) -> Store {
-    retry_locked(|| {
-        Store::open(&StoreConfig {
-            path: dir.to_path_buf(),
-            sync: SyncMode::Fdatasync,
-            cache_capacity_bytes: 16 << 20,
-        })
+    Store::open(&StoreConfig {
+        path: dir.to_path_buf(),
+        sync: SyncMode::Fdatasync,
+        cache_capacity_bytes: 16 << 20,
     })
+    .unwrap()
 }
 
 async fn system(store: &Store, settings: AccountSettings) -> Accounts {
@@ -394,7 +376,7 @@ async fn derived_state_is_rebuilt_from_the_ledger() {
     }
     // Wipe the derived trees, as a crash between ledger write and index write could.
     {
-        let db = retry_locked(|| sled::open(dir.path()));
+        let db = meterd_actors::store::open_raw(dir.path()).unwrap();
         db.open_tree("idem").unwrap().clear().unwrap();
         db.open_tree("accounts").unwrap().clear().unwrap();
         db.flush().unwrap();

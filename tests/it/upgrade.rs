@@ -52,21 +52,9 @@ fn load(kv: &Path, dir: &Path) -> usize {
     n
 }
 
-/// Opens a sled store, waiting (bounded) for an earlier handle's background threads to let
-/// go of its file lock, as the store itself does.
+/// Opens a sled store as it is, waiting (bounded) for an earlier handle's lock.
 fn open_sled(dir: &Path) -> sled::Db {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match sled::open(dir) {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            r => return r.unwrap(),
-        }
-    }
+    meterd_actors::store::open_raw(dir).unwrap()
 }
 
 fn format_of(dir: &Path) -> u32 {

@@ -38,7 +38,7 @@ use super::{
     ConsumeReply, CreditCmd, CreditReply, UpsertCmd, UpsertReply,
 };
 use crate::model::AccountId;
-use crate::supervisor::{Slot, StartFn, start_fn};
+use crate::supervisor::{Slot, StartFn, linked};
 
 /// A request on its way to an account actor, with the ticket that counts it as queued.
 pub struct Envelope {
@@ -352,19 +352,7 @@ impl Accounts {
             queued: Arc::new(AtomicUsize::new(0)),
             max_queued: deps.settings.max_queued,
         };
-        let start = {
-            let slot = accounts.directory.clone();
-            start_fn(move |supervisor| {
-                let (deps, slot) = (deps.clone(), slot.clone());
-                async move {
-                    let (actor, _) = Actor::spawn_linked(None, DirectoryActor, deps, supervisor)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    slot.set(actor.clone());
-                    Ok(actor.get_cell())
-                }
-            })
-        };
+        let start = linked(|| DirectoryActor, deps, accounts.directory.clone());
         (accounts, start)
     }
 
