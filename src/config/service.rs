@@ -99,6 +99,12 @@ pub(super) fn storage(raw: &RawStorage, base: &Path) -> Result<Storage, Invalid>
     if raw.data_dir.is_empty() {
         return Err(invalid("storage.data_dir", "must not be empty"));
     }
+    if raw.cache_capacity_mb > 1 << 20 {
+        return Err(invalid(
+            "storage.cache_capacity_mb",
+            "must be at most 1048576 (1 TiB)",
+        ));
+    }
     Ok(Storage {
         // `join` keeps an absolute path as it is.
         data_dir: base.join(&raw.data_dir),
@@ -110,6 +116,12 @@ pub(super) fn storage(raw: &RawStorage, base: &Path) -> Result<Storage, Invalid>
 pub(super) fn accounts(raw: &RawAccounts) -> Result<AccountSettings, Invalid> {
     if raw.call_timeout_ms < 10 {
         return Err(invalid("accounts.call_timeout_ms", "must be at least 10"));
+    }
+    if raw.past_due_grace_hours > 87_600 {
+        return Err(invalid(
+            "accounts.past_due_grace_hours",
+            "must be at most 87600 (ten years)",
+        ));
     }
     Ok(AccountSettings {
         idle_timeout: Duration::from_secs(raw.idle_timeout_s.get()),
@@ -148,6 +160,12 @@ pub(super) fn idempotency(raw: &RawIdempotency) -> Result<Idempotency, Invalid> 
         return Err(invalid(
             "idempotency.retention_hours",
             "must be at least 72: clients retry for up to three days",
+        ));
+    }
+    if raw.retention_hours > 87_600 {
+        return Err(invalid(
+            "idempotency.retention_hours",
+            "must be at most 87600 (ten years)",
         ));
     }
     Ok(Idempotency {

@@ -53,10 +53,10 @@ pub(super) fn build(
             "must be from 1024 to 16777216",
         ));
     }
-    if w.retention_days < 30 {
+    if !(30..=3650).contains(&w.retention_days) {
         return Err(invalid(
             "webhooks.retention_days",
-            "must be at least 30 (Stripe retries for 3 days; its events list covers 30)",
+            "must be between 30 (Stripe retries for 3 days; its events list covers 30) and 3650",
         ));
     }
     if !(1..=30).contains(&w.backfill_days) {
