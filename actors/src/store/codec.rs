@@ -222,8 +222,14 @@ pub enum StoredIdem {
     V1 { seq: u64, at_ms: UnixMs },
 }
 
+/// The most bytes one record may claim while decoding. Without a limit, a corrupted length
+/// prefix makes bincode allocate whatever it says (the decoder fuzzing found an abort on a
+/// 10 PiB allocation); with it, such a record is `Corrupt`. The limit does not change the
+/// encoding, and no record comes near it (ledger entries and snapshots are kilobytes).
+const DECODE_LIMIT: usize = 64 << 20;
+
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard()
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
 }
 
 pub(super) fn enc<T: Encode>(v: &T, tree: &'static str) -> Result<Vec<u8>, StoreError> {
@@ -391,6 +397,17 @@ mod tests {
         let mark = encode_mark(7, -3);
         assert_eq!(decode_mark(&mark).unwrap(), (7, -3));
         assert!(decode_mark(&mark[..8]).is_err());
+    }
+
+    /// A length prefix claiming more than the limit is refused, not allocated.
+    #[test]
+    fn a_huge_claimed_length_is_corrupt_not_an_allocation() {
+        // Variant 0 of a record holding a string, with a varint length of 2^60.
+        let mut b = vec![0u8, 253];
+        b.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(decode_entry(&b).is_err());
+        assert!(decode_snapshot(&b).is_err());
+        assert!(decode_outbox(&b).is_err());
     }
 
     #[test]
