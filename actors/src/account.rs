@@ -155,6 +155,12 @@ pub enum AccountError {
     Unavailable(String),
     #[error("the account did not answer within {0:?}")]
     Timeout(Duration),
+    /// A Stripe customer belongs to one account at most.
+    #[error("Stripe customer {customer} is linked to account `{account}`")]
+    CustomerInUse {
+        customer: String,
+        account: AccountId,
+    },
     /// Load shedding: `max_queued` requests are already waiting for account actors.
     #[error("overloaded: {0} requests are already queued; retry shortly")]
     Overloaded(usize),

@@ -25,7 +25,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::Value;
 
 use crate::account::{AccountError, Accounts, StripeCmd};
-use crate::billing::{HANDLED_TYPES, PriceMap, StripeChange, Target, head_of, interpret};
+use crate::billing::{
+    HANDLED_TYPES, PriceMap, StripeChange, StripeOutcome, Target, head_of, interpret,
+};
 use crate::model::{AccountId, Clock, backoff};
 use crate::store::{
     EventSource, MeterErrorRecord, Store, StoreError, WebhookRecord, WebhookStatus,
@@ -347,6 +349,11 @@ impl WebhookState {
         }
         // Identifier owners that name no account (not even through the hash index).
         let mut unresolved = Vec::new();
+        let customer = match &target {
+            Target::Account(_, c) => c.clone(),
+            Target::Customer(c) => Some(c.clone()),
+            _ => None,
+        };
         let accounts: Vec<(AccountId, StripeChange)> = match target {
             Target::None => {
                 return Ok((WebhookStatus::Ignored, "no account concerned".into()));
@@ -415,9 +422,14 @@ impl WebhookState {
                 created_s: rec.created_s,
                 change,
                 fallback_plan: self.args.settings.fallback_plan.clone(),
+                customer: customer.clone(),
             };
             match self.args.accounts.stripe(&account, cmd).await {
-                Ok(r) => outcomes.push(format!("{account}: {}", r.outcome.as_str())),
+                Ok(r) => outcomes.push(match &r.outcome {
+                    StripeOutcome::Applied => format!("{account}: applied"),
+                    StripeOutcome::Stale(why) => format!("{account}: stale ({why})"),
+                    StripeOutcome::Ignored(why) => format!("{account}: ignored ({why})"),
+                }),
                 Err(AccountError::Invalid(e)) => return Err(Failure::Permanent(e.to_string())),
                 // Meter events name accounts meterd itself reported for: one that is gone
                 // now will not come back.

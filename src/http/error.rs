@@ -134,6 +134,7 @@ impl From<AccountError> for ApiError {
                 "spend_cap_reached" => (StatusCode::PAYMENT_REQUIRED, "spend_cap_reached"),
                 _ => (StatusCode::TOO_MANY_REQUESTS, "cap_reached"),
             },
+            AccountError::CustomerInUse { .. } => (StatusCode::CONFLICT, "customer_in_use"),
             AccountError::Overloaded(_) => {
                 let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", msg);
                 e.retry_after = Some(1);
@@ -218,7 +219,7 @@ const DOCUMENTED: &[(u16, &str)] = &[
     (404, "`unknown_account`"),
     (
         409,
-        "`idempotency_conflict`, `credit_balance_too_low`, `reservation_settled` or `reservation_expired`",
+        "`idempotency_conflict`, `credit_balance_too_low`, `reservation_settled`, `reservation_expired` or `customer_in_use`",
     ),
     (
         429,

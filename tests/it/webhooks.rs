@@ -121,8 +121,15 @@ async fn settled(client: &Client) {
     .await;
 }
 
+/// The story's account, linked to the story's Stripe customer as meterd's own checkout would
+/// have linked it before any session (top-ups are credited only to the customer's account).
 async fn create_account(client: &Client) {
-    let r = client.put_account(ACCOUNT, json!({"plan": "free"})).await;
+    let r = client
+        .put_account(
+            ACCOUNT,
+            json!({"plan": "free", "stripe_customer_id": "cus_FKNrXbjePvoq7c"}),
+        )
+        .await;
     assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
 }
 
@@ -556,7 +563,8 @@ async fn a_failing_event_retries_without_blocking_others_and_can_be_replayed() {
     let paid = event("payment_method.attached.json");
     assert_eq!(deliver(&d, &clock, &paid).await.status, 200);
     // Meanwhile another account's event applies.
-    create_account(&d.client).await;
+    let r = d.client.put_account(ACCOUNT, json!({"plan": "free"})).await;
+    assert!(r.status < 300);
     let r = d
         .client
         .put_account("acct_other", json!({"plan": "free"}))
@@ -1039,5 +1047,246 @@ async fn refunds_are_transactions_and_a_later_refund_total_wins() {
         "{tx}"
     );
     assert_eq!(list[0]["reference"], "pi_test_refund");
+    d.stop().await;
+}
+
+/// A signed event (as from any integration or Payment Link on the same Stripe account), with
+/// `edit` applied to the story's event `name`, under a fresh event id.
+fn forged(name: &str, id: &str, edit: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(&event(name)).unwrap();
+    v["id"] = json!(id);
+    edit(&mut v);
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// The outcome meterd recorded for event `id` in its log.
+async fn outcome_of(client: &Client, id: &str) -> String {
+    let l = log(client, None).await;
+    l["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == id)
+        .map(|e| format!("{} {}", e["status"], e["outcome"]))
+        .unwrap_or_else(|| panic!("{id} not logged: {l}"))
+}
+
+/// Issue 12: each money-in attack credits nothing and re-links nothing, and says why.
+#[tokio::test]
+async fn money_in_attacks_credit_nothing_and_relink_nothing() {
+    let clock = Clock::System;
+    let d = start(clock.clone()).await;
+    let c = &d.client;
+    // The victim has a customer of its own; the attacker pays as another customer.
+    for (id, customer) in [("victim", "cus_victim"), ("attacker", "cus_attacker")] {
+        let r = c
+            .put_account(id, json!({"plan": "free", "stripe_customer_id": customer}))
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+    let r = c.put_account("bare", json!({"plan": "free"})).await;
+    assert_eq!(r.status, 201);
+    let topup = "checkout.session.completed.payment_topup.json";
+    let aim = |v: &mut Value, account: &str, customer: Value| {
+        let o = &mut v["data"]["object"];
+        o["client_reference_id"] = json!(account);
+        o["metadata"]["meterd_account_id"] = json!(account);
+        o["customer"] = customer;
+        o["id"] = json!(format!("cs_forged_{account}_{}", o["amount_total"]));
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        // The issue's own: nothing paid, yen, a session meterd never made, the victim named.
+        (
+            "evt_free",
+            forged(topup, "evt_free", |v| {
+                aim(v, "victim", json!("cus_attacker"));
+                let o = &mut v["data"]["object"];
+                o["payment_status"] = json!("no_payment_required");
+                o["amount_total"] = json!(0);
+                o["currency"] = json!("jpy");
+                o["metadata"]["package"] = json!("credits_10000");
+            }),
+            "not paid",
+        ),
+        // Paid, but by another customer than the victim's.
+        (
+            "evt_other_customer",
+            forged(topup, "evt_other_customer", |v| {
+                aim(v, "victim", json!("cus_attacker"))
+            }),
+            "customer_mismatch",
+        ),
+        // The victim's customer, but less money than the package costs.
+        (
+            "evt_cheap",
+            forged(topup, "evt_cheap", |v| {
+                aim(v, "victim", json!("cus_victim"));
+                v["data"]["object"]["amount_total"] = json!(1);
+            }),
+            "amount_mismatch",
+        ),
+        // The right amount in another currency.
+        (
+            "evt_yen",
+            forged(topup, "evt_yen", |v| {
+                aim(v, "victim", json!("cus_victim"));
+                v["data"]["object"]["currency"] = json!("jpy");
+            }),
+            "amount_mismatch",
+        ),
+        // An account with no customer: not a top-up meterd made.
+        (
+            "evt_bare",
+            forged(topup, "evt_bare", |v| aim(v, "bare", json!("cus_stranger"))),
+            "no_customer",
+        ),
+        // A subscription checkout naming the victim with the attacker's customer: no re-link.
+        (
+            "evt_relink",
+            forged(
+                "checkout.session.completed.subscription.json",
+                "evt_relink",
+                |v| {
+                    let o = &mut v["data"]["object"];
+                    o["client_reference_id"] = json!("victim");
+                    o["customer"] = json!("cus_attacker");
+                },
+            ),
+            "customer_mismatch",
+        ),
+        // The same for an account without a customer: the attacker's customer is taken.
+        (
+            "evt_take",
+            forged(
+                "checkout.session.completed.subscription.json",
+                "evt_take",
+                |v| {
+                    let o = &mut v["data"]["object"];
+                    o["client_reference_id"] = json!("bare");
+                    o["customer"] = json!("cus_attacker");
+                },
+            ),
+            "customer_in_use",
+        ),
+    ];
+    for (id, body, _) in &cases {
+        assert_eq!(deliver(&d, &clock, body).await.status, 200, "{id}");
+    }
+    settled(c).await;
+    for (id, _, why) in &cases {
+        let o = outcome_of(c, id).await;
+        assert!(o.contains(why), "{id}: {o}");
+    }
+    for (id, customer) in [
+        ("victim", json!("cus_victim")),
+        ("attacker", json!("cus_attacker")),
+        ("bare", Value::Null),
+    ] {
+        let a = get(c, &format!("/v1/accounts/{id}")).await;
+        assert_eq!(a["credits"]["balance"], 0, "{id}: {a}");
+        assert_eq!(a["stripe_customer_id"], customer, "{id}: {a}");
+        assert_eq!(a["plan"], "free", "{id}: {a}");
+    }
+    // The real top-up, the victim's customer paying the package's price: credited.
+    let real = forged(topup, "evt_real", |v| aim(v, "victim", json!("cus_victim")));
+    assert_eq!(deliver(&d, &clock, &real).await.status, 200);
+    settled(c).await;
+    let a = get(c, "/v1/accounts/victim").await;
+    assert_eq!(a["credits"]["balance"], 5000, "{a}");
+    d.stop().await;
+}
+
+/// Issue 12: a customer belongs to one account; moving an account to another customer frees
+/// the old one.
+#[tokio::test]
+async fn a_customer_linked_to_one_account_cannot_be_linked_to_another() {
+    let d = start(Clock::System).await;
+    let c = &d.client;
+    let r = c
+        .put_account(
+            "a",
+            json!({"plan": "free", "stripe_customer_id": "cus_one"}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let r = c
+        .put_account(
+            "b",
+            json!({"plan": "free", "stripe_customer_id": "cus_one"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (409, "customer_in_use"),
+        "{:?}",
+        r.body
+    );
+    // Nothing was created by the refusal.
+    assert_eq!(c.get_account("b").await.status, 404);
+    let r = c.put_account("b", json!({"plan": "free"})).await;
+    assert_eq!(r.status, 201);
+    let r = c
+        .put_account("b", json!({"stripe_customer_id": "cus_one"}))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (409, "customer_in_use"),
+        "{:?}",
+        r.body
+    );
+    // `a` moves to another customer: `cus_one` is free for `b`.
+    let r = c
+        .put_account("a", json!({"stripe_customer_id": "cus_two"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = c
+        .put_account("b", json!({"stripe_customer_id": "cus_one"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        c.get_account("b").await.body["stripe_customer_id"],
+        "cus_one"
+    );
+    d.stop().await;
+}
+
+/// Issue 12: a subscription whose prices are no configured plan's changes nothing, nor does
+/// its deletion: the account keeps the plan its real subscription gives it.
+#[tokio::test]
+async fn a_subscription_of_unknown_prices_and_its_deletion_change_nothing() {
+    let clock = Clock::System;
+    let d = start(clock.clone()).await;
+    create_account(&d.client).await;
+    let created = event("customer.subscription.created.json");
+    assert_eq!(deliver(&d, &clock, &created).await.status, 200);
+    settled(&d.client).await;
+    let before = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(before["plan"], "team", "{before}");
+    for (id, name) in [
+        ("evt_foreign_created", "customer.subscription.created.json"),
+        ("evt_foreign_deleted", "customer.subscription.deleted.json"),
+    ] {
+        let body = forged(name, id, |v| {
+            let o = &mut v["data"]["object"];
+            o["id"] = json!("sub_not_meterds");
+            for item in o["items"]["data"].as_array_mut().unwrap() {
+                item["price"]["id"] = json!("price_of_another_product");
+                item["plan"]["id"] = json!("price_of_another_product");
+            }
+        });
+        assert_eq!(deliver(&d, &clock, &body).await.status, 200);
+    }
+    settled(&d.client).await;
+    for id in ["evt_foreign_created", "evt_foreign_deleted"] {
+        let o = outcome_of(&d.client, id).await;
+        assert!(o.contains("unknown_prices"), "{id}: {o}");
+    }
+    let after = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(after["plan"], before["plan"]);
+    assert_eq!(after["status"], before["status"]);
+    assert_eq!(
+        after["stripe"]["subscription"]["id"],
+        before["stripe"]["subscription"]["id"]
+    );
     d.stop().await;
 }

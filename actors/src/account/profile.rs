@@ -19,6 +19,27 @@ impl AccountState {
             }
         };
         let period = cmd_period;
+        // A Stripe customer belongs to one account at most.
+        if let Some(c) = &next.stripe_customer_id
+            && self
+                .fold
+                .profile
+                .as_ref()
+                .and_then(|p| p.stripe_customer_id.as_ref())
+                != Some(c)
+        {
+            match self.customer_owner_elsewhere(c) {
+                Ok(None) => {}
+                Ok(Some(account)) => {
+                    let _ = reply.send(Err(AccountError::CustomerInUse {
+                        customer: c.clone(),
+                        account,
+                    }));
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
         // Refuse a bad period before anything is written (the profile change included).
         if let Some(p) = period {
             let cur = match self.balances_at(now) {
@@ -55,6 +76,18 @@ impl AccountState {
         let r = self.view().map(|view| UpsertReply { created, view });
         self.reply_after_commit(reply, r);
         Ok(())
+    }
+
+    /// The other account Stripe customer `c` is linked to, if any.
+    pub(super) fn customer_owner_elsewhere(
+        &self,
+        c: &str,
+    ) -> Result<Option<AccountId>, StoreError> {
+        Ok(self
+            .deps
+            .store
+            .customer_account(c)?
+            .filter(|a| a != &self.id))
     }
 
     pub(super) fn merge_profile(

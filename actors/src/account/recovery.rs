@@ -38,14 +38,21 @@ pub(super) fn recover(store: &Store, id: &AccountId) -> Result<(AccountFold, u64
         }
     }
     // The customer index is written before the entry that links a customer; a crash in
-    // between, or data from before the index existed, is repaired here.
+    // between, or data from before the index existed, is repaired here. A customer the index
+    // gives to another account (two accounts sharing one, written by an earlier release) is
+    // left to that account and reported by `verify`: never re-linked back and forth.
     if let Some(c) = fold
         .profile
         .as_ref()
         .and_then(|p| p.stripe_customer_id.as_ref())
-        && store.customer_account(c)?.as_ref() != Some(id)
     {
-        store.link_customer(c, id)?;
+        match store.customer_account(c)? {
+            None => store.link_customer(c, id)?,
+            Some(owner) if &owner != id => {
+                tracing::warn!(account = %id, customer = %c, owner = %owner, "this account's Stripe customer is linked to another account; fix one of them (PUT stripe_customer_id)");
+            }
+            Some(_) => {}
+        }
     }
     Ok((fold, snapshot_seq))
 }
@@ -94,17 +101,22 @@ impl AccountState {
         kind: EntryKind,
         at_ms: i64,
     ) -> Result<LedgerEntry, StoreError> {
-        // Index a newly linked Stripe customer before the entry (webhooks find accounts by it).
-        if let EntryKind::AccountUpserted(p) = &kind
-            && let Some(c) = &p.stripe_customer_id
-            && self
+        // Index a newly linked Stripe customer before the entry (webhooks find accounts by it),
+        // and free the one it replaces.
+        if let EntryKind::AccountUpserted(p) = &kind {
+            let old = self
                 .fold
                 .profile
                 .as_ref()
-                .and_then(|x| x.stripe_customer_id.as_ref())
-                != Some(c)
-        {
-            self.deps.store.link_customer(c, &self.id)?;
+                .and_then(|x| x.stripe_customer_id.as_ref());
+            if old != p.stripe_customer_id.as_ref() {
+                if let Some(c) = &p.stripe_customer_id {
+                    self.deps.store.link_customer(c, &self.id)?;
+                }
+                if let Some(o) = old {
+                    self.deps.store.unlink_customer(o, &self.id)?;
+                }
+            }
         }
         let entry = LedgerEntry {
             seq: self.fold.last_seq + 1,

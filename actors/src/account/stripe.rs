@@ -29,6 +29,9 @@ pub struct StripeCmd {
     pub change: StripeChange,
     /// The plan an account falls back to when its subscription is deleted.
     pub fallback_plan: String,
+    /// The Stripe customer the event is about, if it names one. It must be the account's
+    /// (the customer is the authority): an event naming another is refused.
+    pub customer: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +62,14 @@ impl Plan {
             profile: None,
             period: None,
             top_up: None,
+        }
+    }
+
+    /// Refused for a reason that is recorded (`refused: <code>: <detail>`); nothing changes.
+    fn refused(code: &str, detail: String) -> Plan {
+        Plan {
+            outcome: StripeOutcome::Ignored(format!("refused: {code}: {detail}")),
+            ..Plan::applied(BillingFact::None)
         }
     }
 
@@ -165,12 +176,32 @@ impl AccountState {
         let billing = &self.fold.billing;
         let created = cmd.created_s;
         let now = self.deps.clock.now_ms();
+        // The Stripe customer is the authority: an event about another customer than the
+        // account's is refused, whatever account its metadata names (anyone paying through
+        // another integration on the same Stripe account can set those).
+        if let (Some(linked), Some(c)) = (&profile.stripe_customer_id, &cmd.customer)
+            && linked != c
+        {
+            return Ok(Plan::refused(
+                "customer_mismatch",
+                format!("the event is about customer {c}; the account's customer is {linked}"),
+            ));
+        }
         let mut plan = match &cmd.change {
             StripeChange::Ignore(why) => Plan {
                 outcome: StripeOutcome::Ignored(why.clone()),
                 ..Plan::applied(BillingFact::None)
             },
             StripeChange::Linked { customer, .. } => {
+                if let Some(c) = customer
+                    && profile.stripe_customer_id.is_none()
+                    && let Some(owner) = self.customer_owner_elsewhere(c)?
+                {
+                    return Ok(Plan::refused(
+                        "customer_in_use",
+                        format!("customer {c} is linked to account {owner}"),
+                    ));
+                }
                 let mut p = Plan::applied(BillingFact::None);
                 if let Some(c) = customer
                     && profile.stripe_customer_id.as_ref() != Some(c)
@@ -199,6 +230,26 @@ impl AccountState {
                              (package {package:?}, credits {credits:?})"
                         ))
                     })?;
+                // Credited only for what was paid: the package's price, in its currency.
+                if !currency.eq_ignore_ascii_case(&pkg.currency)
+                    || u64::try_from(*amount).ok() != Some(pkg.price)
+                {
+                    return Ok(Plan::refused(
+                        "amount_mismatch",
+                        format!(
+                            "checkout session {session_id} paid {amount} {currency}; package {} costs {} {}",
+                            pkg.name, pkg.price, pkg.currency
+                        ),
+                    ));
+                }
+                if profile.stripe_customer_id.is_none() {
+                    return Ok(Plan::refused(
+                        "no_customer",
+                        format!(
+                            "checkout session {session_id} pays for an account with no Stripe customer"
+                        ),
+                    ));
+                }
                 let key = IdempotencyKey::parse(session_id)?;
                 if billing.has_transaction(TransactionKind::TopUp, session_id) {
                     // Credited already (a second event for the same session): the top-up's
@@ -240,8 +291,22 @@ impl AccountState {
                 // The account follows its newest live subscription. An event about another,
                 // older one is recorded (a deletion ends it) but changes neither plan nor
                 // access.
+                // A subscription with no price of a configured plan is not a meterd
+                // subscription: neither it nor its deletion changes the account.
+                if info.plan.is_none() {
+                    return Ok(Plan::refused(
+                        "unknown_prices",
+                        format!(
+                            "subscription {} has no price of a configured plan; the account is unchanged",
+                            info.id
+                        ),
+                    ));
+                }
                 let other_live = held
                     .filter(|c| c.id != info.id && !billing.ended_subscriptions.contains(&c.id));
+                // Deleting a subscription ends the account's plan only if no other live one
+                // is the account's (events may arrive in any order: a deletion can come
+                // before the creation of the same subscription).
                 let current = match other_live {
                     None => true,
                     Some(c) => !deleted && info.created_s > c.created_s,
@@ -263,6 +328,15 @@ impl AccountState {
                             ..Plan::applied(fact)
                         }
                     });
+                }
+                if let Some(c) = &info.customer
+                    && profile.stripe_customer_id.is_none()
+                    && let Some(owner) = self.customer_owner_elsewhere(c)?
+                {
+                    return Ok(Plan::refused(
+                        "customer_in_use",
+                        format!("customer {c} is linked to account {owner}"),
+                    ));
                 }
                 let mut p = Plan::applied(fact);
                 let mut next = profile.clone();

@@ -189,13 +189,18 @@ pub fn interpret(ev: &Value, prices: &PriceMap) -> Result<(Target, StripeChange)
             let account =
                 account(o.client_reference_id.as_deref()).or_else(|| o.metadata.account());
             let session = o.id.ok_or("checkout session without `id`")?;
-            let paid = o.payment_status.as_deref() != Some("unpaid");
+            // Paid means `paid`: not `unpaid`, and not `no_payment_required` (a 100 % coupon
+            // or a zero amount pays nothing).
+            let paid = o.payment_status.as_deref() == Some("paid");
             match o.mode.as_deref() {
                 Some("payment") if o.metadata.kind.as_deref() == Some("topup") => {
                     if !paid {
                         (
                             target(account, customer),
-                            StripeChange::Ignore("top-up not paid yet".into()),
+                            StripeChange::Ignore(format!(
+                                "top-up not paid (payment_status {})",
+                                o.payment_status.as_deref().unwrap_or("missing")
+                            )),
                         )
                     } else {
                         (

@@ -286,6 +286,17 @@ impl Store {
         Ok(())
     }
 
+    /// Removes the link of `customer` if it is `account`'s (an account moved to another
+    /// customer, or to none, frees its old one).
+    pub fn unlink_customer(&self, customer: &str, account: &AccountId) -> Result<(), StoreError> {
+        let _ = self.inner.customers.compare_and_swap(
+            customer.as_bytes(),
+            Some(account.as_str().as_bytes()),
+            None as Option<&[u8]>,
+        )?;
+        Ok(())
+    }
+
     /// The account linked to Stripe customer `customer`.
     pub fn customer_account(&self, customer: &str) -> Result<Option<AccountId>, StoreError> {
         let Some(v) = self.inner.customers.get(customer.as_bytes())? else {
