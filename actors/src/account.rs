@@ -87,6 +87,11 @@ pub enum AccountMsg {
         Box<StripeCmd>,
         RpcReplyPort<Result<StripeReply, AccountError>>,
     ),
+    /// Record a top-up Checkout Session about to be created (durable before the answer).
+    PendingTopUp(
+        Box<(String, crate::store::PendingTopUp)>,
+        RpcReplyPort<Result<(), AccountError>>,
+    ),
     /// The account's current state.
     Get(RpcReplyPort<Result<AccountView, AccountError>>),
     /// Periodic: report to the directory when idle for longer than the idle timeout.
@@ -117,6 +122,9 @@ impl AccountMsg {
                 let _ = r.send(Err(err));
             }
             AccountMsg::Settle(_, _, r) => {
+                let _ = r.send(Err(err));
+            }
+            AccountMsg::PendingTopUp(_, r) => {
                 let _ = r.send(Err(err));
             }
             AccountMsg::Get(r) => {
@@ -299,6 +307,11 @@ impl Actor for AccountActor {
             AccountMsg::Settle(rid, qty, reply) => state.settle(rid, qty, reply)?,
             AccountMsg::Stripe(cmd, reply) => {
                 let r = state.apply_stripe(*cmd)?;
+                state.reply_after_commit(reply, r);
+            }
+            AccountMsg::PendingTopUp(rec, reply) => {
+                let (id, rec) = *rec;
+                let r = state.record_pending_topup(&id, rec)?;
                 state.reply_after_commit(reply, r);
             }
             AccountMsg::Get(reply) => {

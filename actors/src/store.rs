@@ -31,6 +31,9 @@
 //!   account's snapshot covers the entry.
 //! - `hashed_ids`: `h{40 hex}` → account id: the accounts whose meter event identifiers may
 //!   carry a hash of the id (see [`crate::identifier`]), written with the account's creation.
+//! - `topups`:   `topup id` → [`PendingTopUp`]: the top-up Checkout Sessions meterd created
+//!   (account, package, price, currency, customer), written before the session is created;
+//!   a session completion credits only against its record.
 //! - `meta`:     `format` → the data dir's format version (see `migrate`).
 //!
 //! Where it lives: `ledger` (ledger, snapshots, hash index), `outbox` (the outbox family),
@@ -65,7 +68,7 @@ use std::sync::mpsc;
 
 pub use codec::{OutboxBatch, OutboxRecord};
 pub use codec::{OutboxItem, StoredEntry, StoredIdem, StoredNotification, StoredSnapshot};
-pub use events::{EventSource, MeterErrorRecord, WebhookRecord, WebhookStatus};
+pub use events::{EventSource, MeterErrorRecord, PendingTopUp, WebhookRecord, WebhookStatus};
 pub use flusher::FlushStats;
 use flusher::{FlushCmd, flusher_loop, open_db};
 pub use outbox::{OutboxLocation, PruneCursor, PrunePlan, QueuedRecord};
@@ -184,6 +187,7 @@ struct Inner {
     customers: sled::Tree,
     meter_errors: sled::Tree,
     hashed_ids: sled::Tree,
+    topups: sled::Tree,
     /// Records in `outbox` and `dead`, counted once at open and kept as they change, so
     /// readiness and metrics never scan a tree.
     queued: AtomicI64,
@@ -371,6 +375,7 @@ impl Store {
                 customers: db.open_tree("customers")?,
                 meter_errors: db.open_tree("meter_errors")?,
                 hashed_ids: db.open_tree(HASHED_IDS)?,
+                topups: db.open_tree("topups")?,
                 queued,
                 dead_count,
                 flush_tx,

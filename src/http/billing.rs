@@ -21,6 +21,7 @@ use governor::clock::Clock;
 use governor::{Quota, RateLimiter};
 use meterd_actors::account::{Accounts, UpsertCmd};
 use meterd_actors::model::{AccountId, Catalog, PlanKind, TokioClock};
+use meterd_actors::store::PendingTopUp;
 use meterd_actors::stripe::{
     CheckoutLine, CheckoutMode, CheckoutRequest, StripeCallError, StripeHttp,
 };
@@ -365,6 +366,30 @@ impl BillingApi {
         let customer = self.customer(client, &id).await?;
         let mut metadata: BTreeMap<String, String> = extra.into_iter().collect();
         metadata.insert("meterd_account_id".into(), id.as_str().to_owned());
+        // A top-up is recorded (durably) before its session exists: its completion is
+        // credited only against this record (see `decide_stripe`).
+        if let (Some(topup_id), Some(package)) = (metadata.get("topup_id"), metadata.get("package"))
+            && let Some(p) = self
+                .catalog
+                .credit_packages
+                .iter()
+                .find(|p| &p.name == package)
+        {
+            self.accounts
+                .pending_topup(
+                    &id,
+                    topup_id.clone(),
+                    PendingTopUp {
+                        account: id.as_str().to_owned(),
+                        package: p.name.clone(),
+                        amount: p.price,
+                        currency: p.currency.clone(),
+                        customer: customer.clone(),
+                        created_ms: meterd_actors::model::Clock::System.now_ms(),
+                    },
+                )
+                .await?;
+        }
         let created = client
             .create_checkout_session(&CheckoutRequest {
                 mode,

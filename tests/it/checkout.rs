@@ -423,3 +423,86 @@ async fn a_price_stripe_does_not_know_is_a_502_naming_it() {
     );
     d.stop().await;
 }
+
+/// Issue 12: the top-up meterd's checkout recorded is credited when its session completes,
+/// paid, for its price, to its account: end to end, from the checkout route to the webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topup_made_by_checkout_is_credited_when_its_session_completes_paid() {
+    let fake = FakeStripe::start().await;
+    let d = start(&fake).await;
+    d.client
+        .put_account("acme", json!({"plan": "prepaid"}))
+        .await;
+    let r = checkout(
+        &d,
+        "acme",
+        json!({"kind": "topup", "package": "credits_500"}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let session_id = r.body["session_id"].as_str().unwrap().to_owned();
+    let s = &posts(&fake, "/v1/checkout/sessions")[0];
+    let topup_id = param(s, "metadata[topup_id]").unwrap().to_owned();
+    let customer = d.client.get_account("acme").await.body["stripe_customer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let completed = |event_id: &str, status: &str| {
+        let path = crate::support::stripe_events_dir()
+            .join("checkout.session.completed.payment_topup.json");
+        let mut v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        v["id"] = json!(event_id);
+        v["created"] = json!(meterd_actors::model::Clock::System.now_ms() / 1000);
+        let o = &mut v["data"]["object"];
+        o["id"] = json!(session_id);
+        o["customer"] = json!(customer);
+        o["client_reference_id"] = json!("acme");
+        o["amount_total"] = json!(500);
+        o["currency"] = json!("usd");
+        o["payment_status"] = json!(status);
+        o["metadata"] = json!({
+            "type": "topup", "package": "credits_500", "credits": "500",
+            "meterd_account_id": "acme", "topup_id": topup_id,
+        });
+        serde_json::to_vec(&v).unwrap()
+    };
+    let deliver = |body: Vec<u8>| {
+        let client = d.client.clone();
+        async move {
+            let now = meterd_actors::model::Clock::System.now_ms() / 1000;
+            let sig = crate::support::signer::sign(&body, crate::support::WEBHOOK_SECRET, now);
+            let r = client
+                .http
+                .post(format!("{}/webhooks/stripe", client.base))
+                .header("content-type", "application/json")
+                .header("stripe-signature", sig)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    // Not paid yet (an asynchronous payment method): nothing.
+    deliver(completed("evt_pending", "unpaid")).await;
+    // Paid: credited once, even when it arrives again under another event id.
+    deliver(completed("evt_paid", "paid")).await;
+    deliver(completed("evt_paid_again", "paid")).await;
+    crate::support::eventually(std::time::Duration::from_secs(10), || async {
+        let l = d
+            .client
+            .send(
+                reqwest::Method::GET,
+                "/v1/admin/webhooks",
+                Some(ADMIN_KEY),
+                None,
+            )
+            .await;
+        l.body["pending"] == 0 && l.body["events"].as_array().is_some_and(|e| e.len() == 3)
+    })
+    .await;
+    let a = d.client.get_account("acme").await;
+    assert_eq!(a.body["credits"]["balance"], 500, "{:?}", a.body);
+    assert_eq!(fake.spec_violations(), Vec::<String>::new());
+    d.stop().await;
+}

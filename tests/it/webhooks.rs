@@ -76,8 +76,43 @@ fn story_config(dir: &std::path::Path) -> Config {
     c
 }
 
+/// The story's top-up session (`metadata.topup_id`), and the victim's of the money-in tests.
+const STORY_TOPUP: &str = "tu_01JB8ZQ3K7M2V5X9C4N6P8R0T2";
+const VICTIM_TOPUP: &str = "tu_victim_0001";
+
+/// Records the top-ups meterd's own checkout would have recorded before creating their
+/// sessions (the story's, and the victim's of the money-in tests), in a stopped data dir.
+fn seed_pending_topups(dir: &std::path::Path) {
+    use meterd_actors::store::{PendingTopUp, Store, StoreConfig, SyncMode};
+    use std::os::unix::fs::PermissionsExt;
+    // As the daemon makes its data dir: a store open to others is refused at start.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let store = Store::open(&StoreConfig {
+        path: dir.to_path_buf(),
+        sync: SyncMode::Flush,
+        cache_capacity_bytes: 8 << 20,
+    })
+    .unwrap();
+    for (id, account, customer) in [
+        (STORY_TOPUP, ACCOUNT, CUSTOMER),
+        (VICTIM_TOPUP, "victim", "cus_victim"),
+    ] {
+        let rec = PendingTopUp {
+            account: account.into(),
+            package: "credits_5000".into(),
+            amount: 5000,
+            currency: "usd".into(),
+            customer: customer.into(),
+            created_ms: 1_761_400_000_000,
+        };
+        store.put_pending_topup(id, &rec).unwrap();
+    }
+    store.close().unwrap();
+}
+
 async fn start(clock: Clock) -> TestDaemon {
     let dir = tempfile::tempdir().unwrap();
+    seed_pending_topups(dir.path());
     let path = dir.path().to_path_buf();
     TestDaemon::start_full(dir, move |c| *c = story_config(&path), clock, secrets()).await
 }
@@ -853,6 +888,7 @@ async fn backfill_at_start_and_on_demand_logs_the_undelivered_events_the_log_lac
 
     // The account exists before meterd starts, so the backfilled events can apply at once.
     let dir = tempfile::tempdir().unwrap();
+    seed_pending_topups(dir.path());
     let d = TestDaemon::start_in(dir, |_| {}, Clock::System).await;
     create_account(&d.client).await;
     let dir = d.stop().await;
@@ -1091,6 +1127,7 @@ async fn money_in_attacks_credit_nothing_and_relink_nothing() {
         let o = &mut v["data"]["object"];
         o["client_reference_id"] = json!(account);
         o["metadata"]["meterd_account_id"] = json!(account);
+        o["metadata"]["topup_id"] = json!(VICTIM_TOPUP);
         o["customer"] = customer;
         o["id"] = json!(format!("cs_forged_{account}_{}", o["amount_total"]));
     };
@@ -1134,11 +1171,30 @@ async fn money_in_attacks_credit_nothing_and_relink_nothing() {
             }),
             "amount_mismatch",
         ),
-        // An account with no customer: not a top-up meterd made.
+        // A session meterd never made (another integration, a Payment Link), for the
+        // victim's own customer and the right price: still not credited.
+        (
+            "evt_not_ours",
+            forged(topup, "evt_not_ours", |v| {
+                aim(v, "victim", json!("cus_victim"));
+                v["data"]["object"]["metadata"]["topup_id"] = json!("tu_someone_elses");
+            }),
+            "not_ours",
+        ),
+        // meterd's session for the victim, replayed against another account.
         (
             "evt_bare",
             forged(topup, "evt_bare", |v| aim(v, "bare", json!("cus_stranger"))),
-            "no_customer",
+            "not_ours",
+        ),
+        // meterd's session, another package claimed in its metadata.
+        (
+            "evt_package",
+            forged(topup, "evt_package", |v| {
+                aim(v, "victim", json!("cus_victim"));
+                v["data"]["object"]["metadata"]["package"] = json!("credits_10000");
+            }),
+            "package_mismatch",
         ),
         // A subscription checkout naming the victim with the attacker's customer: no re-link.
         (

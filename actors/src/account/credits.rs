@@ -308,4 +308,28 @@ impl AccountState {
             replayed: false,
         }))
     }
+
+    /// Records a top-up Checkout Session about to be created for this account: only for its
+    /// own linked customer (the session's customer), so a completion can be matched to it.
+    pub(super) fn record_pending_topup(
+        &mut self,
+        topup_id: &str,
+        rec: crate::store::PendingTopUp,
+    ) -> Result<Result<(), AccountError>, StoreError> {
+        let Some(profile) = &self.fold.profile else {
+            return Ok(Err(AccountError::UnknownAccount(self.id.clone())));
+        };
+        if rec.account != self.id.as_str()
+            || profile.stripe_customer_id.as_deref() != Some(rec.customer.as_str())
+            || topup_id.is_empty()
+            || topup_id.len() > 255
+        {
+            return Ok(Err(ValidationError::new(
+                "a pending top-up must name this account, its Stripe customer and an id",
+            )
+            .into()));
+        }
+        self.deps.store.put_pending_topup(topup_id, &rec)?;
+        Ok(Ok(()))
+    }
 }

@@ -486,6 +486,19 @@ impl Accounts {
             .await
     }
 
+    /// Records a top-up Checkout Session meterd is about to create (durable when it returns).
+    pub async fn pending_topup(
+        &self,
+        id: &AccountId,
+        topup_id: String,
+        rec: crate::store::PendingTopUp,
+    ) -> Result<(), AccountError> {
+        self.call(id, |p| {
+            AccountMsg::PendingTopUp(Box::new((topup_id, rec)), p)
+        })
+        .await
+    }
+
     pub async fn get(&self, id: &AccountId) -> Result<AccountView, AccountError> {
         self.call(id, AccountMsg::Get).await
     }

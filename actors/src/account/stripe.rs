@@ -214,42 +214,66 @@ impl AccountState {
             }
             StripeChange::TopUp {
                 session_id,
+                topup_id,
                 package,
-                credits,
+                credits: _,
                 amount,
                 currency,
             } => {
-                let packages = &self.deps.catalog.credit_packages;
-                let pkg = package
-                    .as_ref()
-                    .and_then(|n| packages.iter().find(|p| &p.name == n))
-                    .or_else(|| credits.and_then(|c| packages.iter().find(|p| p.credits == c)))
-                    .ok_or_else(|| {
-                        ValidationError::new(format!(
-                            "checkout session {session_id} names no configured credit package \
-                             (package {package:?}, credits {credits:?})"
-                        ))
-                    })?;
-                // Credited only for what was paid: the package's price, in its currency.
-                if !currency.eq_ignore_ascii_case(&pkg.currency)
-                    || u64::try_from(*amount).ok() != Some(pkg.price)
+                // Only a session meterd created (its pending record, made for this account and
+                // its customer) is credited, for the package recorded, at the price recorded.
+                let pending = match topup_id {
+                    Some(t) => self.deps.store.pending_topup(t)?,
+                    None => None,
+                };
+                let Some(pending) = pending else {
+                    return Ok(Plan::refused(
+                        "not_ours",
+                        format!("checkout session {session_id} is not a top-up meterd created"),
+                    ));
+                };
+                if pending.account != self.id.as_str()
+                    || Some(&pending.customer) != profile.stripe_customer_id.as_ref()
+                {
+                    return Ok(Plan::refused(
+                        "not_ours",
+                        format!(
+                            "checkout session {session_id} was made for account {} and customer {}",
+                            pending.account, pending.customer
+                        ),
+                    ));
+                }
+                if package.as_ref().is_some_and(|p| *p != pending.package) {
+                    return Ok(Plan::refused(
+                        "package_mismatch",
+                        format!(
+                            "checkout session {session_id} names package {package:?}; meterd sold {}",
+                            pending.package
+                        ),
+                    ));
+                }
+                // Credited only for what was paid: the recorded price, in its currency.
+                if !currency.eq_ignore_ascii_case(&pending.currency)
+                    || u64::try_from(*amount).ok() != Some(pending.amount)
                 {
                     return Ok(Plan::refused(
                         "amount_mismatch",
                         format!(
-                            "checkout session {session_id} paid {amount} {currency}; package {} costs {} {}",
-                            pkg.name, pkg.price, pkg.currency
+                            "checkout session {session_id} paid {amount} {currency}; package {} was sold for {} {}",
+                            pending.package, pending.amount, pending.currency
                         ),
                     ));
                 }
-                if profile.stripe_customer_id.is_none() {
-                    return Ok(Plan::refused(
-                        "no_customer",
-                        format!(
-                            "checkout session {session_id} pays for an account with no Stripe customer"
-                        ),
-                    ));
-                }
+                let packages = &self.deps.catalog.credit_packages;
+                let pkg = packages
+                    .iter()
+                    .find(|p| p.name == pending.package)
+                    .ok_or_else(|| {
+                        ValidationError::new(format!(
+                            "checkout session {session_id} bought package {}, which is no longer configured",
+                            pending.package
+                        ))
+                    })?;
                 let key = IdempotencyKey::parse(session_id)?;
                 if billing.has_transaction(TransactionKind::TopUp, session_id) {
                     // Credited already (a second event for the same session): the top-up's

@@ -84,6 +84,8 @@ pub enum StripeChange {
     /// Checkout paid a credit top-up.
     TopUp {
         session_id: String,
+        /// meterd's id of the session (`metadata.topup_id`): its pending record.
+        topup_id: Option<String>,
         package: Option<String>,
         credits: Option<u64>,
         amount: i64,
@@ -207,6 +209,7 @@ pub fn interpret(ev: &Value, prices: &PriceMap) -> Result<(Target, StripeChange)
                             target(account, customer),
                             StripeChange::TopUp {
                                 session_id: session,
+                                topup_id: o.metadata.topup_id,
                                 package: o.metadata.package,
                                 credits: o.metadata.credits.and_then(|c| c.parse().ok()),
                                 amount: o.amount_total.unwrap_or(0),

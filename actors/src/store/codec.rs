@@ -436,6 +436,7 @@ mod tests {
             let _ = decode_format(b);
             let _ = crate::store::events::decode_webhook(b);
             let _ = crate::store::events::decode_meter_error(b);
+            let _ = crate::store::events::decode_pending_topup(b);
         }
 
         /// Valid encodings to mutate: most random bytes fail at the version tag.

@@ -89,6 +89,34 @@ pub struct MeterErrorRecord {
     pub reported_ms: UnixMs,
 }
 
+/// A top-up Checkout Session meterd created: what its completion must match to be credited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingTopUp {
+    pub account: String,
+    pub package: String,
+    /// Minor units of `currency`: the package's price.
+    pub amount: u64,
+    pub currency: String,
+    pub customer: String,
+    pub created_ms: UnixMs,
+}
+
+/// A `topups` value.
+#[derive(Debug, bincode::Encode, bincode::Decode)]
+enum StoredPendingTopUp {
+    V1(v1::PendingTopUp),
+}
+
+pub(super) fn encode_pending_topup(r: &PendingTopUp) -> Result<Vec<u8>, StoreError> {
+    enc(&StoredPendingTopUp::V1(Freeze::freeze(r)), "topups")
+}
+
+pub(super) fn decode_pending_topup(b: &[u8]) -> Result<PendingTopUp, StoreError> {
+    match dec::<StoredPendingTopUp>(b, "topups")? {
+        StoredPendingTopUp::V1(r) => Ok(r.thaw()),
+    }
+}
+
 /// A `meter_errors` value.
 #[derive(Debug, bincode::Encode, bincode::Decode)]
 enum StoredMeterError {
@@ -274,6 +302,25 @@ impl Store {
             out.push((a, seq, decode_meter_error(&v)?));
         }
         Ok(out)
+    }
+
+    // ---- pending top-ups ----
+
+    /// Records a top-up Checkout Session about to be created, under its `topup_id`.
+    pub fn put_pending_topup(&self, id: &str, r: &PendingTopUp) -> Result<(), StoreError> {
+        self.inner
+            .topups
+            .insert(id.as_bytes(), encode_pending_topup(r)?)?;
+        Ok(())
+    }
+
+    /// The top-up meterd recorded under `id`, if it made one.
+    pub fn pending_topup(&self, id: &str) -> Result<Option<PendingTopUp>, StoreError> {
+        self.inner
+            .topups
+            .get(id.as_bytes())?
+            .map(|v| decode_pending_topup(&v))
+            .transpose()
     }
 
     // ---- customers ----

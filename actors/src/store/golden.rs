@@ -579,6 +579,21 @@ fn samples() -> Vec<Sample> {
         super::events::decode_meter_error,
         bytes,
     ));
+    let topup = super::events::PendingTopUp {
+        account: "acme".into(),
+        package: "credits_5000".into(),
+        amount: 5000,
+        currency: "usd".into(),
+        customer: "cus_FKNrXbjePvoq7c".into(),
+        created_ms: 1_795_169_703_422,
+    };
+    let bytes = super::events::encode_pending_topup(&topup).ok();
+    out.push(sample(
+        "topups.v1",
+        topup,
+        super::events::decode_pending_topup,
+        bytes,
+    ));
     out
 }
 
@@ -715,6 +730,10 @@ fn records_of_released_stores_decode_and_re_encode_to_their_bytes() {
                     super::events::encode_webhook(&super::events::decode_webhook(&v).unwrap())
                         .unwrap()
                 }
+                "topups" => super::events::encode_pending_topup(
+                    &super::events::decode_pending_topup(&v).unwrap(),
+                )
+                .unwrap(),
                 "meter_errors" => super::events::encode_meter_error(
                     &super::events::decode_meter_error(&v).unwrap(),
                 )

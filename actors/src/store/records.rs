@@ -700,4 +700,13 @@ pub mod v1 {
         event_id: String,
         reported_ms: i64,
     });
+
+    frozen_struct!(PendingTopUp => ev::PendingTopUp {
+        account: String,
+        package: String,
+        amount: u64,
+        currency: String,
+        customer: String,
+        created_ms: i64,
+    });
 }

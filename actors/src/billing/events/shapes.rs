@@ -158,6 +158,9 @@ pub(super) struct Metadata {
     pub(super) package: Option<String>,
     #[serde(deserialize_with = "lenient")]
     pub(super) credits: Option<String>,
+    /// The id meterd gave a top-up session (its pending record's key).
+    #[serde(deserialize_with = "lenient")]
+    pub(super) topup_id: Option<String>,
 }
 
 impl Metadata {
