@@ -1,4 +1,5 @@
-//! The janitor: expires idempotency records older than the retention period.
+//! The janitor: expires idempotency records older than the retention period, and pending
+//! top-ups older than `TOPUP_RETENTION`.
 //!
 //! Idempotency records are derived data (the ledger keeps every key forever); the janitor only
 //! bounds the index's size. On a timer it drops the generations of records older than the
@@ -84,6 +85,15 @@ impl Actor for JanitorActor {
                 let (generations, records) = state.args.store.expire_idem(cutoff)?;
                 if generations > 0 {
                     tracing::info!(generations, records, "expired idempotency records");
+                }
+                let topup_ms =
+                    i64::try_from(crate::store::TOPUP_RETENTION.as_millis()).unwrap_or(i64::MAX);
+                let topups = state
+                    .args
+                    .store
+                    .prune_pending_topups(state.args.clock.now_ms().saturating_sub(topup_ms))?;
+                if topups > 0 {
+                    tracing::info!(topups, "pruned pending top-ups");
                 }
             }
         }

@@ -68,7 +68,9 @@ use std::sync::mpsc;
 
 pub use codec::{OutboxBatch, OutboxRecord};
 pub use codec::{OutboxItem, StoredEntry, StoredIdem, StoredNotification, StoredSnapshot};
-pub use events::{EventSource, MeterErrorRecord, PendingTopUp, WebhookRecord, WebhookStatus};
+pub use events::{
+    EventSource, MeterErrorRecord, PendingTopUp, TOPUP_RETENTION, WebhookRecord, WebhookStatus,
+};
 pub use flusher::FlushStats;
 use flusher::{FlushCmd, flusher_loop, open_db};
 pub use outbox::{OutboxLocation, PruneCursor, PrunePlan, QueuedRecord};

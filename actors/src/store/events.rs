@@ -89,6 +89,11 @@ pub struct MeterErrorRecord {
     pub reported_ms: UnixMs,
 }
 
+/// How long a pending top-up is kept: Checkout Sessions expire within a day, and a delayed
+/// payment method (a bank debit) completes within about two weeks; Stripe's events list covers
+/// 30 days.
+pub const TOPUP_RETENTION: std::time::Duration = std::time::Duration::from_secs(40 * 86_400);
+
 /// A top-up Checkout Session meterd created: what its completion must match to be credited.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingTopUp {
@@ -323,6 +328,24 @@ impl Store {
             .transpose()
     }
 
+    /// Removes the pending top-ups created before `cutoff_ms` (a session completes within
+    /// days; see [`TOPUP_RETENTION`]). A scan of the tree: it holds at most a few top-ups per
+    /// account and is swept rarely. Returns how many went.
+    pub fn prune_pending_topups(&self, cutoff_ms: UnixMs) -> Result<usize, StoreError> {
+        let mut old = Vec::new();
+        for kv in self.inner.topups.iter() {
+            let (k, v) = kv?;
+            // An unreadable record is kept (and reported by `verify` if it ever checks it).
+            if decode_pending_topup(&v).is_ok_and(|r| r.created_ms < cutoff_ms) {
+                old.push(k);
+            }
+        }
+        for k in &old {
+            self.inner.topups.remove(k)?;
+        }
+        Ok(old.len())
+    }
+
     // ---- customers ----
 
     /// Records that Stripe customer `customer` belongs to `account`.
@@ -382,6 +405,34 @@ mod tests {
             outcome: None,
             settled_ms: None,
         }
+    }
+
+    #[tokio::test]
+    async fn pending_topups_are_kept_until_pruned_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreConfig {
+            path: dir.path().to_path_buf(),
+            sync: SyncMode::Flush,
+            cache_capacity_bytes: 16 << 20,
+        })
+        .unwrap();
+        for (id, created_ms) in [("tu_old", 10), ("tu_new", 30)] {
+            let rec = PendingTopUp {
+                account: "acct".into(),
+                package: "credits_500".into(),
+                amount: 500,
+                currency: "usd".into(),
+                customer: "cus_1".into(),
+                created_ms,
+            };
+            store.put_pending_topup(id, &rec).unwrap();
+        }
+        assert_eq!(store.pending_topup("tu_old").unwrap().unwrap().amount, 500);
+        assert_eq!(store.pending_topup("tu_nope").unwrap(), None);
+        assert_eq!(store.prune_pending_topups(20).unwrap(), 1);
+        assert_eq!(store.pending_topup("tu_old").unwrap(), None);
+        assert!(store.pending_topup("tu_new").unwrap().is_some());
+        assert_eq!(store.prune_pending_topups(20).unwrap(), 0);
     }
 
     #[tokio::test]
