@@ -72,22 +72,14 @@ impl ApiKeys {
 pub struct ApiKeyAuth(pub Scope);
 
 async fn check_key(req: &Request, bearer: Bearer) -> poem::Result<Scope> {
-    let failed = req.data::<Arc<FailedAuth>>();
-    let peer = peer_ip(req);
-    if let (Some(f), Some(ip)) = (failed, peer)
-        && let Some(wait) = f.limited(ip, tokio::time::Instant::now())
-    {
-        return Err(FailedAuth::refusal(wait).into());
-    }
+    FailedAuth::admit(req)?;
     match req
         .data::<ApiKeys>()
         .and_then(|keys| keys.scope_of(&bearer.token))
     {
         Some(scope) => Ok(scope),
         None => {
-            if let (Some(f), Some(ip)) = (failed, peer) {
-                f.record(ip, tokio::time::Instant::now());
-            }
+            FailedAuth::count(req);
             Err(ApiError::unauthorized().into())
         }
     }
@@ -163,6 +155,24 @@ impl FailedAuth {
         let tat = peers.entry(bucket(ip)).or_insert(now);
         *tat = (*tat).max(now) + self.interval;
         self.any.store(true, Ordering::Release);
+    }
+
+    /// Before checking a request's credential: 429 if its peer used up its failures (the
+    /// limiter installed as request data; none installed, nothing limited).
+    pub fn admit(req: &Request) -> Result<(), ApiError> {
+        if let (Some(f), Some(ip)) = (req.data::<Arc<FailedAuth>>(), peer_ip(req))
+            && let Some(wait) = f.limited(ip, tokio::time::Instant::now())
+        {
+            return Err(FailedAuth::refusal(wait));
+        }
+        Ok(())
+    }
+
+    /// Counts a failed credential against the request's peer.
+    pub fn count(req: &Request) {
+        if let (Some(f), Some(ip)) = (req.data::<Arc<FailedAuth>>(), peer_ip(req)) {
+            f.record(ip, tokio::time::Instant::now());
+        }
     }
 
     /// 429 `rate_limited`, with `Retry-After`.

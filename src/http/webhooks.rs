@@ -23,7 +23,7 @@ use meterd_actors::signature::{SignatureError, precheck, verify};
 use meterd_actors::store::{EventSource, StoreReader, WebhookRecord, WebhookStatus};
 use meterd_actors::webhook::Webhooks;
 
-use super::auth::{ApiKeyAuth, FailedAuth, peer_ip};
+use super::auth::{ApiKeyAuth, FailedAuth};
 use super::error::{ApiError, account_id};
 use super::views::unix_s;
 
@@ -69,13 +69,7 @@ async fn receive_inner(req: &Request, body: Body, rx: &Receiver) -> Result<Recei
         ));
     }
     // A peer that sent too many wrongly signed deliveries waits, like a wrong API key.
-    let failed = req.data::<Arc<FailedAuth>>();
-    let peer = peer_ip(req);
-    if let (Some(f), Some(ip)) = (failed, peer)
-        && let Some(wait) = f.limited(ip, tokio::time::Instant::now())
-    {
-        return Err(FailedAuth::refusal(wait));
-    }
+    FailedAuth::admit(req)?;
     let header = req
         .headers()
         .get("stripe-signature")
@@ -117,10 +111,8 @@ async fn receive_inner(req: &Request, body: Body, rx: &Receiver) -> Result<Recei
         rx.tolerance_s,
     )
     .map_err(|e| {
-        if e == SignatureError::NoMatch
-            && let (Some(f), Some(ip)) = (failed, peer)
-        {
-            f.record(ip, tokio::time::Instant::now());
+        if e == SignatureError::NoMatch {
+            FailedAuth::count(req);
         }
         refused(e)
     })?;

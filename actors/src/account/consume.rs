@@ -28,6 +28,19 @@ pub(super) fn consume_record(
     }
 }
 
+/// The answer to a consume whose key is taken by entry `prev`: that entry's decision if it is
+/// the same request (`digest`), else an idempotency conflict.
+fn replay_of(prev: LedgerEntry, digest: [u8; 32]) -> Result<ConsumeReply, AccountError> {
+    match prev.kind {
+        EntryKind::Consume(rec) if rec.digest == digest => Ok(ConsumeReply {
+            seq: Some(prev.seq),
+            record: rec,
+            replayed: true,
+        }),
+        _ => Err(AccountError::IdempotencyConflict { seq: prev.seq }),
+    }
+}
+
 /// What an account's spend cap says about a projected usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Spend {
@@ -220,14 +233,7 @@ impl AccountState {
             self.deps
                 .store
                 .put_idem(&self.id, IdemOp::Consume, key, old)?;
-            let r = match prev.kind {
-                EntryKind::Consume(rec) if rec.digest == digest => Ok(ConsumeReply {
-                    seq: Some(prev.seq),
-                    record: rec,
-                    replayed: true,
-                }),
-                _ => Err(AccountError::IdempotencyConflict { seq: prev.seq }),
-            };
+            let r = replay_of(prev, digest);
             // The first answer may not be durable yet: a replay waits for the same flush.
             self.reply_after_commit(reply, r);
             return Ok(());
@@ -287,14 +293,7 @@ impl AccountState {
                 && let Some(old) = self.deps.store.get_idem(&self.id, IdemOp::Consume, key)?
                 && let Some(prev) = self.entry_for_key(old.seq, IdemOp::Consume, key)?
             {
-                return match prev.kind {
-                    EntryKind::Consume(rec) if rec.digest == digest => Ok(ConsumeReply {
-                        seq: Some(prev.seq),
-                        record: rec,
-                        replayed: true,
-                    }),
-                    _ => Err(AccountError::IdempotencyConflict { seq: prev.seq }),
-                };
+                return replay_of(prev, digest);
             }
             let now = self.deps.clock.now_ms();
             // The balances a consume would decide on after its catch-up; a fold error fails
