@@ -26,8 +26,8 @@ pub struct ErrorBody {
     /// Machine-readable: `invalid_request`, `unauthorized`, `forbidden`, `unknown_account`,
     /// `not_found`, `method_not_allowed`, `idempotency_conflict`, `cap_reached`,
     /// `insufficient_credits`, `subscription_inactive`, `spend_cap_reached`, `meter_not_in_plan`,
-    /// `credit_balance_too_low`, `rate_limited`, `unavailable`, `overloaded`,
-    /// `internal`.
+    /// `credit_balance_too_low`, `customer_in_use`, `request_timeout`, `rate_limited`,
+    /// `unavailable`, `overloaded`, `internal`.
     pub code: String,
     /// For humans; never contains secrets or request bodies.
     pub message: String,
@@ -218,12 +218,16 @@ const DOCUMENTED: &[(u16, &str)] = &[
     ),
     (404, "`unknown_account`"),
     (
+        408,
+        "`request_timeout`: the request body did not arrive within `server.body_read_timeout_ms`",
+    ),
+    (
         409,
         "`idempotency_conflict`, `credit_balance_too_low`, `reservation_settled`, `reservation_expired` or `customer_in_use`",
     ),
     (
         429,
-        "Recorded denial `cap_reached`, or `rate_limited` (see `Retry-After`)",
+        "Recorded denial `cap_reached`, or `rate_limited` (see `Retry-After`; also after too many wrong keys from one address)",
     ),
     (
         503,
