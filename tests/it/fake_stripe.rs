@@ -1,11 +1,12 @@
-//! Tests of the fake Stripe itself: spec validation, dedup, idempotency, failure injection.
+//! Tests of the fake Stripe itself: spec validation, dedup, idempotency, failure injection,
+//! meter event summaries and adjustments, drift injection.
 
 use std::time::{Duration, Instant};
 
 use reqwest::header::HeaderMap;
 use serde_json::Value;
 
-use crate::support::fake_stripe::{Failure, FakeStripe, PriceKind, SECRET_KEY};
+use crate::support::fake_stripe::{AcceptedEvent, Failure, FakeStripe, PriceKind, SECRET_KEY};
 
 /// What the async-stripe 1.0.0-rc.10 client sent for a meter event, verbatim.
 const SDK_METER_EVENT: &str = "event_name=api_tokens&identifier=acct_1:ledger:42&payload[stripe_customer_id]=cus_123&payload[value]=25&timestamp=1760000000";
@@ -499,11 +500,11 @@ async fn fake_stripe_summaries_sum_values_in_the_window() {
     fake.add_meter("mtr_other", "other");
     let path = "/v1/billing/meter_events";
     for (id, cus, value, ts) in [
-        ("s1", "cus_a", "2.5", 1_000),
-        ("s2", "cus_a", "3", 1_999),
-        ("s3", "cus_a", "4", 2_000), // end is exclusive
+        ("s1", "cus_a", "2.5", 960),
+        ("s2", "cus_a", "3", 1_979),
+        ("s3", "cus_a", "4", 1_980), // end is exclusive
         ("s4", "cus_b", "10", 1_500),
-        ("s5", "cus_a", "100", 999), // before start
+        ("s5", "cus_a", "100", 959), // before start
     ] {
         assert_eq!(
             post(&fake, path, &event_form(id, cus, value, ts))
@@ -517,7 +518,7 @@ async fn fake_stripe_summaries_sum_values_in_the_window() {
 
     let r = get(
         &fake,
-        "/v1/billing/meters/mtr_test_tokens/event_summaries?customer=cus_a&end_time=2000&start_time=1000",
+        "/v1/billing/meters/mtr_test_tokens/event_summaries?customer=cus_a&end_time=1980&start_time=960",
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -527,8 +528,8 @@ async fn fake_stripe_summaries_sum_values_in_the_window() {
     assert_eq!(d["object"], "billing.meter_event_summary");
     assert_eq!(d["aggregated_value"].as_f64(), Some(5.5));
     assert_eq!(d["meter"], "mtr_test_tokens");
-    assert_eq!(d["start_time"], 1000);
-    assert_eq!(d["end_time"], 2000);
+    assert_eq!(d["start_time"], 960);
+    assert_eq!(d["end_time"], 1980);
     assert!(d["id"].as_str().unwrap().starts_with("mtrusg_"));
 
     let r = get(
@@ -539,7 +540,7 @@ async fn fake_stripe_summaries_sum_values_in_the_window() {
     assert_eq!(r.body["data"][0]["aggregated_value"].as_f64(), Some(50.0));
     let r = get(
         &fake,
-        "/v1/billing/meters/mtr_nope/event_summaries?customer=cus_a&start_time=0&end_time=1",
+        "/v1/billing/meters/mtr_nope/event_summaries?customer=cus_a&start_time=0&end_time=60",
     )
     .await;
     assert_eq!(r.status, 404);
@@ -1058,4 +1059,768 @@ async fn fake_stripe_v1_events_spec_violations() {
         assert_eq!(r.status, 200, "{q}: {}", r.body);
     }
     assert_eq!(fake.spec_violations().len(), cases.len() + 1);
+}
+
+// ----- meter event summaries, adjustments, drift ----------------------------------------------
+
+/// 2026-01-01T00:00:00Z, a UTC day boundary.
+const DAY0: i64 = 1_767_225_600;
+const HOUR: i64 = 3600;
+const DAY: i64 = 86_400;
+const ADJUSTMENTS: &str = "/v1/billing/meter_event_adjustments";
+
+/// `GET` event summaries of the default meter with this query.
+async fn summaries(fake: &FakeStripe, query: &str) -> Resp {
+    get(
+        fake,
+        &format!("/v1/billing/meters/mtr_test_tokens/event_summaries?{query}"),
+    )
+    .await
+}
+
+/// The single summary of `customer` over `[start, end)`, asserting it is one.
+async fn total(fake: &FakeStripe, customer: &str, start: i64, end: i64) -> f64 {
+    let r = summaries(
+        fake,
+        &format!("customer={customer}&start_time={start}&end_time={end}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let data = r.body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1, "{}", r.body);
+    data[0]["aggregated_value"].as_f64().unwrap()
+}
+
+fn field_i64(r: &Resp, k: &str) -> Vec<i64> {
+    r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s[k].as_i64().unwrap())
+        .collect()
+}
+
+fn sums(r: &Resp) -> Vec<f64> {
+    r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["aggregated_value"].as_f64().unwrap())
+        .collect()
+}
+
+async fn cancel(fake: &FakeStripe, identifier: &str) -> Resp {
+    post(
+        fake,
+        ADJUSTMENTS,
+        &format!("event_name=tokens&type=cancel&cancel[identifier]={identifier}"),
+    )
+    .await
+}
+
+fn identifiers(events: &[AcceptedEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.identifier.as_str()).collect()
+}
+
+/// A v2 meter event session token.
+async fn session_token(fake: &FakeStripe) -> String {
+    let r = client(Duration::from_secs(10))
+        .post(format!("{}v2/billing/meter_event_session", fake.base_url()))
+        .bearer_auth(SECRET_KEY)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    v["authentication_token"].as_str().unwrap().to_string()
+}
+
+/// One v2 stream request of `tokens` events `(identifier, customer, value)` at
+/// 2026-01-01T00:01:00Z (DAY0 + 60); returns the status.
+async fn stream(fake: &FakeStripe, token: &str, events: &[(&str, &str, &str)]) -> u16 {
+    let events: Vec<Value> = events
+        .iter()
+        .map(|(id, cus, value)| {
+            serde_json::json!({"event_name": "tokens", "identifier": id,
+                "payload": {"stripe_customer_id": cus, "value": value},
+                "timestamp": "2026-01-01T00:01:00.000Z"})
+        })
+        .collect();
+    client(Duration::from_secs(10))
+        .post(format!("{}v2/billing/meter_event_stream", fake.base_url()))
+        .bearer_auth(token)
+        .json(&serde_json::json!({ "events": events }))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn fake_stripe_summaries_want_aligned_times() {
+    let fake = FakeStripe::start().await;
+    let cases = [
+        // Without a window: minutes.
+        (
+            format!("start_time={}&end_time={}", DAY0 + 30, DAY0 + HOUR),
+            "start_time",
+        ),
+        (
+            format!("start_time={DAY0}&end_time={}", DAY0 + 90),
+            "end_time",
+        ),
+        // Hours.
+        (
+            format!(
+                "start_time={}&end_time={}&value_grouping_window=hour",
+                DAY0 + 60,
+                DAY0 + 3 * HOUR
+            ),
+            "start_time",
+        ),
+        (
+            format!(
+                "start_time={DAY0}&end_time={}&value_grouping_window=hour",
+                DAY0 + 3 * HOUR + 60
+            ),
+            "end_time",
+        ),
+        // UTC days: an hour boundary is not enough.
+        (
+            format!(
+                "start_time={}&end_time={}&value_grouping_window=day",
+                DAY0 + HOUR,
+                DAY0 + 2 * DAY
+            ),
+            "start_time",
+        ),
+        (
+            format!(
+                "start_time={DAY0}&end_time={}&value_grouping_window=day",
+                DAY0 + DAY + HOUR
+            ),
+            "end_time",
+        ),
+        // An empty or reversed range.
+        (format!("start_time={DAY0}&end_time={DAY0}"), "start_time"),
+        (
+            format!(
+                "start_time={}&end_time={DAY0}&value_grouping_window=hour",
+                DAY0 + HOUR
+            ),
+            "start_time",
+        ),
+    ];
+    for (q, param) in &cases {
+        let r = summaries(&fake, &format!("customer=cus_a&{q}")).await;
+        assert_eq!(r.status, 400, "{q}: {}", r.body);
+        assert_eq!(r.body["error"]["type"], "invalid_request_error", "{q}");
+        assert_eq!(r.body["error"]["param"], *param, "{q}: {}", r.body);
+    }
+    assert!(
+        fake.spec_violations().is_empty(),
+        "valid per the spec: {:?}",
+        fake.spec_violations()
+    );
+    for q in [
+        format!("start_time={}&end_time={}", DAY0 + 60, DAY0 + 120),
+        format!(
+            "start_time={}&end_time={}&value_grouping_window=hour",
+            DAY0 + HOUR,
+            DAY0 + 2 * HOUR
+        ),
+        format!(
+            "start_time={DAY0}&end_time={}&value_grouping_window=day",
+            DAY0 + DAY
+        ),
+    ] {
+        let r = summaries(&fake, &format!("customer=cus_a&{q}")).await;
+        assert_eq!(r.status, 200, "{q}: {}", r.body);
+    }
+    assert!(
+        fake.spec_violations().is_empty(),
+        "`day` is Stripe's too: {:?}",
+        fake.spec_violations()
+    );
+    // A window Stripe does not know is a spec violation.
+    let r = summaries(
+        &fake,
+        &format!(
+            "customer=cus_a&start_time={DAY0}&end_time={}&value_grouping_window=week",
+            DAY0 + 7 * DAY
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["param"], "value_grouping_window");
+    assert_eq!(fake.spec_violations().len(), 1);
+}
+
+#[tokio::test]
+async fn fake_stripe_summaries_page_through_three_pages() {
+    let fake = FakeStripe::start().await;
+    for h in 0..25 {
+        fake.inject_event(
+            &format!("p{h}"),
+            "tokens",
+            "cus_p",
+            u64::try_from(h + 1).unwrap(),
+            DAY0 + h * HOUR + 5,
+        );
+    }
+    let base = format!(
+        "customer=cus_p&start_time={DAY0}&end_time={}&value_grouping_window=hour",
+        DAY0 + 25 * HOUR
+    );
+    let all = summaries(&fake, &format!("{base}&limit=100")).await;
+    assert_eq!(all.status, 200, "{}", all.body);
+    assert_eq!(all.body["has_more"], false);
+    let all_ids = ids(&all);
+    assert_eq!(all_ids.len(), 25);
+    let distinct: std::collections::HashSet<&String> = all_ids.iter().collect();
+    assert_eq!(distinct.len(), 25, "{all_ids:?}");
+    assert!(all_ids.iter().all(|id| id.starts_with("mtrusg_")));
+    assert_eq!(
+        ids(&summaries(&fake, &format!("{base}&limit=100")).await),
+        all_ids,
+        "ids are the same on every call"
+    );
+    let r = summaries(&fake, &base).await;
+    assert_eq!(ids(&r), all_ids[..10], "default limit 10");
+
+    // Three pages of 10, 10 and 5 with starting_after.
+    let mut pages = Vec::new();
+    let mut more = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..3 {
+        let q = match &cursor {
+            Some(c) => format!("{base}&limit=10&starting_after={c}"),
+            None => format!("{base}&limit=10"),
+        };
+        let r = summaries(&fake, &q).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let page = ids(&r);
+        cursor = page.last().cloned();
+        more.push(r.body["has_more"].as_bool().unwrap());
+        pages.push(page);
+    }
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [10, 10, 5]);
+    assert_eq!(more, [true, true, false]);
+    assert_eq!(pages.concat(), all_ids);
+    let r = summaries(
+        &fake,
+        &format!("{base}&limit=10&starting_after={}", all_ids[24]),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(ids(&r).is_empty());
+    assert_eq!(r.body["has_more"], false);
+
+    // ending_before: the page just newer than the cursor.
+    let r = summaries(
+        &fake,
+        &format!("{base}&limit=10&ending_before={}", pages[2][0]),
+    )
+    .await;
+    assert_eq!(ids(&r), pages[1]);
+    assert_eq!(r.body["has_more"], true);
+    let r = summaries(
+        &fake,
+        &format!("{base}&limit=10&ending_before={}", all_ids[3]),
+    )
+    .await;
+    assert_eq!(ids(&r), all_ids[..3]);
+    assert_eq!(r.body["has_more"], false);
+
+    // A cursor of no summary of this listing: another customer's, or the same range ungrouped.
+    fake.inject_event("q0", "tokens", "cus_q", 1, DAY0 + 5);
+    let other = summaries(&fake, &base.replace("customer=cus_p", "customer=cus_q")).await;
+    assert_eq!(other.status, 200);
+    let ungrouped = summaries(&fake, &base.replace("&value_grouping_window=hour", "")).await;
+    for (cursor, param) in [
+        (ids(&other)[0].clone(), "starting_after"),
+        (ids(&ungrouped)[0].clone(), "ending_before"),
+        ("mtrusg_nope".to_string(), "starting_after"),
+    ] {
+        assert!(!all_ids.contains(&cursor));
+        let r = summaries(&fake, &format!("{base}&{param}={cursor}")).await;
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(r.body["error"]["code"], "resource_missing");
+        assert_eq!(r.body["error"]["param"], param);
+    }
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+    // The prose rules of the spec: limit 1..=100, one cursor.
+    for (q, param) in [
+        (format!("{base}&limit=0"), "limit"),
+        (format!("{base}&limit=101"), "limit"),
+        (
+            format!(
+                "{base}&starting_after={}&ending_before={}",
+                all_ids[1], all_ids[0]
+            ),
+            "ending_before",
+        ),
+    ] {
+        let r = summaries(&fake, &q).await;
+        assert_eq!(r.status, 400, "{q}");
+        assert_eq!(r.body["error"]["param"], param, "{q}");
+    }
+    assert_eq!(fake.spec_violations().len(), 3);
+}
+
+#[tokio::test]
+async fn fake_stripe_summaries_newest_window_first_with_empty_windows() {
+    let fake = FakeStripe::start().await;
+    fake.add_meter("mtr_other", "other");
+    let path = "/v1/billing/meter_events";
+    for (id, cus, value, ts) in [
+        ("o1", "cus_a", "3", DAY0), // the first window's start is inclusive
+        ("o2", "cus_a", "4", DAY0 + HOUR - 1), // still the first window
+        ("o3", "cus_a", "2.5", DAY0 + 2 * HOUR), // the third window
+        ("o4", "cus_a", "2.5", DAY0 + 3 * HOUR - 1),
+        ("o5", "cus_a", "100", DAY0 + 4 * HOUR), // the end is exclusive
+        ("o6", "cus_b", "100", DAY0 + HOUR),     // another customer
+    ] {
+        let r = post(&fake, path, &event_form(id, cus, value, ts)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let other = format!(
+        "event_name=other&identifier=o7&payload[stripe_customer_id]=cus_a&payload[value]=100&timestamp={}",
+        DAY0 + HOUR
+    );
+    assert_eq!(post(&fake, path, &other).await.status, 200);
+
+    let r = summaries(
+        &fake,
+        &format!(
+            "customer=cus_a&start_time={DAY0}&end_time={}&value_grouping_window=hour",
+            DAY0 + 4 * HOUR
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let starts = field_i64(&r, "start_time");
+    assert_eq!(
+        starts,
+        [DAY0 + 3 * HOUR, DAY0 + 2 * HOUR, DAY0 + HOUR, DAY0],
+        "newest first"
+    );
+    let ends: Vec<i64> = starts.iter().map(|s| s + HOUR).collect();
+    assert_eq!(field_i64(&r, "end_time"), ends);
+    assert_eq!(sums(&r), [0.0, 5.0, 0.0, 7.0], "empty windows are listed");
+    let d = &r.body["data"][0];
+    assert!(d["aggregated_value"].is_number());
+    assert_eq!(d["object"], "billing.meter_event_summary");
+    assert_eq!(d["meter"], "mtr_test_tokens");
+    assert_eq!(d["livemode"], false);
+    assert_eq!(
+        r.body["url"],
+        "/v1/billing/meters/mtr_test_tokens/event_summaries"
+    );
+    assert_eq!(total(&fake, "cus_a", DAY0, DAY0 + 4 * HOUR).await, 12.0);
+    assert_eq!(total(&fake, "cus_b", DAY0, DAY0 + 4 * HOUR).await, 100.0);
+    assert_eq!(total(&fake, "cus_nobody", DAY0, DAY0 + 4 * HOUR).await, 0.0);
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+}
+
+#[tokio::test]
+async fn fake_stripe_summaries_by_utc_day() {
+    let fake = FakeStripe::start().await;
+    for (id, value, ts) in [
+        ("d1", 1, DAY0 + 10),
+        ("d2", 2, DAY0 + DAY - 1),
+        ("d3", 4, DAY0 + DAY),
+        ("d4", 8, DAY0 + 2 * DAY + 12 * HOUR),
+        ("d5", 16, DAY0 + 3 * DAY),
+    ] {
+        fake.inject_event(id, "tokens", "cus_d", value, ts);
+    }
+    let r = summaries(
+        &fake,
+        &format!(
+            "customer=cus_d&start_time={DAY0}&end_time={}&value_grouping_window=day",
+            DAY0 + 3 * DAY
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        field_i64(&r, "start_time"),
+        [DAY0 + 2 * DAY, DAY0 + DAY, DAY0]
+    );
+    assert_eq!(
+        field_i64(&r, "end_time"),
+        [DAY0 + 3 * DAY, DAY0 + 2 * DAY, DAY0 + DAY]
+    );
+    assert_eq!(sums(&r), [8.0, 4.0, 3.0]);
+    assert_eq!(total(&fake, "cus_d", DAY0, DAY0 + 3 * DAY).await, 15.0);
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+}
+
+#[tokio::test]
+async fn fake_stripe_cancel_takes_an_event_out_of_the_summaries() {
+    let fake = FakeStripe::start().await;
+    let path = "/v1/billing/meter_events";
+    for (id, value) in [("c1", "5"), ("c2", "7")] {
+        let r = post(&fake, path, &event_form(id, "cus_c", value, DAY0 + 60)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert_eq!(total(&fake, "cus_c", DAY0, DAY0 + HOUR).await, 12.0);
+
+    let r = cancel(&fake, "c1").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["object"], "billing.meter_event_adjustment");
+    assert_eq!(r.body["event_name"], "tokens");
+    assert_eq!(r.body["type"], "cancel");
+    assert_eq!(r.body["cancel"], serde_json::json!({"identifier": "c1"}));
+    assert_eq!(r.body["status"], "pending");
+    assert_eq!(r.body["livemode"], false);
+    assert!(r.body.get("id").is_none(), "Stripe's adjustment has no id");
+    assert_eq!(total(&fake, "cus_c", DAY0, DAY0 + HOUR).await, 7.0);
+    let evs = fake.meter_events();
+    assert_eq!(
+        identifiers(&evs),
+        ["c1", "c2"],
+        "a cancelled event stays listed"
+    );
+    assert!(evs[0].cancelled);
+    assert!(!evs[1].cancelled);
+    assert_eq!(fake.adjustments(), ["c1"]);
+
+    // Through the Idempotency-Key replay like every POST: a retry is not a second cancel.
+    let form = "event_name=tokens&type=cancel&cancel[identifier]=c2";
+    let a = send(
+        &fake,
+        reqwest::Method::POST,
+        ADJUSTMENTS,
+        Some(form),
+        Some("adj-c2"),
+    )
+    .await
+    .unwrap();
+    let b = send(
+        &fake,
+        reqwest::Method::POST,
+        ADJUSTMENTS,
+        Some(form),
+        Some("adj-c2"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(b.status, 200, "{}", b.body);
+    assert_eq!(hdr(&b, "idempotent-replayed"), Some("true"));
+    assert_eq!(a.body, b.body);
+    assert_eq!(fake.adjustments(), ["c1", "c2"]);
+    assert_eq!(total(&fake, "cus_c", DAY0, DAY0 + HOUR).await, 0.0);
+    let r = summaries(
+        &fake,
+        &format!(
+            "customer=cus_c&start_time={DAY0}&end_time={}&value_grouping_window=hour",
+            DAY0 + HOUR
+        ),
+    )
+    .await;
+    assert_eq!(sums(&r), [0.0]);
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+}
+
+#[tokio::test]
+async fn fake_stripe_cancel_refuses_unknown_cancelled_and_old_events() {
+    let fake = FakeStripe::start().await;
+    let path = "/v1/billing/meter_events";
+    for id in ["k1", "k2", "k3"] {
+        let r = post(&fake, path, &event_form(id, "cus_k", "1", DAY0 + 60)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // Unknown: no such identifier, or not of this event name.
+    let r = cancel(&fake, "k_nope").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["type"], "invalid_request_error");
+    assert_eq!(r.body["error"]["code"], "resource_missing");
+    assert_eq!(r.body["error"]["param"], "cancel[identifier]");
+    let r = post(
+        &fake,
+        ADJUSTMENTS,
+        "event_name=other&type=cancel&cancel[identifier]=k1",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "resource_missing");
+
+    // Twice.
+    assert_eq!(cancel(&fake, "k1").await.status, 200);
+    let r = cancel(&fake, "k1").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["type"], "invalid_request_error");
+    assert_eq!(r.body["error"]["param"], "cancel[identifier]");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already been cancelled")
+    );
+    assert_eq!(fake.adjustments(), ["k1"]);
+
+    // Within 24 h of acceptance only.
+    fake.age_events(Duration::from_secs(23 * 3600));
+    assert_eq!(cancel(&fake, "k2").await.status, 200, "23 h old");
+    fake.age_events(Duration::from_secs(3600));
+    let r = cancel(&fake, "k3").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["param"], "cancel[identifier]");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("24 hours")
+    );
+    assert!(!fake.meter_events()[2].cancelled);
+    assert_eq!(fake.adjustments(), ["k1", "k2"]);
+    assert_eq!(total(&fake, "cus_k", DAY0, DAY0 + HOUR).await, 1.0);
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+
+    // Malformed: no identifier (required in prose), a type Stripe does not have.
+    let r = post(&fake, ADJUSTMENTS, "event_name=tokens&type=cancel").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["param"], "cancel[identifier]");
+    let r = post(
+        &fake,
+        ADJUSTMENTS,
+        "event_name=tokens&type=void&cancel[identifier]=k3",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["param"], "type");
+    assert_eq!(
+        fake.spec_violations().len(),
+        2,
+        "{:?}",
+        fake.spec_violations()
+    );
+    assert_eq!(fake.adjustments(), ["k1", "k2"]);
+}
+
+#[tokio::test]
+async fn fake_stripe_lost_events_are_accepted_deduplicated_and_never_counted() {
+    let fake = FakeStripe::start().await;
+    let path = "/v1/billing/meter_events";
+    fake.lose_next_events(2);
+    // One lost on v1, one on the v2 stream; the stream's second event is the third: counted.
+    let r = post(&fake, path, &event_form("l1", "cus_l", "5", DAY0 + 60)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["identifier"], "l1");
+    let token = session_token(&fake).await;
+    assert_eq!(
+        stream(
+            &fake,
+            &token,
+            &[("l2", "cus_l", "7"), ("l3", "cus_l", "11")]
+        )
+        .await,
+        200
+    );
+    assert_eq!(identifiers(&fake.lost_events()), ["l1", "l2"]);
+    assert_eq!(identifiers(&fake.meter_events()), ["l3"]);
+    assert_eq!(total(&fake, "cus_l", DAY0, DAY0 + HOUR).await, 11.0);
+
+    // Their identifiers are taken: a resend is refused (v1) or dropped (v2).
+    let r = post(&fake, path, &event_form("l1", "cus_l", "5", DAY0 + 60)).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["code"], "resource_already_exists");
+    assert_eq!(stream(&fake, &token, &[("l2", "cus_l", "7")]).await, 200);
+    assert_eq!(total(&fake, "cus_l", DAY0, DAY0 + HOUR).await, 11.0);
+    assert_eq!(fake.lost_events().len(), 2);
+    // Stripe does not have them: nothing to cancel.
+    let r = cancel(&fake, "l1").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["code"], "resource_missing");
+
+    // The loss is used up: the next event counts.
+    let r = post(&fake, path, &event_form("l4", "cus_l", "13", DAY0 + 60)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(total(&fake, "cus_l", DAY0, DAY0 + HOUR).await, 24.0);
+    assert_eq!(identifiers(&fake.meter_events()), ["l3", "l4"]);
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+}
+
+#[tokio::test]
+async fn fake_stripe_injected_events_count_dedup_and_cancel() {
+    let fake = FakeStripe::start().await;
+    fake.add_meter("mtr_other", "other");
+    fake.inject_event("i1", "tokens", "cus_i", 40, DAY0 + 120);
+    fake.inject_event("i2", "other", "cus_i", 9, DAY0 + 120);
+    let evs = fake.meter_events();
+    assert_eq!(identifiers(&evs), ["i1", "i2"]);
+    assert_eq!(evs[0].value, "40");
+    assert_eq!(evs[0].customer, "cus_i");
+    assert_eq!(evs[0].timestamp, DAY0 + 120);
+    assert!(!evs[0].cancelled);
+    assert_eq!(total(&fake, "cus_i", DAY0, DAY0 + HOUR).await, 40.0);
+    let r = get(
+        &fake,
+        &format!(
+            "/v1/billing/meters/mtr_other/event_summaries?customer=cus_i&start_time={DAY0}&end_time={}",
+            DAY0 + HOUR
+        ),
+    )
+    .await;
+    assert_eq!(sums(&r), [9.0]);
+
+    // As if sent: its identifier is taken.
+    let path = "/v1/billing/meter_events";
+    let r = post(&fake, path, &event_form("i1", "cus_i", "1", DAY0 + 120)).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["code"], "resource_already_exists");
+
+    // Never lost, and a pending loss waits for the next sent event.
+    fake.lose_next_events(1);
+    fake.inject_event("i3", "tokens", "cus_i", 2, DAY0 + 180);
+    assert_eq!(total(&fake, "cus_i", DAY0, DAY0 + HOUR).await, 42.0);
+    assert!(fake.lost_events().is_empty());
+    assert_eq!(
+        post(&fake, path, &event_form("i4", "cus_i", "1", DAY0 + 120))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(identifiers(&fake.lost_events()), ["i4"]);
+
+    // Cancellable.
+    assert_eq!(cancel(&fake, "i1").await.status, 200);
+    assert_eq!(total(&fake, "cus_i", DAY0, DAY0 + HOUR).await, 2.0);
+
+    // Past the dedup window the identifier may be sent again: a new event, cancellable.
+    fake.age_events(Duration::from_secs(24 * 3600));
+    let r = post(&fake, path, &event_form("i1", "cus_i", "30", DAY0 + 120)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(total(&fake, "cus_i", DAY0, DAY0 + HOUR).await, 32.0);
+    assert_eq!(cancel(&fake, "i1").await.status, 200, "the new i1");
+    assert_eq!(total(&fake, "cus_i", DAY0, DAY0 + HOUR).await, 2.0);
+    assert_eq!(fake.adjustments(), ["i1", "i1"]);
+    assert!(
+        fake.spec_violations().is_empty(),
+        "{:?}",
+        fake.spec_violations()
+    );
+}
+
+#[tokio::test]
+#[should_panic(expected = "already accepted")]
+async fn fake_stripe_inject_event_refuses_a_taken_identifier() {
+    let fake = FakeStripe::start().await;
+    let r = post(
+        &fake,
+        "/v1/billing/meter_events",
+        &event_form("taken", "cus_a", "1", DAY0),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    fake.inject_event("taken", "tokens", "cus_a", 1, DAY0);
+}
+
+#[tokio::test]
+async fn fake_stripe_summary_request_times() {
+    let fake = FakeStripe::start().await;
+    let q = format!("customer=cus_a&start_time={DAY0}&end_time={}", DAY0 + 60);
+    let t0 = Instant::now();
+    assert_eq!(summaries(&fake, &q).await.status, 200);
+    assert_eq!(get(&fake, "/v1/billing/meters").await.status, 200);
+    assert_eq!(summaries(&fake, &q).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t1 = Instant::now();
+    // A failed request arrived too.
+    fake.fail_next(1, Failure::Status(503));
+    assert_eq!(summaries(&fake, &q).await.status, 503);
+    let t2 = Instant::now();
+
+    let times = fake.summary_request_times();
+    assert_eq!(times.len(), 3);
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    assert!(t0 <= times[0] && times[1] < t1, "{times:?}");
+    assert!(t1 <= times[2] && times[2] <= t2, "{times:?}");
+    assert!(times[2].duration_since(times[1]) >= Duration::from_millis(100));
+    let recs = fake.requests();
+    assert_eq!(recs.len(), 4);
+    assert!(t0 <= recs[1].at && recs[1].at <= times[1]);
+}
+
+#[tokio::test]
+async fn fake_stripe_summaries_serve_many_events_and_calls() {
+    let fake = FakeStripe::start().await;
+    let customers = 20;
+    let mut expected = vec![0u64; customers];
+    for i in 0..20_000 {
+        let c = i % customers;
+        let value = u64::try_from(i % 7 + 1).unwrap();
+        let ts = DAY0 + i64::try_from(i).unwrap() * 37 % (10 * DAY);
+        fake.inject_event(&format!("m{i}"), "tokens", &format!("cus_{c}"), value, ts);
+        // The sum of customer c over day 3 (hour 0 to 23).
+        if (DAY0 + 3 * DAY..DAY0 + 4 * DAY).contains(&ts) {
+            expected[c] += value;
+        }
+    }
+    assert_eq!(fake.meter_events().len(), 20_000);
+    let http = reqwest::Client::new();
+    let mut day3 = vec![None; customers];
+    for call in 0..2_000 {
+        let c = call % customers;
+        let day = i64::try_from(call / customers % 10).unwrap();
+        let start = DAY0 + day * DAY;
+        let q = format!(
+            "/v1/billing/meters/mtr_test_tokens/event_summaries?customer=cus_{c}&start_time={start}&end_time={}&value_grouping_window=hour&limit=24",
+            start + DAY
+        );
+        let r = send_with(
+            &http,
+            &fake,
+            reqwest::Method::GET,
+            &q,
+            None,
+            None,
+            Some(SECRET_KEY),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["data"].as_array().unwrap().len(), 24);
+        if day == 3 {
+            let sum: f64 = sums(&r).into_iter().sum();
+            day3[c] = Some(sum);
+        }
+    }
+    for c in 0..customers {
+        assert_eq!(day3[c], Some(expected[c] as f64), "cus_{c}");
+    }
+    assert_eq!(
+        total(&fake, "cus_7", DAY0 + 3 * DAY, DAY0 + 4 * DAY).await,
+        expected[7] as f64
+    );
+    assert_eq!(fake.summary_request_times().len(), 2_001);
 }
