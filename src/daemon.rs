@@ -18,6 +18,7 @@ use meterd_actors::billing::PriceMap;
 use meterd_actors::janitor::{self, JanitorArgs};
 use meterd_actors::model::Clock;
 use meterd_actors::outbox::{Outbox, OutboxArgs, OutboxSettings};
+use meterd_actors::reconciler::{Reconciler, ReconcilerArgs, ReconcilerSettings};
 use meterd_actors::store::{Store, StoreConfig};
 use meterd_actors::stripe::StripeHttp;
 use meterd_actors::supervisor::{Components, Health, Restart, Supervisor, SupervisorArgs};
@@ -416,6 +417,7 @@ pub async fn run_with_clock(
     }
     let clock_for_outbox = clock.clone();
     let clock_for_webhooks = clock.clone();
+    let clock_for_reconciler = clock.clone();
     let deps = AccountDeps {
         store: store.clone(),
         catalog: Arc::new(config.catalog.clone()),
@@ -541,6 +543,35 @@ pub async fn run_with_clock(
         .start("webhooks", Restart::WithBackoff, start)
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the webhook actor: {e}"))?;
+    let r = &config.reconciler;
+    let reconciler = if r.enabled {
+        let (reconciler, start) = Reconciler::prepare(ReconcilerArgs {
+            store: store.clone(),
+            accounts: accounts.clone(),
+            clock: clock_for_reconciler,
+            settings: ReconcilerSettings {
+                client: stripe_for_http.clone(),
+                event_names: config.stripe.event_names.clone(),
+                aggregation: config.stripe.aggregation.clone(),
+                interval: r.interval,
+                lag: r.lag,
+                reads_per_second: r.reads_per_second,
+                alert_percent: r.alert_percent,
+                money_meters: r.money_meters.clone(),
+                keep_ok: r.keep_ok,
+            },
+        });
+        supervisor
+            .start("reconciler", Restart::WithBackoff, start)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot start the reconciler: {e}"))?;
+        Some(reconciler)
+    } else {
+        tracing::warn!(
+            "reconciler: disabled ([reconciler] enabled = false); drift between meterd and Stripe is not looked for"
+        );
+        None
+    };
     let receiver = Arc::new(crate::http::webhooks::Receiver {
         webhooks: webhooks.clone(),
         secrets: secrets.webhook_secrets.clone(),
@@ -567,6 +598,7 @@ pub async fn run_with_clock(
         stripe_config: Arc::new(config.stripe.clone()),
         catalog: Arc::new(config.catalog.clone()),
         webhooks: webhooks.clone(),
+        reconciler: reconciler.clone(),
         receiver,
     });
     let addr = listener.local_addr()?;
@@ -615,6 +647,9 @@ pub async fn run_with_clock(
     // In order, and none restarted meanwhile.
     supervisor.stopping().await;
     let bound = config.shutdown_timeout;
+    if let Some(r) = &reconciler {
+        r.stop_and_wait(bound).await;
+    }
     webhooks.stop_and_wait(bound).await;
     outbox.stop_and_wait(bound).await;
     let drained = accounts.shutdown(bound).await;

@@ -13,6 +13,7 @@ pub mod billing;
 pub mod body;
 pub mod error;
 pub mod ratelimit;
+pub mod reconciliation;
 pub mod request_id;
 pub mod usage;
 pub mod views;
@@ -217,6 +218,8 @@ pub struct AppDeps {
     pub stripe_config: Arc<crate::config::StripeConfig>,
     pub catalog: Arc<meterd_actors::model::Catalog>,
     pub webhooks: meterd_actors::webhook::Webhooks,
+    /// `None`: disabled in the config.
+    pub reconciler: Option<meterd_actors::reconciler::Reconciler>,
     pub receiver: Arc<webhooks::Receiver>,
 }
 
@@ -249,6 +252,11 @@ pub fn app(deps: AppDeps) -> impl Endpoint + 'static {
             usage::UsageApi {
                 accounts: deps.accounts.clone(),
                 store: deps.store.clone(),
+            },
+            reconciliation::ReconciliationApi {
+                store: deps.store.clone(),
+                reconciler: deps.reconciler,
+                online: deps.stripe_online,
             },
             HealthApi {
                 store: deps.store,

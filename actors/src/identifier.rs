@@ -39,6 +39,18 @@ pub fn batch(account: &AccountId, first: u64, last: u64) -> String {
     format!("{}:{first}-{last}", hashed(account))
 }
 
+/// The identifier of the reconciler's repair of the window whose first billable entry is
+/// `first`: `{account}:r{first}` (one repair per window, never two). An account id that
+/// [`may_be_hashed`] (so its hash index exists) is always hashed here; the others give at
+/// most 80 characters.
+pub fn repair(account: &AccountId, first: u64) -> String {
+    let plain = format!("{account}:r{first}");
+    if !may_be_hashed(account) {
+        return plain;
+    }
+    format!("{}:r{first}", hashed(account))
+}
+
 /// Whether some identifier of `account` may carry its hash instead of its id.
 pub fn may_be_hashed(account: &AccountId) -> bool {
     account.as_str().len() > HASHED_ABOVE
@@ -70,9 +82,17 @@ pub struct Parsed {
     pub seq: u64,
 }
 
-/// Parses an identifier meterd sent: `{owner}:{seq}` or `{owner}:{first}-{last}`.
+/// Parses an identifier meterd sent: `{owner}:{seq}`, `{owner}:{first}-{last}` or a repair's
+/// `{owner}:r{first}`.
 pub fn parse(ident: &str) -> Option<Parsed> {
     let (owner, rest) = ident.rsplit_once(':')?;
+    if let Some(first) = rest.strip_prefix('r') {
+        let seq = first.parse().ok()?;
+        return (!owner.is_empty()).then(|| Parsed {
+            owner: owner.to_owned(),
+            seq,
+        });
+    }
     let seq = match rest.split_once('-') {
         Some((first, last)) => {
             let first: u64 = first.parse().ok()?;
@@ -126,6 +146,28 @@ mod tests {
     }
 
     #[test]
+    fn repair_identifiers_parse_back_to_the_first_entry_and_differ_from_entries() {
+        let t = a("team_42");
+        assert_eq!(repair(&t, 7), "team_42:r7");
+        assert_ne!(repair(&t, 7), entry(&t, 7));
+        assert_eq!(
+            parse(&repair(&t, 7)),
+            Some(Parsed {
+                owner: "team_42".into(),
+                seq: 7
+            })
+        );
+        for len in [HASHED_ABOVE, HASHED_ABOVE + 1, 128] {
+            let id = a(&"q".repeat(len));
+            let r = repair(&id, u64::MAX);
+            assert!(r.len() <= 100, "{}", r.len());
+            let p = parse(&r).unwrap();
+            assert_eq!(p.seq, u64::MAX);
+            assert_eq!(looks_hashed(&p.owner), may_be_hashed(&id), "{r}");
+        }
+    }
+
+    #[test]
     fn only_ids_longer_than_the_bound_are_ever_hashed() {
         for len in [1, 10, 41, HASHED_ABOVE, HASHED_ABOVE + 1, 99, 100, 128] {
             let id = a(&"z".repeat(len));
@@ -170,6 +212,8 @@ mod tests {
         }
         assert_eq!(parse("meterd-acct_acme-000000004410"), None);
         assert_eq!(parse("acct_1:x"), None);
+        assert_eq!(parse("acct_1:r"), None);
+        assert_eq!(parse("acct_1:r1-2"), None);
         assert_eq!(parse("acct_1:9-3"), None, "a range runs forward");
         assert_eq!(parse(":5"), None);
         assert!(!looks_hashed("acct_1"));

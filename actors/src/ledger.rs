@@ -189,6 +189,23 @@ pub struct LedgerEntry {
     pub kind: EntryKind,
 }
 
+impl LedgerEntry {
+    /// What this entry bills to Stripe: its meter and billable units (allowed consumes and
+    /// settled reservations with billable units; nothing else). The outbox queues exactly
+    /// this; the reconciler sums it.
+    pub fn billable(&self) -> Option<(&str, u64)> {
+        match &self.kind {
+            EntryKind::Consume(c)
+                if c.outcome == crate::model::Outcome::Allowed && c.billable > 0 =>
+            {
+                Some((&c.meter, c.billable))
+            }
+            EntryKind::Settled(r) if r.billable > 0 => Some((&r.meter, r.billable)),
+            _ => None,
+        }
+    }
+}
+
 /// Usage of one meter in the current period.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MeterUsage {

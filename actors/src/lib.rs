@@ -7,6 +7,8 @@
 //! - [`outbox::OutboxActor`] delivers billable usage to Stripe Billing Meters, exactly once.
 //! - [`webhook::WebhookActor`] applies logged Stripe events to their accounts, in order.
 //! - [`janitor::JanitorActor`] expires idempotency records after the retention period.
+//! - [`reconciler::ReconcilerActor`] compares billable usage with Stripe's meter summaries
+//!   and repairs what it can prove.
 //! - [`supervisor::RootSupervisor`] starts the singletons above (the directory included),
 //!   restarts a failed one with backoff, and reports a fault it cannot repair.
 //!
@@ -25,6 +27,7 @@ pub mod model;
 pub mod outbox;
 pub mod plan;
 pub mod pricing;
+pub mod reconciler;
 pub mod signature;
 pub mod store;
 pub mod stripe;

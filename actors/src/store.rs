@@ -34,6 +34,8 @@
 //! - `topups`:   `topup id` → [`PendingTopUp`]: the top-up Checkout Sessions meterd created
 //!   (account, package, price, currency, customer), written before the session is created;
 //!   a session completion credits only against its record.
+//! - `recon`, `recon_repairs`, `recon_dirty`, `recon_runs`: the reconciler's windows (with
+//!   each account's summing cursor), repairs, accounts to visit and runs (see `recon`).
 //! - `meta`:     `format` → the data dir's format version (see `migrate`).
 //!
 //! Where it lives: `ledger` (ledger, snapshots, hash index), `outbox` (the outbox family),
@@ -58,6 +60,7 @@ mod index;
 mod ledger;
 mod migrate;
 mod outbox;
+mod recon;
 pub mod records;
 
 use std::fs::File;
@@ -74,6 +77,7 @@ pub use events::{
 pub use flusher::FlushStats;
 use flusher::{FlushCmd, flusher_loop, open_db};
 pub use outbox::{OutboxLocation, PruneCursor, PrunePlan, QueuedRecord};
+pub use recon::{KeyedWindow, ReconRun, ReconStatus, ReconWindow, Repair, RepairKind, RepairState};
 
 use crate::ledger::{AccountProfile, Balances, LedgerEntry};
 use crate::model::{AccountId, UnixMs};
@@ -190,6 +194,10 @@ struct Inner {
     meter_errors: sled::Tree,
     hashed_ids: sled::Tree,
     topups: sled::Tree,
+    recon: sled::Tree,
+    recon_repairs: sled::Tree,
+    recon_dirty: sled::Tree,
+    recon_runs: sled::Tree,
     /// Records in `outbox` and `dead`, counted once at open and kept as they change, so
     /// readiness and metrics never scan a tree.
     queued: AtomicI64,
@@ -266,6 +274,32 @@ impl StoreReader {
     /// One event of the webhook log.
     pub fn event(&self, id: &str) -> Result<Option<WebhookRecord>, StoreError> {
         self.0.event(id)
+    }
+
+    /// Reconciliation windows (see [`Store::recon_windows`]).
+    pub fn recon_windows(
+        &self,
+        account: Option<&AccountId>,
+        status: Option<ReconStatus>,
+        after: Option<(&AccountId, &str, UnixMs)>,
+        limit: usize,
+    ) -> Result<Vec<KeyedWindow>, StoreError> {
+        self.0.recon_windows(account, status, after, limit)
+    }
+
+    /// The newest reconciliation runs, newest first.
+    pub fn recon_runs(&self, limit: usize) -> Result<Vec<ReconRun>, StoreError> {
+        self.0.recon_runs(limit)
+    }
+
+    /// One repair, by its identifier.
+    pub fn repair(&self, identifier: &str) -> Result<Option<Repair>, StoreError> {
+        self.0.repair(identifier)
+    }
+
+    /// Accounts marked for the next reconciliation run.
+    pub fn recon_dirty_count(&self) -> usize {
+        self.0.recon_dirty_count()
     }
 
     /// Meter events Stripe reported invalid.
@@ -378,6 +412,10 @@ impl Store {
                 meter_errors: db.open_tree("meter_errors")?,
                 hashed_ids: db.open_tree(HASHED_IDS)?,
                 topups: db.open_tree("topups")?,
+                recon: db.open_tree("recon")?,
+                recon_repairs: db.open_tree("recon_repairs")?,
+                recon_dirty: db.open_tree("recon_dirty")?,
+                recon_runs: db.open_tree("recon_runs")?,
                 queued,
                 dead_count,
                 flush_tx,

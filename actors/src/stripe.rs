@@ -343,6 +343,116 @@ impl StripeHttp {
     }
 }
 
+/// One window of a meter's event summary (`billing.meter_event_summary`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterSummary {
+    /// Stripe's summary id (the paging cursor).
+    pub id: String,
+    pub start_s: i64,
+    pub end_s: i64,
+    /// `aggregated_value`, which Stripe types as a number: `None` if it is not a whole,
+    /// non-negative number of units (meterd sends only those, so it never guesses one).
+    pub value: Option<u64>,
+}
+
+/// A JSON number as whole units, if it is one.
+pub fn whole_units(v: &serde_json::Value) -> Option<u64> {
+    if let Some(u) = v.as_u64() {
+        return Some(u);
+    }
+    // Stripe's sums are JSON numbers such as `1500.0`: whole if the text says so.
+    let text = v.as_number()?.to_string();
+    let (int, frac) = text.split_once('.')?;
+    if !frac.bytes().all(|b| b == b'0') {
+        return None;
+    }
+    match int {
+        "-0" => Some(0),
+        _ => int.parse().ok(),
+    }
+}
+
+impl StripeHttp {
+    /// One page (up to 100) of `meter_id`'s event summaries for `customer` over
+    /// `[start_s, end_s)`, grouped by hour (`window_s` 3,600) or UTC day (86,400):
+    /// `(summaries, has_more)`. The next page starts after the last summary's id.
+    pub async fn meter_event_summaries(
+        &self,
+        meter_id: &str,
+        customer: &str,
+        start_s: i64,
+        end_s: i64,
+        window_s: u32,
+        starting_after: Option<&str>,
+    ) -> Result<(Vec<MeterSummary>, bool), StripeCallError> {
+        use stripe_billing::billing_meter_event_summary::{
+            ListIdBillingMeterEventSummary, ListIdBillingMeterEventSummaryValueGroupingWindow as G,
+        };
+        #[derive(serde::Deserialize)]
+        struct Summary {
+            id: String,
+            start_time: i64,
+            end_time: i64,
+            aggregated_value: serde_json::Value,
+        }
+        #[derive(serde::Deserialize)]
+        struct Page {
+            data: Vec<Summary>,
+            has_more: bool,
+        }
+        let grouping = if window_s == 86_400 { G::Day } else { G::Hour };
+        let mut req = ListIdBillingMeterEventSummary::new(meter_id, customer, end_s, start_s)
+            .value_grouping_window(grouping)
+            .limit(100);
+        if let Some(a) = starting_after {
+            req = req.starting_after(a);
+        }
+        let page: Page = self
+            .call("GET /v1/billing/meters/{id}/event_summaries", &req, None)
+            .await?;
+        Ok((
+            page.data
+                .into_iter()
+                .map(|s| MeterSummary {
+                    value: whole_units(&s.aggregated_value),
+                    id: s.id,
+                    start_s: s.start_time,
+                    end_s: s.end_time,
+                })
+                .collect(),
+            page.has_more,
+        ))
+    }
+
+    /// Cancels meter event `identifier` of `event_name` (`POST
+    /// /v1/billing/meter_event_adjustments`, `type=cancel`). Stripe allows it within 24 hours
+    /// of receiving the event. The idempotency key is `cancel:{identifier}`, so a retry after
+    /// a crash is the same request.
+    pub async fn cancel_meter_event(
+        &self,
+        event_name: &str,
+        identifier: &str,
+    ) -> Result<(), StripeCallError> {
+        use stripe_billing::BillingMeterEventAdjustmentType;
+        use stripe_billing::billing_meter_event_adjustment::{
+            CreateBillingMeterEventAdjustment, CreateBillingMeterEventAdjustmentCancel,
+        };
+        let mut cancel = CreateBillingMeterEventAdjustmentCancel::new();
+        cancel.identifier = Some(identifier.to_owned());
+        let req = CreateBillingMeterEventAdjustment::new(
+            event_name,
+            BillingMeterEventAdjustmentType::Cancel,
+        )
+        .cancel(cancel);
+        let key = format!("cancel:{identifier}");
+        // The adjustment object has no id; its fields are not needed (a 2xx is the answer).
+        let _: serde::de::IgnoredAny = self
+            .call("POST /v1/billing/meter_event_adjustments", &req, Some(&key))
+            .await?;
+        Ok(())
+    }
+}
+
 impl StripeHttp {
     /// The `event_name`s of the account's active Billing Meters (first 100).
     pub async fn active_meter_event_names(&self) -> Result<Vec<String>, StripeCallError> {
@@ -753,6 +863,20 @@ mod tests {
         let bad = idem_key("").map(|_| ()).unwrap_err();
         assert!(matches!(bad, StripeCallError::Request(_)), "{bad:?}");
         assert_eq!(bad.disposition(), Disposition::Permanent);
+    }
+
+    #[test]
+    fn summary_values_are_read_as_whole_units_or_refused() {
+        use serde_json::json;
+        assert_eq!(whole_units(&json!(0)), Some(0));
+        assert_eq!(whole_units(&json!(1500)), Some(1500));
+        assert_eq!(whole_units(&json!(1500.0)), Some(1500));
+        assert_eq!(whole_units(&json!(-0.0)), Some(0));
+        assert_eq!(whole_units(&json!(0.5)), None);
+        assert_eq!(whole_units(&json!(-3)), None);
+        assert_eq!(whole_units(&json!(-3.0)), None);
+        assert_eq!(whole_units(&json!(1e300)), None);
+        assert_eq!(whole_units(&json!("12")), None);
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! - `rate_limits`: `[rate_limits]`;
 //! - `catalog`: `[meters]`, `[plans]` (meter rules, price models), `[[credit_packages]]`;
 //! - `stripe`: `[stripe]` (meters, aggregation windows, Checkout) and each plan's Stripe keys;
-//! - `webhooks`: `[webhooks]`.
+//! - `webhooks`: `[webhooks]`;
+//! - `reconciler`: `[reconciler]`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,11 +28,13 @@ use meterd_actors::store::SyncMode;
 mod catalog;
 mod rate_limits;
 mod raw;
+mod reconciler;
 mod service;
 mod stripe;
 mod webhooks;
 
 pub use rate_limits::{RATE_LIMIT_MAX, RateLimit, RateLimits};
+pub use reconciler::ReconcilerConfig;
 pub use service::LogFormat;
 pub use stripe::{StripeConfig, StripePlan};
 pub use webhooks::WebhookConfig;
@@ -93,6 +96,7 @@ pub struct Config {
     pub catalog: Catalog,
     pub stripe: StripeConfig,
     pub webhooks: WebhookConfig,
+    pub reconciler: ReconcilerConfig,
 }
 
 impl Config {
@@ -147,6 +151,7 @@ impl Config {
         let catalog = catalog::build(&raw.meters, &raw.plans, &raw.credit_packages)?;
         let stripe = stripe::build(&raw.stripe, &raw.plans, &catalog)?;
         let webhooks = webhooks::build(&raw.webhooks, &stripe, &catalog)?;
+        let reconciler = reconciler::build(&raw.reconciler, &catalog)?;
         Ok(Config {
             origin: origin.to_owned(),
             listen,
@@ -174,6 +179,7 @@ impl Config {
             catalog,
             stripe,
             webhooks,
+            reconciler,
         })
     }
 }

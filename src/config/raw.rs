@@ -119,6 +119,8 @@ pub(super) struct RawConfig {
     pub stripe: RawStripe,
     #[serde(default)]
     pub webhooks: RawWebhooks,
+    #[serde(default)]
+    pub reconciler: RawReconciler,
 }
 
 #[derive(Debug, Deserialize)]
@@ -501,6 +503,32 @@ impl Default for RawWebhooks {
             fallback_plan: "free".into(),
             backfill_on_start: true,
             backfill_days: 30,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawReconciler {
+    pub enabled: bool,
+    pub interval_s: u64,
+    pub lag_s: u64,
+    pub reads_per_second: u32,
+    pub alert_percent: u32,
+    pub money_meters: Vec<String>,
+    pub keep_ok_days: u64,
+}
+
+impl Default for RawReconciler {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_s: 3_600,
+            lag_s: 3_600,
+            reads_per_second: 20,
+            alert_percent: 5,
+            money_meters: Vec::new(),
+            keep_ok_days: 3,
         }
     }
 }

@@ -19,6 +19,7 @@ mod outbox;
 mod periods;
 mod plans;
 mod ratelimit;
+mod reconcile;
 mod reservations;
 mod shutdown;
 mod soak;

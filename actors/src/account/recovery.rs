@@ -66,18 +66,14 @@ pub(super) fn queue_billable(
     e: &LedgerEntry,
     fresh: bool,
 ) -> Result<(), StoreError> {
-    let (meter, value) = match &e.kind {
-        EntryKind::Consume(c) if c.outcome == Outcome::Allowed && c.billable > 0 => {
-            (&c.meter, c.billable)
-        }
-        EntryKind::Settled(r) if r.billable > 0 => (&r.meter, r.billable),
-        _ => return Ok(()),
+    let Some((meter, value)) = e.billable() else {
+        return Ok(());
     };
     store.queue_outbox(
         id,
         e.seq,
         &crate::store::OutboxItem {
-            meter: meter.clone(),
+            meter: meter.to_owned(),
             value,
             at_ms: e.at_ms,
             attempts: 0,

@@ -437,6 +437,9 @@ mod tests {
             let _ = crate::store::events::decode_webhook(b);
             let _ = crate::store::events::decode_meter_error(b);
             let _ = crate::store::events::decode_pending_topup(b);
+            let _ = crate::store::recon::decode_recon_window(b);
+            let _ = crate::store::recon::decode_repair(b);
+            let _ = crate::store::recon::decode_recon_run(b);
         }
 
         /// Valid encodings to mutate: most random bytes fail at the version tag.

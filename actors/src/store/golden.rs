@@ -594,6 +594,70 @@ fn samples() -> Vec<Sample> {
         super::events::decode_pending_topup,
         bytes,
     ));
+    let window = super::recon::ReconWindow {
+        window_s: 3_600,
+        local: 1_250,
+        first_seq: 731,
+        last_seq: 790,
+        stripe: Some(1_000),
+        status: super::recon::ReconStatus::Repaired,
+        action: "Stripe lacked 250 units: sent again as acme:r731.".into(),
+        checked_ms: Some(1_795_169_703_422),
+        checks: 1,
+        repair: Some("acme:r731".into()),
+        alert: true,
+    };
+    let bytes = super::recon::encode_recon_window(&window).ok();
+    out.push(sample(
+        "recon.v1",
+        window,
+        super::recon::decode_recon_window,
+        bytes,
+    ));
+    let repair = super::recon::Repair {
+        account: "acme".into(),
+        meter: "tokens".into(),
+        window_start_ms: 1_795_165_200_000,
+        kind: super::recon::RepairKind::Resend,
+        event_name: "tokens".into(),
+        customer: "cus_FKNrXbjePvoq7c".into(),
+        value: 250,
+        timestamp_s: 1_795_165_200,
+        state: super::recon::RepairState::Sent,
+        created_ms: 1_795_169_703_422,
+        sent_ms: Some(1_795_169_703_900),
+        last_error: None,
+    };
+    let bytes = super::recon::encode_repair(&repair).ok();
+    out.push(sample(
+        "recon_repairs.v1",
+        repair,
+        super::recon::decode_repair,
+        bytes,
+    ));
+    let run = super::recon::ReconRun {
+        id: 7,
+        trigger: "schedule".into(),
+        started_ms: 1_795_169_700_000,
+        upto_ms: 1_795_166_100_000,
+        after: Some("acme".into()),
+        finished_ms: Some(1_795_169_703_422),
+        accounts: 1,
+        windows: 2,
+        ok: 1,
+        drift: 0,
+        repaired: 1,
+        unrepairable: 0,
+        reads: 2,
+        alerts: 1,
+    };
+    let bytes = super::recon::encode_recon_run(&run).ok();
+    out.push(sample(
+        "recon_runs.v1",
+        run,
+        super::recon::decode_recon_run,
+        bytes,
+    ));
     out
 }
 

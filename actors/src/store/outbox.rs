@@ -208,6 +208,7 @@ impl Store {
         // Sent first: a crash in between leaves it in both, and the outbox drops a queued
         // record that is already sent (never the other way round, which could bill twice).
         self.inner.sent.insert(&key, &at_ms.to_be_bytes())?;
+        self.mark_recon_dirty(account)?;
         super::failpoint("mark_sent:after-sent", account.as_str())?;
         let old = self.inner.outbox.remove(&key)?;
         self.counted(&self.inner.queued, false, old.is_some());
@@ -228,6 +229,7 @@ impl Store {
             .dead
             .insert(&key, codec::encode_outbox(record)?)?;
         self.counted(&self.inner.dead_count, was_dead.is_none(), false);
+        self.mark_recon_dirty(account)?;
         // A crash here leaves it in both: at open, a dead letter still queued leaves `dead`
         // (it is retried, never lost).
         super::failpoint("mark_dead:after-dead", account.as_str())?;

@@ -134,6 +134,7 @@ pub mod v1 {
     use crate::ledger as l;
     use crate::model as m;
     use crate::store::events as ev;
+    use crate::store::recon as rc;
 
     frozen_struct!(Period => m::Period { start_ms: i64, end_ms: i64 });
 
@@ -708,5 +709,69 @@ pub mod v1 {
         currency: String,
         customer: String,
         created_ms: i64,
+    });
+
+    frozen_unit_enum!(ReconStatus => rc::ReconStatus {
+        Unchecked,
+        Ok,
+        Drift,
+        Repaired,
+        Unrepairable,
+    });
+
+    frozen_struct!(ReconWindow => rc::ReconWindow {
+        window_s: u32,
+        local: u64,
+        first_seq: u64,
+        last_seq: u64,
+        stripe: Option<u64>,
+        status: ReconStatus,
+        action: String,
+        checked_ms: Option<i64>,
+        checks: u32,
+        repair: Option<String>,
+        alert: bool,
+    });
+
+    frozen_unit_enum!(RepairKind => rc::RepairKind { Resend });
+
+    frozen_unit_enum!(RepairState => rc::RepairState {
+        Pending,
+        Sent,
+        Failed,
+        Cancelling,
+        Cancelled,
+    });
+
+    frozen_struct!(Repair => rc::Repair {
+        account: String,
+        meter: String,
+        window_start_ms: i64,
+        kind: RepairKind,
+        event_name: String,
+        customer: String,
+        value: u64,
+        timestamp_s: i64,
+        state: RepairState,
+        created_ms: i64,
+        sent_ms: Option<i64>,
+        last_error: Option<String>,
+    });
+
+    frozen_struct!(ReconRun => rc::ReconRun {
+        id: u64,
+        trigger: String,
+        started_ms: i64,
+        upto_ms: i64,
+        after: Option<String>,
+        finished_ms: Option<i64>,
+        accounts: u64,
+        windows: u64,
+        ok: u64,
+        drift: u64,
+        repaired: u64,
+        unrepairable: u64,
+        reads: u64,
+        alerts: u64,
     });
 }

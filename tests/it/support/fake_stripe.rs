@@ -360,6 +360,19 @@ impl FakeStripe {
         self.inner.lock().lost.clone()
     }
 
+    /// Drift healed late: the lost events now count in summaries (Stripe's processing was only
+    /// late), as accepted now. Returns how many.
+    pub fn restore_lost_events(&self) -> usize {
+        let mut st = self.inner.lock();
+        let now = st.clock();
+        let lost = std::mem::take(&mut st.lost);
+        let n = lost.len();
+        for ev in lost {
+            st.accept(ev, now, false);
+        }
+        n
+    }
+
     /// Drift: an event Stripe accepted that meterd did not send, as if sent now (it counts in
     /// summaries, takes `identifier` for the dedup window and can be cancelled; never lost).
     /// Panics if `identifier` was accepted within the dedup window.
@@ -1799,8 +1812,10 @@ fn missing(what: &str, id: &str) -> Reply {
 }
 
 /// The sum of `aggregated_value` (Stripe's meters here aggregate with `sum`).
+#[allow(clippy::float_arithmetic)] // aggregated_value is an f64 sum, as in Stripe
 fn sum_values(counted: &[Usage]) -> f64 {
-    counted.iter().map(|u| u.value).sum()
+    // Not `sum()`: an empty float sum is -0.0, which Stripe never answers.
+    counted.iter().fold(0.0, |acc, u| acc + u.value)
 }
 
 /// FNV-1a over (meter, customer): the part of a summary id shared by a listing.
