@@ -600,6 +600,16 @@ pub enum AlertKind {
     PaymentMethodRemoved,
     /// Stripe reported invalid meter events (`meter`: the Stripe meter; `value`: the count).
     MeterErrors,
+    /// Money in was refused: a payment meterd cannot credit (`meter`: the refusal code, such
+    /// as `not_ours` or `amount_mismatch`, a space and the Stripe event id; `threshold`: the
+    /// event's `created`; `value`: the amount paid, minor units).
+    MoneyRefused,
+    /// A refund took credits back (`meter`: the charge; `value`: credits taken from
+    /// grants; `limit`: credits that became debt).
+    CreditsClawedBack,
+    /// A payment was disputed (`meter`: the dispute; `value`: the disputed amount, minor
+    /// units; `threshold`: 1 when credit use is suspended until it closes).
+    Dispute,
 }
 
 impl AlertKind {
@@ -613,6 +623,9 @@ impl AlertKind {
             AlertKind::InvoiceDue => "invoice_due",
             AlertKind::PaymentMethodRemoved => "payment_method_removed",
             AlertKind::MeterErrors => "meter_errors",
+            AlertKind::MoneyRefused => "money_refused",
+            AlertKind::CreditsClawedBack => "credits_clawed_back",
+            AlertKind::Dispute => "dispute",
         }
     }
 }

@@ -1243,6 +1243,24 @@ async fn money_in_attacks_credit_nothing_and_relink_nothing() {
         assert_eq!(a["stripe_customer_id"], customer, "{id}: {a}");
         assert_eq!(a["plan"], "free", "{id}: {a}");
     }
+    // Each refusal raised an alert on the account it named, with its code.
+    let alerts = get(c, "/v1/accounts/victim/alerts").await;
+    let mut codes: Vec<String> = alerts["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "money_refused")
+        .map(|a| {
+            let m = a["meter"].as_str().unwrap_or_default();
+            m.split(' ').next().unwrap_or_default().to_owned()
+        })
+        .collect();
+    codes.sort();
+    codes.dedup();
+    assert!(
+        codes.contains(&"not_ours".to_owned()) && codes.contains(&"customer_mismatch".to_owned()),
+        "{alerts}"
+    );
     // The real top-up, the victim's customer paying the package's price: credited.
     let real = forged(topup, "evt_real", |v| aim(v, "victim", json!("cus_victim")));
     assert_eq!(deliver(&d, &clock, &real).await.status, 200);

@@ -109,10 +109,29 @@ impl AccountState {
         }
         let now = self.deps.clock.now_ms();
         self.catch_up(now)?;
-        let plan = match self.decide_stripe(&cmd) {
+        let mut plan = match self.decide_stripe(&cmd) {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
+        if let StripeOutcome::Ignored(why) = &plan.outcome
+            && let Some(rest) = why.strip_prefix("refused: ")
+        {
+            // Money in that meterd refused is worth someone's attention.
+            let code = rest.split(':').next().unwrap_or("refused");
+            let alert = Alert {
+                kind: AlertKind::MoneyRefused,
+                meter: format!("{code} {}", cmd.event_id),
+                threshold: u64::try_from(cmd.created_s).unwrap_or(0),
+                value: match &cmd.change {
+                    StripeChange::TopUp { amount, .. } => u64::try_from(*amount).unwrap_or(0),
+                    _ => 0,
+                },
+                limit: 0,
+            };
+            if self.alert_new(&alert) {
+                plan.alerts.push(alert);
+            }
+        }
         if plan.outcome == StripeOutcome::Applied {
             if let Some(p) = plan.profile
                 && self.fold.profile.as_ref() != Some(&p)

@@ -461,6 +461,21 @@ fn entry_kinds() -> Vec<(&'static str, EntryKind)> {
                 StripeOutcome::Applied,
             ),
         ),
+        (
+            "stripe_refused",
+            EntryKind::Stripe(Box::new(StripeRecord {
+                event_id: "evt_2".into(),
+                event_type: "checkout.session.completed".into(),
+                created_s: 1_792_054_805,
+                outcome: StripeOutcome::Ignored("refused: not_ours: cs_1".into()),
+                fact: BillingFact::None,
+                alerts: vec![
+                    alert(AlertKind::MoneyRefused),
+                    alert(AlertKind::CreditsClawedBack),
+                    alert(AlertKind::Dispute),
+                ],
+            })),
+        ),
     ]
 }
 

@@ -221,9 +221,11 @@ pub mod v1 {
         }
     }
 
+    // Variants are only ever appended (older data never holds the new ones): `MoneyRefused`,
+    // `CreditsClawedBack` and `Dispute` arrived with issue 12.
     frozen_unit_enum!(AlertKind => m::AlertKind {
         Usage, Spend, LowCredits, TrialEnding, PaymentFailed, InvoiceDue, PaymentMethodRemoved,
-        MeterErrors,
+        MeterErrors, MoneyRefused, CreditsClawedBack, Dispute,
     });
 
     frozen_struct!(Alert => m::Alert {
