@@ -529,6 +529,7 @@ pub async fn run_with_clock(
             client: stripe_for_http.clone(),
             prices: price_map(&config),
             fallback_plan: w.fallback_plan.clone(),
+            money: w.money,
             max_attempts: w.max_attempts,
             base_backoff: w.base_backoff,
             max_backoff: w.max_backoff,

@@ -57,7 +57,7 @@ use crate::store::{AccountSnapshot, CommitError, IdemOp, IdemRecord, Store, Stor
 pub use directory::{Accounts, DirectoryActor, DirectoryMsg, DirectoryStats, Envelope};
 pub use messages::*;
 use recovery::{corrupt, recover};
-pub use stripe::{StripeCmd, StripeReply};
+pub use stripe::{MoneyPolicy, StripeCmd, StripeReply};
 
 /// Messages an account actor understands. Callers never build these: they use [`Accounts`].
 pub enum AccountMsg {

@@ -168,6 +168,18 @@ pub enum BillingFact {
     MeterErrors {
         count: u64,
     },
+    /// A payment was disputed (`open`), or its dispute closed (`won`: the money stays).
+    /// `suspends`: credit use is suspended while it is open (`[webhooks] dispute_suspends_credits`).
+    Dispute {
+        id: String,
+        /// The disputed payment (payment intent).
+        payment: String,
+        amount: i64,
+        currency: String,
+        open: bool,
+        won: bool,
+        suspends: bool,
+    },
 }
 
 /// Whether an event changed the account.
@@ -243,7 +255,8 @@ impl BillingState {
         }
         self.events_applied += 1;
         match &r.fact {
-            BillingFact::None => {}
+            // A dispute changes the balances (see `Balances::apply`), not the billing state.
+            BillingFact::None | BillingFact::Dispute { .. } => {}
             BillingFact::Subscription {
                 info,
                 deleted,

@@ -13,7 +13,7 @@ mod decide;
 
 pub use decide::{ConsumeDecision, decide_commit, decide_consume, decide_release, meter_limit};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::billing::{BillingState, StripeRecord};
 use crate::model::{
@@ -163,7 +163,36 @@ pub enum EntryKind {
     },
     /// A Stripe event applied to (or recorded as stale for) the account.
     Stripe(Box<StripeRecord>),
+    /// Credits taken back after a refund (or a lost dispute) of a top-up, or debt paid by
+    /// new credits.
+    Clawback(ClawbackRecord),
 }
+
+/// Credits a refunded payment takes back, or a credit debt paid.
+///
+/// A refund takes back the refunded share of the top-up's credits: from what is left of
+/// them first, then from other live credits; what is already spent becomes `debt`, which
+/// blocks credit use until new credits pay it (a settlement: `reference` is [`DEBT`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClawbackRecord {
+    /// The refunded payment (its payment intent), or [`DEBT`] for a settlement.
+    pub reference: String,
+    /// Credits owed back for `reference` in total, after this entry (0 for a settlement).
+    pub owed: u64,
+    /// Credits taken from grants.
+    pub burns: Vec<(u64, u64)>,
+    /// Owed credits already spent that became debt (`[webhooks] refund_policy =
+    /// "negative_balance"`).
+    pub debt_added: u64,
+    /// Owed credits already spent that are not owed (`refund_policy = "forgive"`).
+    pub forgiven: u64,
+    pub debt_paid: u64,
+    pub credits_after: u64,
+    pub debt_after: u64,
+}
+
+/// The `reference` of a [`ClawbackRecord`] that pays debt.
+pub const DEBT: &str = "debt";
 
 impl EntryKind {
     pub fn name(&self) -> &'static str {
@@ -177,6 +206,7 @@ impl EntryKind {
             EntryKind::Reserved(_) => "reserved",
             EntryKind::Settled(_) => "settled",
             EntryKind::Stripe(_) => "stripe",
+            EntryKind::Clawback(_) => "clawback",
         }
     }
 }
@@ -285,6 +315,14 @@ pub struct Balances {
     pub holds: BTreeMap<u64, Hold>,
     /// Alerts fired in the current period (reset at rollover).
     pub alerts: Vec<FiredAlert>,
+    /// Credits owed back and not covered yet: while above 0, credits cannot be spent.
+    pub credit_debt: u64,
+    /// Payment (payment intent) → credits owed back for it so far (refunds, lost disputes).
+    pub clawbacks: BTreeMap<String, u64>,
+    /// Open disputes that suspend credit use until they close.
+    pub disputes: BTreeSet<String>,
+    /// Disputes that closed (a late `created` must not open them again).
+    pub disputes_closed: BTreeSet<String>,
 }
 
 /// A ledger entry that does not follow from the entries before it.
@@ -313,7 +351,64 @@ impl Balances {
             grants: BTreeMap::new(),
             holds: BTreeMap::new(),
             alerts: Vec::new(),
+            credit_debt: 0,
+            clawbacks: BTreeMap::new(),
+            disputes: BTreeSet::new(),
+            disputes_closed: BTreeSet::new(),
         }
+    }
+
+    /// The entry that pays credit debt from live credits at `at`, if there is debt and
+    /// something to pay it with.
+    pub fn settlement(&self, at: UnixMs) -> Option<ClawbackRecord> {
+        if self.credit_debt == 0 {
+            return None;
+        }
+        let burns = self.take_plan(at, self.credit_debt, None);
+        let paid: u64 = burns.iter().map(|(_, n)| n).sum();
+        if paid == 0 {
+            return None;
+        }
+        Some(ClawbackRecord {
+            reference: DEBT.to_owned(),
+            owed: 0,
+            burns,
+            debt_added: 0,
+            forgiven: 0,
+            debt_paid: paid,
+            credits_after: self.live_credits(at) - paid,
+            debt_after: self.credit_debt - paid,
+        })
+    }
+
+    /// Credits cannot be spent: a debt is not covered yet, or a dispute is open.
+    pub fn credits_blocked(&self) -> bool {
+        self.credit_debt > 0 || !self.disputes.is_empty()
+    }
+
+    /// Up to `amount` credits taken at `at`: from grant `first` (if live) first, then in burn
+    /// order. Unlike [`Balances::burn_plan`] it takes what there is, blocked or not.
+    pub fn take_plan(&self, at: UnixMs, amount: u64, first: Option<u64>) -> Vec<(u64, u64)> {
+        let mut order = self.burn_order(at);
+        if let Some(f) = first
+            && let Some(i) = order.iter().position(|(id, _)| *id == f)
+        {
+            let g = order.remove(i);
+            order.insert(0, g);
+        }
+        let mut left = amount;
+        let mut burns = Vec::new();
+        for (id, g) in order {
+            if left == 0 {
+                break;
+            }
+            let take = g.remaining.min(left);
+            if take > 0 {
+                burns.push((id, take));
+                left -= take;
+            }
+        }
+        burns
     }
 
     /// Adds the alerts an entry raised; each may fire once per period.
@@ -410,8 +505,12 @@ impl Balances {
         live
     }
 
-    /// Which grants pay `amount` credits at `at`, or `None` if the live balance is short.
+    /// Which grants pay `amount` credits at `at`, or `None` if the live balance is short (or
+    /// credits are blocked: a debt or an open dispute).
     pub fn burn_plan(&self, at: UnixMs, amount: u64) -> Option<Vec<(u64, u64)>> {
+        if amount > 0 && self.credits_blocked() {
+            return None;
+        }
         let mut left = amount;
         let mut burns = Vec::new();
         for (id, g) in self.burn_order(at) {
@@ -652,7 +751,54 @@ impl Balances {
                 touched.push(*grant_id);
                 check_credits(self, *credits_after)?;
             }
-            EntryKind::Stripe(r) => self.record_alerts(seq, at, &r.alerts)?,
+            EntryKind::Stripe(r) => {
+                self.record_alerts(seq, at, &r.alerts)?;
+                if r.outcome == crate::billing::StripeOutcome::Applied
+                    && let crate::billing::BillingFact::Dispute {
+                        id, open, suspends, ..
+                    } = &r.fact
+                {
+                    if !*open {
+                        self.disputes.remove(id);
+                        self.disputes_closed.insert(id.clone());
+                    } else if *suspends && !self.disputes_closed.contains(id) {
+                        self.disputes.insert(id.clone());
+                    }
+                }
+            }
+            EntryKind::Clawback(c) => {
+                let taken = self.apply_burns(seq, entry.at_ms, &c.burns)?;
+                touched.extend(c.burns.iter().map(|(g, _)| *g));
+                if c.reference == DEBT {
+                    if c.debt_added != 0 || c.forgiven != 0 || c.debt_paid != taken || c.owed != 0 {
+                        return Err(mismatch("debt paid", c.debt_paid, taken));
+                    }
+                } else {
+                    if c.debt_paid != 0 {
+                        return Err(mismatch("debt paid", c.debt_paid, 0));
+                    }
+                    let before = self.clawbacks.get(&c.reference).copied().unwrap_or(0);
+                    let owed = before
+                        .checked_add(taken)
+                        .and_then(|o| o.checked_add(c.debt_added))
+                        .and_then(|o| o.checked_add(c.forgiven))
+                        .ok_or(FoldError::Arithmetic { seq })?;
+                    if owed != c.owed {
+                        return Err(mismatch("owed", c.owed, owed));
+                    }
+                    self.clawbacks.insert(c.reference.clone(), owed);
+                }
+                let debt = self
+                    .credit_debt
+                    .checked_add(c.debt_added)
+                    .and_then(|d| d.checked_sub(c.debt_paid))
+                    .ok_or(FoldError::Arithmetic { seq })?;
+                if debt != c.debt_after {
+                    return Err(mismatch("debt", c.debt_after, debt));
+                }
+                self.credit_debt = debt;
+                check_credits(self, c.credits_after)?;
+            }
         }
         self.prune_grants(touched);
         Ok(())
@@ -826,6 +972,131 @@ mod tests {
             !b.grants.contains_key(&1),
             "an expired grant leaves the live state"
         );
+    }
+
+    fn clawback(seq: u64, at_ms: i64, c: ClawbackRecord) -> LedgerEntry {
+        LedgerEntry {
+            seq,
+            at_ms,
+            kind: EntryKind::Clawback(c),
+        }
+    }
+
+    #[test]
+    fn a_clawback_takes_credits_and_what_is_spent_becomes_debt_that_new_credits_pay() {
+        let mut b = Balances::new(period());
+        b.grants.insert(1, grant(100, 50, None));
+        let r = rule(
+            0,
+            Overage::Credits {
+                credits_per_unit: 1,
+            },
+        );
+        // 150 credits owed for pi_1: 100 live are taken, 50 become debt.
+        let c = ClawbackRecord {
+            reference: "pi_1".into(),
+            owed: 150,
+            burns: b.take_plan(1, 150, None),
+            debt_added: 50,
+            forgiven: 0,
+            debt_paid: 0,
+            credits_after: 0,
+            debt_after: 50,
+        };
+        assert_eq!(c.burns, vec![(1, 100)]);
+        // A record that does not add up is refused: owed, debt, and credits are checked.
+        for bad in [
+            ClawbackRecord {
+                owed: 140,
+                ..c.clone()
+            },
+            ClawbackRecord {
+                debt_after: 40,
+                ..c.clone()
+            },
+            ClawbackRecord {
+                credits_after: 10,
+                ..c.clone()
+            },
+            ClawbackRecord {
+                debt_paid: 5,
+                ..c.clone()
+            },
+        ] {
+            assert!(b.clone().apply(&clawback(2, 1, bad)).is_err());
+        }
+        b.apply(&clawback(2, 1, c)).unwrap();
+        assert_eq!((b.credit_debt, b.clawbacks["pi_1"]), (50, 150));
+        assert!(b.credits_blocked());
+        // Debt blocks credit use, but not consumption that spends no credits.
+        b.grants.insert(3, grant(10, 50, Some(500)));
+        assert_eq!(b.burn_plan(1, 1), None);
+        assert_eq!(b.burn_plan(1, 0), Some(vec![]));
+        let d = decide_consume(&b, "tokens", Some(&r), 1, true, 1);
+        assert_eq!(d.outcome, Outcome::Denied(DenyCode::InsufficientCredits));
+        // New credits pay the debt: a settlement takes what is live, up to the debt.
+        let s = b.settlement(1).unwrap();
+        assert_eq!(
+            (s.burns.clone(), s.debt_paid, s.debt_after, s.credits_after),
+            (vec![(3, 10)], 10, 40, 0)
+        );
+        assert!(
+            b.clone()
+                .apply(&clawback(
+                    3,
+                    1,
+                    ClawbackRecord {
+                        debt_paid: 9,
+                        ..s.clone()
+                    }
+                ))
+                .is_err()
+        );
+        b.apply(&clawback(3, 1, s)).unwrap();
+        b.grants.insert(4, grant(100, 50, None));
+        let s = b.settlement(1).unwrap();
+        assert_eq!((s.debt_paid, s.debt_after, s.credits_after), (40, 0, 60));
+        b.apply(&clawback(4, 1, s)).unwrap();
+        assert!(!b.credits_blocked());
+        assert_eq!(b.settlement(1), None);
+        assert_eq!(b.burn_plan(1, 60), Some(vec![(4, 60)]));
+        // What was owed for pi_1 stays known: the same refund again owes nothing more.
+        assert_eq!(b.clawbacks["pi_1"], 150);
+    }
+
+    #[test]
+    fn an_open_dispute_blocks_credits_until_it_closes_and_a_late_open_does_not_reopen_it() {
+        use crate::billing::{BillingFact, StripeOutcome, StripeRecord};
+        let dispute = |seq, open: bool| LedgerEntry {
+            seq,
+            at_ms: 1,
+            kind: EntryKind::Stripe(Box::new(StripeRecord {
+                event_id: format!("evt_{seq}"),
+                event_type: "charge.dispute".into(),
+                created_s: 1,
+                outcome: StripeOutcome::Applied,
+                fact: BillingFact::Dispute {
+                    id: "dp_1".into(),
+                    payment: "pi_1".into(),
+                    amount: 500,
+                    currency: "usd".into(),
+                    open,
+                    won: !open,
+                    suspends: open,
+                },
+                alerts: vec![],
+            })),
+        };
+        let mut b = Balances::new(period());
+        b.grants.insert(1, grant(100, 50, None));
+        b.apply(&dispute(1, true)).unwrap();
+        assert!(b.credits_blocked());
+        assert_eq!(b.burn_plan(1, 1), None);
+        b.apply(&dispute(2, false)).unwrap();
+        assert!(!b.credits_blocked());
+        b.apply(&dispute(3, true)).unwrap();
+        assert!(!b.credits_blocked(), "a closed dispute stays closed");
+        assert_eq!(b.burn_plan(1, 1), Some(vec![(1, 1)]));
     }
 
     fn consume_entry(seq: u64, q: u64, d: &ConsumeDecision) -> LedgerEntry {

@@ -34,6 +34,9 @@
 //! - `topups`:   `topup id` → [`PendingTopUp`]: the top-up Checkout Sessions meterd created
 //!   (account, package, price, currency, customer), written before the session is created;
 //!   a session completion credits only against its record.
+//! - `payments`: `payment intent` → [`TopUpPayment`]: the top-ups credited, by the payment that
+//!   paid them (written with the credit): a refund or dispute of that payment finds its
+//!   top-up, its account and its credits.
 //! - `recon`, `recon_repairs`, `recon_dirty`, `recon_runs`: the reconciler's windows (with
 //!   each account's summing cursor), repairs, accounts to visit and runs (see `recon`).
 //! - `meta`:     `format` → the data dir's format version (see `migrate`).
@@ -72,7 +75,8 @@ use std::sync::mpsc;
 pub use codec::{OutboxBatch, OutboxRecord};
 pub use codec::{OutboxItem, StoredEntry, StoredIdem, StoredNotification, StoredSnapshot};
 pub use events::{
-    EventSource, MeterErrorRecord, PendingTopUp, TOPUP_RETENTION, WebhookRecord, WebhookStatus,
+    EventSource, MeterErrorRecord, PendingTopUp, TOPUP_RETENTION, TopUpPayment, WebhookRecord,
+    WebhookStatus,
 };
 pub use flusher::FlushStats;
 use flusher::{FlushCmd, flusher_loop, open_db};
@@ -194,6 +198,7 @@ struct Inner {
     meter_errors: sled::Tree,
     hashed_ids: sled::Tree,
     topups: sled::Tree,
+    payments: sled::Tree,
     recon: sled::Tree,
     recon_repairs: sled::Tree,
     recon_dirty: sled::Tree,
@@ -412,6 +417,7 @@ impl Store {
                 meter_errors: db.open_tree("meter_errors")?,
                 hashed_ids: db.open_tree(HASHED_IDS)?,
                 topups: db.open_tree("topups")?,
+                payments: db.open_tree("payments")?,
                 recon: db.open_tree("recon")?,
                 recon_repairs: db.open_tree("recon_repairs")?,
                 recon_dirty: db.open_tree("recon_dirty")?,

@@ -58,6 +58,8 @@ pub struct WebhookSettings {
     pub client: Option<StripeHttp>,
     pub prices: PriceMap,
     pub fallback_plan: String,
+    /// What refunds and disputes of top-ups do (`[webhooks] refund_policy`, ...).
+    pub money: crate::account::MoneyPolicy,
     pub max_attempts: u32,
     pub base_backoff: Duration,
     pub max_backoff: Duration,
@@ -359,6 +361,21 @@ impl WebhookState {
                 return Ok((WebhookStatus::Ignored, "no account concerned".into()));
             }
             Target::Account(a, _) => vec![(a, change)],
+            Target::Payment(pi) => match self.args.store.payment(&pi)? {
+                Some(p) => match AccountId::parse(&p.account) {
+                    Ok(a) => vec![(a, change)],
+                    Err(e) => return Err(Failure::Permanent(e.to_string())),
+                },
+                None => {
+                    if let StripeChange::Dispute { id, .. } = &change {
+                        tracing::warn!(dispute = %id, payment_intent = %pi, "a dispute of a payment that paid no meterd top-up: see the Stripe dashboard");
+                    }
+                    return Ok((
+                        WebhookStatus::Ignored,
+                        format!("payment {pi} paid no top-up meterd credited"),
+                    ));
+                }
+            },
             Target::Customer(c) => match self.args.store.customer_account(&c)? {
                 Some(a) => vec![(a, change)],
                 None => {
@@ -423,6 +440,7 @@ impl WebhookState {
                 change,
                 fallback_plan: self.args.settings.fallback_plan.clone(),
                 customer: customer.clone(),
+                money: self.args.settings.money,
             };
             match self.args.accounts.stripe(&account, cmd).await {
                 Ok(r) => outcomes.push(match &r.outcome {

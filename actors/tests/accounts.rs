@@ -586,6 +586,7 @@ async fn a_failed_webhook_actor_is_restarted_and_applies_the_log() {
             client: None,
             prices: Default::default(),
             fallback_plan: "capped".into(),
+            money: Default::default(),
             max_attempts: 5,
             base_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(50),

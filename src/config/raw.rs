@@ -488,6 +488,8 @@ pub(super) struct RawWebhooks {
     pub fallback_plan: String,
     pub backfill_on_start: bool,
     pub backfill_days: u64,
+    pub refund_policy: String,
+    pub dispute_suspends_credits: bool,
 }
 
 impl Default for RawWebhooks {
@@ -503,6 +505,8 @@ impl Default for RawWebhooks {
             fallback_plan: "free".into(),
             backfill_on_start: true,
             backfill_days: 30,
+            refund_policy: "negative_balance".into(),
+            dispute_suspends_credits: true,
         }
     }
 }

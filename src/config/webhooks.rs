@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use meterd_actors::account::MoneyPolicy;
 use meterd_actors::model::Catalog;
 
 use super::raw::RawWebhooks;
@@ -27,6 +28,9 @@ pub struct WebhookConfig {
     pub fallback_plan: String,
     pub backfill_on_start: bool,
     pub backfill_days: u64,
+    /// What a refund of a top-up does with credits already spent, and whether an open
+    /// dispute suspends credit use.
+    pub money: MoneyPolicy,
 }
 
 /// `[webhooks]`, on the plans of `catalog` and their Stripe prices in `stripe`.
@@ -71,6 +75,16 @@ pub(super) fn build(
             format!("no plan `{}` is declared under [plans]", w.fallback_plan),
         ));
     }
+    let refund_debt = match w.refund_policy.as_str() {
+        "negative_balance" => true,
+        "forgive" => false,
+        _ => {
+            return Err(invalid(
+                "webhooks.refund_policy",
+                "must be \"negative_balance\" (spent credits of a refunded top-up become a debt that blocks credit use until covered) or \"forgive\" (only unspent credits are taken back)",
+            ));
+        }
+    };
     // A licensed price must mean one plan, or a subscription webhook could not name its
     // plan. (Plans may share a metered price: the licensed item decides.)
     let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
@@ -105,6 +119,10 @@ pub(super) fn build(
         fallback_plan: w.fallback_plan.clone(),
         backfill_on_start: w.backfill_on_start,
         backfill_days: w.backfill_days,
+        money: MoneyPolicy {
+            refund_debt,
+            dispute_suspends: w.dispute_suspends_credits,
+        },
     })
 }
 
@@ -123,7 +141,26 @@ mod tests {
         assert_eq!(c.webhooks.fallback_plan, "free");
         assert_eq!(c.webhooks.retention, Duration::from_secs(35 * 86_400));
         assert!(!c.stripe.refetch_on_webhook);
+        assert!(c.webhooks.money.refund_debt && c.webhooks.money.dispute_suspends);
+        let forgiving = EMBEDDED_DEFAULT
+            .replacen(
+                "refund_policy = \"negative_balance\"",
+                "refund_policy = \"forgive\"",
+                1,
+            )
+            .replacen(
+                "dispute_suspends_credits = true",
+                "dispute_suspends_credits = false",
+                1,
+            );
+        let c = parse(&forgiving).unwrap();
+        assert!(!c.webhooks.money.refund_debt && !c.webhooks.money.dispute_suspends);
         let cases = [
+            (
+                "refund_policy = \"negative_balance\"",
+                "refund_policy = \"ignore\"",
+                "webhooks.refund_policy",
+            ),
             (
                 "tolerance_s = 300",
                 "tolerance_s = 0",

@@ -130,6 +130,8 @@ impl AccountsApi {
                 credits: CreditsView {
                     balance: r.credits_after,
                     spent: None,
+                    debt: None,
+                    blocked: None,
                 },
                 alerts: r.alerts.iter().map(|a| alert_view(a, None)).collect(),
             }),
@@ -214,6 +216,8 @@ fn denial(reply: &ConsumeReply, code: DenyCode) -> ApiError {
     e.body.credits = Some(CreditsView {
         balance: r.credits_after,
         spent: Some(0),
+        debt: None,
+        blocked: None,
     });
     e.replayed = reply.replayed;
     e
@@ -516,6 +520,8 @@ impl AccountsApi {
         let credits = CreditsView {
             balance: r.credits_after,
             spent: None,
+            debt: None,
+            blocked: None,
         };
         match r.outcome {
             Outcome::Allowed => Ok(ReserveResponse::Created(
@@ -636,6 +642,9 @@ impl AccountsApi {
         });
         Ok(Json(CreditsPage {
             balance: view.credits,
+            debt: view.credit_debt,
+            blocked: view.credits_blocked().map(str::to_owned),
+            open_disputes: view.open_disputes.clone(),
             grants: grants
                 .into_iter()
                 .map(|(gid, g)| GrantView {

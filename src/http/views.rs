@@ -66,9 +66,13 @@ pub struct SpendCapBody {
 /// An alert raised by a consume.
 #[derive(Debug, Clone, Object, serde::Serialize)]
 pub struct AlertView {
-    /// `usage` (of the included allowance), `spend` (of the spend cap) or `low_credits`.
+    /// `usage` (of the included allowance), `spend` (of the spend cap), `low_credits`, or
+    /// one of Stripe's: `payment_failed`, `money_refused` (meter: `<code> <event id>`),
+    /// `credits_clawed_back` (meter: the payment intent; threshold: credits owed for it in
+    /// all, value: taken now, limit: added to debt), `dispute` (meter: the dispute id; value:
+    /// its amount; limit: 1 if it suspends credit use), ...
     pub kind: String,
-    /// The meter, for `usage` alerts.
+    /// The meter, for `usage` alerts; what the alert is about, for the others.
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub meter: Option<String>,
@@ -189,6 +193,14 @@ pub struct GrantView {
 pub struct CreditsPage {
     /// The live balance: the sum of live grants.
     pub balance: u64,
+    /// Credits owed back (refunded or lost-dispute top-ups) and not covered yet: while above
+    /// 0 credits cannot be spent, and new credits pay it first.
+    pub debt: u64,
+    /// Why credits cannot be spent now, if they cannot: `credit_debt` or `dispute_open`.
+    #[oai(skip_serializing_if_is_none)]
+    pub blocked: Option<String>,
+    /// Open disputes (ids) that suspend credit use until they close.
+    pub open_disputes: Vec<String>,
     /// Grants in burn order first (live ones), then the rest.
     pub grants: Vec<GrantView>,
 }
@@ -286,6 +298,16 @@ pub struct CreditsView {
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spent: Option<u64>,
+    /// Credits owed back after a refund or lost dispute of a top-up and not covered yet (on
+    /// account reads; absent when 0). New credits pay it first.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub debt: Option<u64>,
+    /// Why credits cannot be spent now, if they cannot (account reads): `credit_debt` or
+    /// `dispute_open`.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
 }
 
 /// The answer to a consume (200) or a check.
@@ -331,6 +353,8 @@ pub fn consume_result(reply: &ConsumeReply) -> ConsumeResult {
         credits: CreditsView {
             balance: r.credits_after,
             spent: Some(r.credits_spent),
+            debt: None,
+            blocked: None,
         },
         alerts: r.alerts.iter().map(|a| alert_view(a, None)).collect(),
     }
@@ -350,6 +374,8 @@ pub fn credit_result(reply: &CreditReply) -> CreditResult {
         credits: CreditsView {
             balance: reply.record.credits_after,
             spent: None,
+            debt: None,
+            blocked: None,
         },
     }
 }
@@ -584,6 +610,8 @@ pub fn account_result(v: &AccountView) -> AccountResult {
         credits: CreditsView {
             balance: v.credits,
             spent: None,
+            debt: (v.credit_debt > 0).then_some(v.credit_debt),
+            blocked: v.credits_blocked().map(str::to_owned),
         },
         features: v.features.clone(),
         ledger_seq: v.last_seq,

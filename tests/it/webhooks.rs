@@ -1364,3 +1364,380 @@ async fn a_subscription_of_unknown_prices_and_its_deletion_change_nothing() {
     );
     d.stop().await;
 }
+
+/// The story's top-up was paid by this payment intent.
+const TOPUP_PAYMENT: &str = "pi_1An1OQm7Yc2Hd9adc97aANGy";
+
+/// `charge.refunded` for the story's top-up (5000 usd paid): `refunded` in total so far.
+fn topup_refunded(event_id: &str, created: i64, refunded: i64) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(&charge_refunded(event_id, created, refunded))
+        .expect("charge event");
+    let charge = &mut v["data"]["object"];
+    charge["amount"] = json!(5000);
+    charge["refunded"] = json!(refunded == 5000);
+    charge["payment_intent"] = json!(TOPUP_PAYMENT);
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// Stripe's dispute fixture as `charge.dispute.<kind>` of dispute `id` on `payment`.
+fn dispute_event(event_id: &str, kind: &str, id: &str, payment: &str, status: &str) -> Vec<u8> {
+    let fixtures = crate::support::stripe_fixtures_dir().join("fixtures3.latest.json");
+    let f: Value = serde_json::from_slice(&std::fs::read(fixtures).unwrap()).unwrap();
+    let mut d = f["resources"]["dispute"].clone();
+    d["id"] = json!(id);
+    d["payment_intent"] = json!(payment);
+    d["amount"] = json!(5000);
+    d["status"] = json!(status);
+    serde_json::to_vec(&json!({
+        "id": event_id, "object": "event", "api_version": "2026-09-30.endive",
+        "created": Clock::System.now_ms() / 1000, "livemode": false, "pending_webhooks": 1,
+        "request": {"id": null, "idempotency_key": null},
+        "type": format!("charge.dispute.{kind}"), "data": {"object": d}
+    }))
+    .unwrap()
+}
+
+/// The story's account on the prepaid plan, credited the story's top-up (5000 credits).
+async fn prepaid_with_topup(d: &TestDaemon, clock: &Clock) {
+    let r = d
+        .client
+        .put_account(
+            ACCOUNT,
+            json!({"plan": "prepaid", "stripe_customer_id": CUSTOMER}),
+        )
+        .await;
+    assert!(r.status < 300, "{:?}", r.body);
+    deliver(
+        d,
+        clock,
+        &event("checkout.session.completed.payment_topup.json"),
+    )
+    .await;
+    settled(&d.client).await;
+    assert_eq!(credits(&d.client).await["balance"], 5000);
+}
+
+async fn credits(client: &Client) -> Value {
+    get(client, &format!("/v1/accounts/{ACCOUNT}/credits")).await
+}
+
+async fn alerts_of(client: &Client, kind: &str) -> Vec<Value> {
+    let a = get(client, &format!("/v1/accounts/{ACCOUNT}/alerts")).await;
+    a["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["kind"] == kind)
+        .cloned()
+        .collect()
+}
+
+async fn grant_credits(client: &Client, amount: i64, key: &str) -> Resp {
+    client
+        .send(
+            reqwest::Method::POST,
+            &format!("/v1/accounts/{ACCOUNT}/credits"),
+            Some(ADMIN_KEY),
+            Some(json!({"amount": amount, "reason": "goodwill", "idempotency_key": key})),
+        )
+        .await
+}
+
+/// Issue 12: a refund of a top-up takes back the refunded share of its credits; what was
+/// spent becomes debt that blocks credit use until new credits pay it; refunds are
+/// cumulative, so replays and late partial refunds take nothing more.
+#[tokio::test]
+async fn a_refunded_topup_takes_back_its_credits_and_spent_credits_become_debt() {
+    let clock = Clock::System;
+    let d = start(clock.clone()).await;
+    prepaid_with_topup(&d, &clock).await;
+    assert_eq!(d.client.consume(ACCOUNT, 3000, "spend-1").await.status, 200);
+    // Half refunded: 2500 credits owed; 2000 are left to take, 500 become debt.
+    deliver(
+        &d,
+        &clock,
+        &topup_refunded("evt_rf_half", 1_793_000_100, 2500),
+    )
+    .await;
+    settled(&d.client).await;
+    let c = credits(&d.client).await;
+    assert_eq!(
+        (
+            c["balance"].as_u64(),
+            c["debt"].as_u64(),
+            c["blocked"].as_str()
+        ),
+        (Some(0), Some(500), Some("credit_debt")),
+        "{c}"
+    );
+    let a = get(&d.client, &format!("/v1/accounts/{ACCOUNT}")).await;
+    assert_eq!(a["credits"]["debt"], 500, "{a}");
+    let clawed = alerts_of(&d.client, "credits_clawed_back").await;
+    assert_eq!(clawed.len(), 1, "{clawed:?}");
+    assert_eq!(
+        (
+            clawed[0]["meter"].as_str(),
+            clawed[0]["threshold"].as_u64(),
+            clawed[0]["value"].as_u64(),
+            clawed[0]["limit"].as_u64()
+        ),
+        (Some(TOPUP_PAYMENT), Some(2500), Some(2000), Some(500))
+    );
+    // Debt blocks credit use.
+    let r = d.client.consume(ACCOUNT, 1, "spend-2").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (402, "insufficient_credits"),
+        "{:?}",
+        r.body
+    );
+    // The same refund total again (another event id), and an older smaller one that
+    // arrives late: nothing more is taken.
+    deliver(
+        &d,
+        &clock,
+        &topup_refunded("evt_rf_half_again", 1_793_000_200, 2500),
+    )
+    .await;
+    deliver(
+        &d,
+        &clock,
+        &topup_refunded("evt_rf_early", 1_793_000_000, 1000),
+    )
+    .await;
+    settled(&d.client).await;
+    let c = credits(&d.client).await;
+    assert_eq!(
+        (c["balance"].as_u64(), c["debt"].as_u64()),
+        (Some(0), Some(500)),
+        "{c}"
+    );
+    // New credits pay the debt first; the rest is spendable.
+    let r = grant_credits(&d.client, 800, "goodwill-1").await;
+    assert!(r.status < 300, "{:?}", r.body);
+    let c = credits(&d.client).await;
+    assert_eq!(
+        (
+            c["balance"].as_u64(),
+            c["debt"].as_u64(),
+            c["blocked"].as_str()
+        ),
+        (Some(300), Some(0), None),
+        "{c}"
+    );
+    assert_eq!(d.client.consume(ACCOUNT, 100, "spend-3").await.status, 200);
+    // The rest refunded: 2500 more owed; 200 live are taken, 2300 become debt.
+    deliver(
+        &d,
+        &clock,
+        &topup_refunded("evt_rf_full", 1_793_000_300, 5000),
+    )
+    .await;
+    settled(&d.client).await;
+    let c = credits(&d.client).await;
+    assert_eq!(
+        (c["balance"].as_u64(), c["debt"].as_u64()),
+        (Some(0), Some(2300)),
+        "{c}"
+    );
+    // The ledger says what happened, and it verifies.
+    let l = get(
+        &d.client,
+        &format!("/v1/accounts/{ACCOUNT}/ledger?limit=100"),
+    )
+    .await;
+    let kinds: Vec<&str> = l["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .filter(|k| *k == "clawback")
+        .collect();
+    assert_eq!(kinds.len(), 3, "two refunds and one settlement: {l}");
+    let v = admin(&d.client, "/v1/admin/verify").await;
+    assert_eq!(v.body["ok"], true, "{:?}", v.body);
+    d.stop().await;
+}
+
+/// Issue 12: `refund_policy = "forgive"` takes back only what is left; nothing is owed.
+#[tokio::test]
+async fn with_the_forgive_policy_a_refund_takes_back_only_unspent_credits() {
+    let clock = Clock::System;
+    let dir = tempfile::tempdir().unwrap();
+    seed_pending_topups(dir.path());
+    let path = dir.path().to_path_buf();
+    let d = TestDaemon::start_full(
+        dir,
+        move |c| {
+            *c = story_config(&path);
+            c.webhooks.money.refund_debt = false;
+        },
+        clock.clone(),
+        secrets(),
+    )
+    .await;
+    prepaid_with_topup(&d, &clock).await;
+    assert_eq!(d.client.consume(ACCOUNT, 4000, "spend-1").await.status, 200);
+    deliver(
+        &d,
+        &clock,
+        &topup_refunded("evt_rf_all", 1_793_000_100, 5000),
+    )
+    .await;
+    settled(&d.client).await;
+    let c = credits(&d.client).await;
+    assert_eq!(
+        (
+            c["balance"].as_u64(),
+            c["debt"].as_u64(),
+            c["blocked"].as_str()
+        ),
+        (Some(0), Some(0), None),
+        "{c}"
+    );
+    // New credits are the customer's: the forgiven part is not taken from them later.
+    assert!(grant_credits(&d.client, 100, "g").await.status < 300);
+    deliver(
+        &d,
+        &clock,
+        &topup_refunded("evt_rf_all_again", 1_793_000_200, 5000),
+    )
+    .await;
+    settled(&d.client).await;
+    assert_eq!(credits(&d.client).await["balance"], 100);
+    assert_eq!(d.client.consume(ACCOUNT, 100, "spend-2").await.status, 200);
+    d.stop().await;
+}
+
+/// Issue 12: a dispute of a top-up raises an alert and suspends credit use until it closes;
+/// won, the credits stay; lost, they go back as after a full refund. A dispute of a payment
+/// that paid no top-up of meterd's changes nothing.
+#[tokio::test]
+async fn a_dispute_suspends_credits_until_it_closes_and_a_lost_one_takes_them_back() {
+    let clock = Clock::System;
+    let d = start(clock.clone()).await;
+    prepaid_with_topup(&d, &clock).await;
+    deliver(
+        &d,
+        &clock,
+        &dispute_event(
+            "evt_dp1_open",
+            "created",
+            "dp_1",
+            TOPUP_PAYMENT,
+            "needs_response",
+        ),
+    )
+    .await;
+    deliver(
+        &d,
+        &clock,
+        &dispute_event(
+            "evt_dp_other",
+            "created",
+            "dp_9",
+            "pi_unknown",
+            "needs_response",
+        ),
+    )
+    .await;
+    settled(&d.client).await;
+    let c = credits(&d.client).await;
+    assert_eq!(
+        (
+            c["balance"].as_u64(),
+            c["blocked"].as_str(),
+            &c["open_disputes"]
+        ),
+        (Some(5000), Some("dispute_open"), &json!(["dp_1"])),
+        "{c}"
+    );
+    let alerts = alerts_of(&d.client, "dispute").await;
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(
+        (alerts[0]["meter"].as_str(), alerts[0]["limit"].as_u64()),
+        (Some("dp_1"), Some(1))
+    );
+    assert!(
+        outcome_of(&d.client, "evt_dp_other")
+            .await
+            .contains("paid no top-up"),
+        "{}",
+        outcome_of(&d.client, "evt_dp_other").await
+    );
+    let r = d.client.consume(ACCOUNT, 1, "spend-1").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (402, "insufficient_credits"),
+        "{:?}",
+        r.body
+    );
+    // Won: credits are usable again, none taken. A late `created` does not reopen it.
+    deliver(
+        &d,
+        &clock,
+        &dispute_event("evt_dp1_won", "closed", "dp_1", TOPUP_PAYMENT, "won"),
+    )
+    .await;
+    settled(&d.client).await;
+    deliver(
+        &d,
+        &clock,
+        &dispute_event(
+            "evt_dp1_late",
+            "created",
+            "dp_1",
+            TOPUP_PAYMENT,
+            "needs_response",
+        ),
+    )
+    .await;
+    settled(&d.client).await;
+    let c = credits(&d.client).await;
+    assert_eq!(
+        (c["balance"].as_u64(), c["blocked"].as_str()),
+        (Some(5000), None),
+        "{c}"
+    );
+    assert_eq!(d.client.consume(ACCOUNT, 1000, "spend-2").await.status, 200);
+    // A second dispute, lost: all 5000 credits are owed; 4000 are left, 1000 become debt.
+    deliver(
+        &d,
+        &clock,
+        &dispute_event(
+            "evt_dp2_open",
+            "created",
+            "dp_2",
+            TOPUP_PAYMENT,
+            "needs_response",
+        ),
+    )
+    .await;
+    deliver(
+        &d,
+        &clock,
+        &dispute_event("evt_dp2_lost", "closed", "dp_2", TOPUP_PAYMENT, "lost"),
+    )
+    .await;
+    settled(&d.client).await;
+    let c = credits(&d.client).await;
+    assert_eq!(
+        (
+            c["balance"].as_u64(),
+            c["debt"].as_u64(),
+            c["blocked"].as_str()
+        ),
+        (Some(0), Some(1000), Some("credit_debt")),
+        "{c}"
+    );
+    // And a refund of the same payment after that takes nothing more.
+    deliver(
+        &d,
+        &clock,
+        &topup_refunded("evt_rf_after_loss", 1_793_000_100, 5000),
+    )
+    .await;
+    settled(&d.client).await;
+    assert_eq!(credits(&d.client).await["debt"], 1000);
+    d.stop().await;
+}

@@ -41,6 +41,8 @@ impl AccountState {
                 at_ms: now,
             },
         )?;
+        // New credits pay credit debt first.
+        self.settle_debt(now)?;
         self.after_write()?;
         Ok(entry)
     }

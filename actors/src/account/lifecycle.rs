@@ -226,6 +226,11 @@ impl AccountState {
                 apply(&mut out, EntryKind::Settled(r))?;
             }
         }
+        // Credit debt is paid by whatever credits are live now (monthly credits of a new
+        // period, a grant that became effective).
+        if let Some(c) = out.settlement(now) {
+            apply(&mut out, EntryKind::Clawback(c))?;
+        }
         Ok((kinds, Some(out)))
     }
 

@@ -199,6 +199,10 @@ pub struct AccountView {
     pub period: Period,
     pub meters: Vec<MeterView>,
     pub credits: u64,
+    /// Credits owed back and not covered yet (refunded or lost-dispute top-ups).
+    pub credit_debt: u64,
+    /// Open disputes that suspend credit use.
+    pub open_disputes: Vec<String>,
     pub last_seq: u64,
     /// Access under the subscription status, as of the view.
     pub access: Access,
@@ -222,6 +226,17 @@ pub struct AccountView {
 }
 
 impl AccountView {
+    /// Why credits cannot be spent now, if they cannot: `credit_debt` or `dispute_open`.
+    pub fn credits_blocked(&self) -> Option<&'static str> {
+        if self.credit_debt > 0 {
+            Some("credit_debt")
+        } else if !self.open_disputes.is_empty() {
+            Some("dispute_open")
+        } else {
+            None
+        }
+    }
+
     /// May the account use `feature`? (`hasFeatureAccess`.)
     pub fn feature(&self, feature: &str) -> Entitlement {
         feature_entitlement(&self.plan, self.profile.status, self.access, feature)

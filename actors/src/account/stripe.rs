@@ -11,11 +11,11 @@
 use crate::billing::{
     BillingFact, StripeChange, StripeOutcome, StripeRecord, Transaction, TransactionKind, status_of,
 };
-use crate::ledger::EntryKind;
+use crate::ledger::{ClawbackRecord, EntryKind};
 use crate::model::SubscriptionStatus;
 use crate::model::{Alert, AlertKind};
 use crate::model::{IdempotencyKey, Period, ValidationError};
-use crate::store::{IdemOp, StoreError};
+use crate::store::{IdemOp, StoreError, TopUpPayment};
 
 use super::{AccountError, AccountState, TopUpCmd};
 
@@ -32,6 +32,27 @@ pub struct StripeCmd {
     /// The Stripe customer the event is about, if it names one. It must be the account's
     /// (the customer is the authority): an event naming another is refused.
     pub customer: Option<String>,
+    pub money: MoneyPolicy,
+}
+
+/// What a refund or dispute of a top-up does (`[webhooks] refund_policy` and
+/// `dispute_suspends_credits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoneyPolicy {
+    /// `true` ("negative_balance"): refunded credits already spent become a debt that blocks
+    /// credit use until new credits cover it. `false` ("forgive"): they are not owed.
+    pub refund_debt: bool,
+    /// An open dispute suspends credit use until it closes.
+    pub dispute_suspends: bool,
+}
+
+impl Default for MoneyPolicy {
+    fn default() -> Self {
+        Self {
+            refund_debt: true,
+            dispute_suspends: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +72,10 @@ struct Plan {
     profile: Option<crate::ledger::AccountProfile>,
     period: Option<Period>,
     top_up: Option<TopUpCmd>,
+    /// The payment that paid the top-up (payment intent and record), written with it.
+    payment: Option<(String, TopUpPayment)>,
+    /// Credits owed back for a payment: `(payment intent, owed in total, top-up session)`.
+    clawback: Option<(String, u64, String)>,
 }
 
 impl Plan {
@@ -62,6 +87,8 @@ impl Plan {
             profile: None,
             period: None,
             top_up: None,
+            payment: None,
+            clawback: None,
         }
     }
 
@@ -81,6 +108,8 @@ impl Plan {
             profile: None,
             period: None,
             top_up: None,
+            payment: None,
+            clawback: None,
         }
     }
 }
@@ -143,10 +172,30 @@ impl AccountState {
                 // or starts before the current one is not applied; the rest of the event is.
                 let _ = self.set_period(p, now)?;
             }
-            if let Some(t) = plan.top_up
-                && let Err(e) = self.write_top_up(t)?
+            if let Some((pi, rec)) = &plan.payment {
+                // Before the credit: a refund or dispute of the payment must find its top-up.
+                self.deps.store.put_payment(pi, rec)?;
+            }
+            if let Some(t) = plan.top_up {
+                if let Err(e) = self.write_top_up(t)? {
+                    return Ok(Err(e));
+                }
+                self.settle_debt(now)?;
+            }
+            if let Some((pi, owed, session)) = &plan.clawback
+                && let Some(c) = self.clawback_for(pi, *owed, session, cmd.money.refund_debt, now)
             {
-                return Ok(Err(e));
+                let alert = Alert {
+                    kind: AlertKind::CreditsClawedBack,
+                    meter: pi.clone(),
+                    threshold: c.owed,
+                    value: c.burns.iter().map(|(_, n)| n).sum(),
+                    limit: c.debt_added,
+                };
+                if self.alert_new(&alert) {
+                    plan.alerts.push(alert);
+                }
+                self.append(EntryKind::Clawback(c), now)?;
             }
         }
         let record = StripeRecord {
@@ -186,6 +235,59 @@ impl AccountState {
             .balances
             .as_ref()
             .is_none_or(|b| !b.alert_fired(a.kind, &a.meter, a.threshold))
+    }
+
+    /// The entry that takes back what is owed for payment `pi` beyond what was taken before
+    /// (`owed` in total: refunds are cumulative, so a late or repeated event takes nothing):
+    /// from the top-up's own grant (`session`) first, then other live credits; the rest
+    /// becomes debt, or is forgiven.
+    fn clawback_for(
+        &self,
+        pi: &str,
+        owed: u64,
+        session: &str,
+        refund_debt: bool,
+        now: i64,
+    ) -> Option<ClawbackRecord> {
+        let b = self.fold.balances.as_ref()?;
+        let before = b.clawbacks.get(pi).copied().unwrap_or(0);
+        let delta = owed.checked_sub(before).filter(|d| *d > 0)?;
+        let first = b
+            .grants
+            .iter()
+            .find(|(_, g)| g.terms.external_id.as_deref() == Some(session))
+            .map(|(id, _)| *id);
+        let burns = b.take_plan(now, delta, first);
+        let taken: u64 = burns.iter().map(|(_, n)| n).sum();
+        let rest = delta - taken;
+        let (debt_added, forgiven) = if refund_debt { (rest, 0) } else { (0, rest) };
+        Some(ClawbackRecord {
+            reference: pi.to_owned(),
+            owed,
+            burns,
+            debt_added,
+            forgiven,
+            debt_paid: 0,
+            credits_after: b.live_credits(now) - taken,
+            debt_after: b.credit_debt + debt_added,
+        })
+    }
+
+    /// Pays credit debt from live credits, if there is both (after new credits arrive).
+    pub(super) fn settle_debt(&mut self, now: i64) -> Result<(), StoreError> {
+        if let Some(c) = self.fold.balances.as_ref().and_then(|b| b.settlement(now)) {
+            self.append(EntryKind::Clawback(c), now)?;
+        }
+        Ok(())
+    }
+
+    /// The top-up payment `pi` paid for this account, if meterd credited one.
+    fn own_payment(&self, pi: &str) -> Result<Option<TopUpPayment>, StoreError> {
+        Ok(self
+            .deps
+            .store
+            .payment(pi)?
+            .filter(|p| p.account == self.id.as_str()))
     }
 
     fn decide_stripe(&self, cmd: &StripeCmd) -> Result<Plan, AccountError> {
@@ -238,6 +340,7 @@ impl AccountState {
                 credits: _,
                 amount,
                 currency,
+                payment_intent,
             } => {
                 // Only a session meterd created (its pending record, made for this account and
                 // its customer) is credited, for the package recorded, at the price recorded.
@@ -312,6 +415,19 @@ impl AccountState {
                 p.top_up = Some(TopUpCmd {
                     package: pkg.name.clone(),
                     external_id: key,
+                });
+                p.payment = payment_intent.as_ref().map(|pi| {
+                    (
+                        pi.clone(),
+                        TopUpPayment {
+                            account: self.id.to_string(),
+                            session_id: session_id.clone(),
+                            package: pkg.name.clone(),
+                            credits: pkg.credits,
+                            amount: pending.amount,
+                            currency: pending.currency.clone(),
+                        },
+                    )
                 });
                 p
             }
@@ -590,7 +706,7 @@ impl AccountState {
                 if held.is_some_and(|t| t.at_s > created) {
                     return Ok(Plan::stale("a later refund of this charge was recorded"));
                 }
-                Plan::applied(BillingFact::Transaction(Transaction {
+                let mut p = Plan::applied(BillingFact::Transaction(Transaction {
                     id: charge.clone(),
                     kind: TransactionKind::Refund,
                     amount: *amount,
@@ -599,7 +715,66 @@ impl AccountState {
                     reference: reference.clone(),
                     credits: None,
                     event_id: cmd.event_id.clone(),
-                }))
+                }));
+                // A refund of a top-up takes back the refunded share of its credits
+                // (`amount` is the charge's refunded total: cumulative, so order-free).
+                if let Some(pi) = reference
+                    && let Some(pay) = self.own_payment(pi)?
+                    && pay.amount > 0
+                    && currency.eq_ignore_ascii_case(&pay.currency)
+                {
+                    let refunded = u64::try_from(*amount).unwrap_or(0).min(pay.amount);
+                    let owed =
+                        u128::from(pay.credits) * u128::from(refunded) / u128::from(pay.amount);
+                    let owed = u64::try_from(owed).unwrap_or(pay.credits);
+                    p.clawback = Some((pi.clone(), owed, pay.session_id));
+                }
+                p
+            }
+            StripeChange::Dispute {
+                id,
+                payment_intent,
+                amount,
+                currency,
+                open,
+                status,
+            } => {
+                let Some(pay) = self.own_payment(payment_intent)? else {
+                    return Ok(Plan::refused(
+                        "not_ours",
+                        format!("payment {payment_intent} paid no top-up of this account"),
+                    ));
+                };
+                let b = self.fold.balances.as_ref();
+                if *open && b.is_some_and(|b| b.disputes_closed.contains(id)) {
+                    return Ok(Plan::stale("the dispute closed already"));
+                }
+                let lost = !*open && status == "lost";
+                let suspends = *open && cmd.money.dispute_suspends;
+                let mut p = Plan::applied(BillingFact::Dispute {
+                    id: id.clone(),
+                    payment: payment_intent.clone(),
+                    amount: *amount,
+                    currency: currency.clone(),
+                    open: *open,
+                    won: !*open && !lost,
+                    suspends,
+                });
+                if *open {
+                    p.alerts.push(Alert {
+                        kind: AlertKind::Dispute,
+                        meter: id.clone(),
+                        threshold: u64::try_from(created).unwrap_or(0),
+                        value: u64::try_from(*amount).unwrap_or(0),
+                        limit: u64::from(suspends),
+                    });
+                }
+                if lost {
+                    // A lost dispute returned the money: the credits go back as after a full
+                    // refund.
+                    p.clawback = Some((payment_intent.clone(), pay.credits, pay.session_id));
+                }
+                p
             }
             StripeChange::Features(f) => {
                 if created < billing.features_version {

@@ -71,6 +71,8 @@ impl AccountState {
             period: balances.period,
             meters,
             credits,
+            credit_debt: balances.credit_debt,
+            open_disputes: balances.disputes.iter().cloned().collect(),
             last_seq: self.fold.last_seq,
             profile,
         })

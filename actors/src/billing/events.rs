@@ -56,6 +56,8 @@ pub enum Target {
     Account(AccountId, Option<String>),
     /// Only the Stripe customer is known: look up the account linked to it.
     Customer(String),
+    /// A payment (payment intent): the account whose top-up it paid, if meterd credited one.
+    Payment(String),
     /// Meter events of these accounts, named by their outbox identifiers.
     Identifiers(Vec<ReportedEvent>),
     /// No account: acknowledged and ignored.
@@ -90,6 +92,8 @@ pub enum StripeChange {
         credits: Option<u64>,
         amount: i64,
         currency: String,
+        /// The payment that paid it: a refund or dispute names it.
+        payment_intent: Option<String>,
     },
     Subscription {
         info: SubscriptionInfo,
@@ -121,6 +125,15 @@ pub enum StripeChange {
         amount: i64,
         currency: String,
         reference: Option<String>,
+    },
+    /// A payment was disputed (`open`), or its dispute closed (`status` `won`, `lost`, …).
+    Dispute {
+        id: String,
+        payment_intent: String,
+        amount: i64,
+        currency: String,
+        open: bool,
+        status: String,
     },
     MeterErrors {
         meter: Option<String>,
@@ -169,6 +182,8 @@ pub const HANDLED_TYPES: &[&str] = &[
     "payment_method.detached",
     "entitlements.active_entitlement_summary.updated",
     "charge.refunded",
+    "charge.dispute.created",
+    "charge.dispute.closed",
     "v1.billing.meter.error_report_triggered",
 ];
 
@@ -214,6 +229,7 @@ pub fn interpret(ev: &Value, prices: &PriceMap) -> Result<(Target, StripeChange)
                                 credits: o.metadata.credits.and_then(|c| c.parse().ok()),
                                 amount: o.amount_total.unwrap_or(0),
                                 currency: o.currency.unwrap_or_default(),
+                                payment_intent: id_of(&o.payment_intent),
                             },
                         )
                     }
@@ -333,9 +349,35 @@ pub fn interpret(ev: &Value, prices: &PriceMap) -> Result<(Target, StripeChange)
                     charge: o.id.ok_or("charge without `id`")?,
                     amount: o.amount_refunded.unwrap_or(0),
                     currency: o.currency.unwrap_or_default(),
-                    reference: o.payment_intent.or(o.invoice),
+                    reference: id_of(&o.payment_intent).or_else(|| id_of(&o.invoice)),
                 },
             )
+        }
+        "charge.dispute.created" | "charge.dispute.closed" => {
+            let (o, _) = object_of::<Dispute>(ev)?;
+            let id = o.id.ok_or("dispute without `id`")?;
+            // A dispute names its charge and payment intent, not the customer: the payment
+            // finds the top-up it paid (only those are meterd's to act on).
+            match id_of(&o.payment_intent) {
+                None => (
+                    Target::None,
+                    StripeChange::Ignore(format!(
+                        "dispute {id} of charge {} names no payment intent",
+                        id_of(&o.charge).unwrap_or_default()
+                    )),
+                ),
+                Some(pi) => (
+                    Target::Payment(pi.clone()),
+                    StripeChange::Dispute {
+                        id,
+                        payment_intent: pi,
+                        amount: o.amount.unwrap_or(0),
+                        currency: o.currency.unwrap_or_default(),
+                        open: h.event_type == "charge.dispute.created",
+                        status: o.status.unwrap_or_default(),
+                    },
+                ),
+            }
         }
         other => (
             Target::None,
@@ -550,8 +592,9 @@ mod tests {
                 StripeChange::TopUp {
                     credits: Some(5000),
                     amount: 5000,
+                    payment_intent: Some(ref pi),
                     ..
-                }
+                } if pi == "pi_1An1OQm7Yc2Hd9adc97aANGy"
             ),
             "{c:?}"
         );
@@ -616,7 +659,7 @@ mod tests {
             && r.identifier == "acct_acme:4410"));
         assert!(matches!(c, StripeChange::MeterErrors { ref codes, .. } if codes.len() == 2));
 
-        let unknown = serde_json::json!({"id":"evt_x","type":"charge.dispute.created","created":1,"object":"event"});
+        let unknown = serde_json::json!({"id":"evt_x","type":"charge.dispute.funds_withdrawn","created":1,"object":"event"});
         assert!(matches!(
             interpret(&unknown, &p).unwrap(),
             (Target::None, StripeChange::Ignore(_))
@@ -673,6 +716,55 @@ mod tests {
                 "currency": "eur", "payment_intent": null, "invoice": "in_1"
             }}
         })
+    }
+
+    /// Stripe's dispute fixture, as `charge.dispute.<kind>` on payment intent `pi`.
+    fn dispute(kind: &str, pi: Value, status: &str) -> Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/stripe/fixtures3.latest.json");
+        let f: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let mut d = f["resources"]["dispute"].clone();
+        d["payment_intent"] = pi;
+        d["status"] = serde_json::json!(status);
+        serde_json::json!({
+            "id": "evt_d", "object": "event", "type": format!("charge.dispute.{kind}"),
+            "created": 5, "data": {"object": d}
+        })
+    }
+
+    #[test]
+    fn a_dispute_names_its_payment_and_one_without_a_payment_intent_is_ignored() {
+        let p = prices();
+        let (t, c) = interpret(
+            &dispute("created", serde_json::json!("pi_1"), "needs_response"),
+            &p,
+        )
+        .unwrap();
+        assert_eq!(t, Target::Payment("pi_1".into()));
+        assert_eq!(
+            c,
+            StripeChange::Dispute {
+                id: "dp_1Pgc71B7WZ01zgkWMevJiAUx".into(),
+                payment_intent: "pi_1".into(),
+                amount: 1000,
+                currency: "usd".into(),
+                open: true,
+                status: "needs_response".into(),
+            }
+        );
+        let expanded = serde_json::json!({"id": "pi_2", "object": "payment_intent"});
+        let (t, c) = interpret(&dispute("closed", expanded, "lost"), &p).unwrap();
+        assert_eq!(t, Target::Payment("pi_2".into()));
+        assert!(
+            matches!(c, StripeChange::Dispute { open: false, ref status, .. } if status == "lost"),
+            "{c:?}"
+        );
+        let (t, c) = interpret(&dispute("created", Value::Null, "needs_response"), &p).unwrap();
+        assert_eq!(t, Target::None);
+        assert!(matches!(c, StripeChange::Ignore(_)), "{c:?}");
+        // Other dispute events are acknowledged and ignored.
+        let (t, _) = interpret(&dispute("updated", serde_json::json!("pi_1"), "won"), &p).unwrap();
+        assert_eq!(t, Target::None);
     }
 
     /// The events of the story.

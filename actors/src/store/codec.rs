@@ -25,6 +25,11 @@ pub enum StoredSnapshot {
     /// build before V2 wrote `Stripe` entries).
     V1(Box<v1::SnapshotV1>),
     V2(Box<v1::AccountSnapshot>),
+    /// Issue 12: V2 and the balances' credit debt, clawbacks and open disputes.
+    V3 {
+        snapshot: Box<v1::AccountSnapshot>,
+        extra: v1::BalancesExtra,
+    },
 }
 
 /// A `notify` value.
@@ -266,7 +271,10 @@ pub(super) fn decode_entry(bytes: &[u8]) -> Result<LedgerEntry, StoreError> {
 
 pub(super) fn encode_snapshot(s: &AccountSnapshot) -> Result<Vec<u8>, StoreError> {
     enc(
-        &StoredSnapshot::V2(Box::new(v1::AccountSnapshot::freeze(s))),
+        &StoredSnapshot::V3 {
+            snapshot: Box::new(v1::AccountSnapshot::freeze(s)),
+            extra: v1::BalancesExtra::of(&s.balances),
+        },
         "accounts",
     )
 }
@@ -280,6 +288,11 @@ pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<AccountSnapshot, StoreErro
             last_seq: s.last_seq,
         }),
         StoredSnapshot::V2(s) => Ok((*s).thaw()),
+        StoredSnapshot::V3 { snapshot, extra } => {
+            let mut s = (*snapshot).thaw();
+            extra.restore(&mut s.balances);
+            Ok(s)
+        }
     }
 }
 

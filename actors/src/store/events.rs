@@ -122,6 +122,35 @@ pub(super) fn decode_pending_topup(b: &[u8]) -> Result<PendingTopUp, StoreError>
     }
 }
 
+/// A top-up credited, under the payment (payment intent) that paid it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopUpPayment {
+    pub account: String,
+    /// The Checkout Session: the top-up grant's `external_id`.
+    pub session_id: String,
+    pub package: String,
+    pub credits: u64,
+    /// Minor units of `currency` paid.
+    pub amount: u64,
+    pub currency: String,
+}
+
+/// A `payments` value.
+#[derive(Debug, bincode::Encode, bincode::Decode)]
+enum StoredPayment {
+    V1(v1::TopUpPayment),
+}
+
+pub(super) fn encode_payment(r: &TopUpPayment) -> Result<Vec<u8>, StoreError> {
+    enc(&StoredPayment::V1(Freeze::freeze(r)), "payments")
+}
+
+pub(super) fn decode_payment(b: &[u8]) -> Result<TopUpPayment, StoreError> {
+    match dec::<StoredPayment>(b, "payments")? {
+        StoredPayment::V1(r) => Ok(r.thaw()),
+    }
+}
+
 /// A `meter_errors` value.
 #[derive(Debug, bincode::Encode, bincode::Decode)]
 enum StoredMeterError {
@@ -325,6 +354,24 @@ impl Store {
             .topups
             .get(id.as_bytes())?
             .map(|v| decode_pending_topup(&v))
+            .transpose()
+    }
+
+    /// Records the payment (payment intent `pi`) of a credited top-up. Idempotent: a
+    /// redelivered event writes the same record.
+    pub fn put_payment(&self, pi: &str, r: &TopUpPayment) -> Result<(), StoreError> {
+        self.inner
+            .payments
+            .insert(pi.as_bytes(), encode_payment(r)?)?;
+        Ok(())
+    }
+
+    /// The top-up paid by payment intent `pi`, if meterd credited one.
+    pub fn payment(&self, pi: &str) -> Result<Option<TopUpPayment>, StoreError> {
+        self.inner
+            .payments
+            .get(pi.as_bytes())?
+            .map(|v| decode_payment(&v))
             .transpose()
     }
 

@@ -22,8 +22,9 @@ use crate::billing::{
     SubItem, SubscriptionInfo, Transaction, TransactionKind,
 };
 use crate::ledger::{
-    AccountProfile, Balances, ConsumeRecord, CreditCategory, CreditRecord, EntryKind, FiredAlert,
-    Grant, GrantTerms, Hold, HoldRecord, LedgerEntry, MeterUsage, SettleRecord,
+    AccountProfile, Balances, ClawbackRecord, ConsumeRecord, CreditCategory, CreditRecord,
+    EntryKind, FiredAlert, Grant, GrantTerms, Hold, HoldRecord, LedgerEntry, MeterUsage,
+    SettleRecord,
 };
 use crate::model::{Alert, AlertKind, DenyCode, Outcome};
 use crate::model::{MeterOverride, OverageOverride, SubscriptionStatus};
@@ -156,6 +157,21 @@ fn balances() -> Balances {
             at_ms: 1_790_000_500_000,
             alert: alert(AlertKind::Usage),
         }],
+        credit_debt: 0,
+        clawbacks: BTreeMap::new(),
+        disputes: std::collections::BTreeSet::new(),
+        disputes_closed: std::collections::BTreeSet::new(),
+    }
+}
+
+/// Balances with what only snapshot V3 stores: a credit debt, clawbacks and open disputes.
+fn balances_v3() -> Balances {
+    Balances {
+        credit_debt: 40,
+        clawbacks: BTreeMap::from([("pi_1".into(), 100)]),
+        disputes: std::collections::BTreeSet::from(["dp_1".to_owned()]),
+        disputes_closed: std::collections::BTreeSet::from(["dp_0".to_owned()]),
+        ..balances()
     }
 }
 
@@ -476,6 +492,34 @@ fn entry_kinds() -> Vec<(&'static str, EntryKind)> {
                 ],
             })),
         ),
+        (
+            "stripe_dispute",
+            stripe(
+                BillingFact::Dispute {
+                    id: "dp_1".into(),
+                    payment: "pi_1".into(),
+                    amount: 5_000,
+                    currency: "usd".into(),
+                    open: true,
+                    won: false,
+                    suspends: true,
+                },
+                StripeOutcome::Applied,
+            ),
+        ),
+        (
+            "clawback",
+            EntryKind::Clawback(ClawbackRecord {
+                reference: "pi_1".into(),
+                owed: 100,
+                burns: vec![(4, 60)],
+                debt_added: 40,
+                forgiven: 0,
+                debt_paid: 0,
+                credits_after: 840,
+                debt_after: 40,
+            }),
+        ),
     ]
 }
 
@@ -513,8 +557,20 @@ fn samples() -> Vec<Sample> {
         billing: billing(),
         last_seq: 41,
     };
-    let bytes = codec::encode_snapshot(&snap).ok();
+    let bytes = enc(
+        &StoredSnapshot::V2(Box::new(v1::AccountSnapshot::freeze(&snap))),
+        "accounts",
+    )
+    .ok();
     out.push(sample("accounts.v2", snap, decode_snapshot, bytes));
+    let snap = AccountSnapshot {
+        profile: profile(),
+        balances: balances_v3(),
+        billing: billing(),
+        last_seq: 41,
+    };
+    let bytes = codec::encode_snapshot(&snap).ok();
+    out.push(sample("accounts.v3", snap, decode_snapshot, bytes));
     let idem = IdemRecord {
         seq: 42,
         at_ms: 1_790_000_600_000,
@@ -607,6 +663,21 @@ fn samples() -> Vec<Sample> {
         "topups.v1",
         topup,
         super::events::decode_pending_topup,
+        bytes,
+    ));
+    let payment = super::events::TopUpPayment {
+        account: "acme".into(),
+        session_id: "cs_test_1".into(),
+        package: "credits_5000".into(),
+        credits: 5000,
+        amount: 5000,
+        currency: "usd".into(),
+    };
+    let bytes = super::events::encode_payment(&payment).ok();
+    out.push(sample(
+        "payments.v1",
+        payment,
+        super::events::decode_payment,
         bytes,
     ));
     let window = super::recon::ReconWindow {
@@ -746,7 +817,7 @@ fn every_ledger_tag_and_record_version_is_covered() {
     // A new variant of a stored enum needs a sample (and so committed bytes) before it ships.
     let kinds: std::collections::BTreeSet<&str> =
         entry_kinds().iter().map(|(_, k)| k.name()).collect();
-    assert_eq!(kinds.len(), 9, "{kinds:?}");
+    assert_eq!(kinds.len(), 10, "{kinds:?}");
     // Bytes not of this build's version never decode as it: a version tag past the last is
     // refused, not guessed.
     let committed = committed();
@@ -754,9 +825,9 @@ fn every_ledger_tag_and_record_version_is_covered() {
     let mut unknown = upserted.clone();
     unknown[0] = 1;
     assert!(decode_entry(&unknown).is_err());
-    let snapshot = &committed["accounts.v2"];
+    let snapshot = &committed["accounts.v3"];
     let mut unknown = snapshot.clone();
-    unknown[0] = 2;
+    unknown[0] = 3;
     assert!(decode_snapshot(&unknown).is_err());
     assert!(dec::<StoredOutbox>(&[2], "outbox").is_err());
 }
@@ -787,6 +858,11 @@ fn records_of_released_stores_decode_and_re_encode_to_their_bytes() {
                                 balances: Freeze::freeze(&s.balances),
                                 last_seq: s.last_seq,
                             })),
+                            "accounts",
+                        )
+                        .unwrap(),
+                        1 => enc(
+                            &StoredSnapshot::V2(Box::new(v1::AccountSnapshot::freeze(&s))),
                             "accounts",
                         )
                         .unwrap(),

@@ -400,6 +400,16 @@ pub mod v1 {
         MeterErrors {
             count: u64,
         },
+        /// Appended with issue 12 (older data never holds it).
+        Dispute {
+            id: String,
+            payment: String,
+            amount: i64,
+            currency: String,
+            open: bool,
+            won: bool,
+            suspends: bool,
+        },
     }
 
     impl Freeze<b::BillingFact> for BillingFact {
@@ -444,6 +454,23 @@ pub mod v1 {
                 },
                 b::BillingFact::Features(f) => Self::Features(f.clone()),
                 b::BillingFact::MeterErrors { count } => Self::MeterErrors { count: *count },
+                b::BillingFact::Dispute {
+                    id,
+                    payment,
+                    amount,
+                    currency,
+                    open,
+                    won,
+                    suspends,
+                } => Self::Dispute {
+                    id: id.clone(),
+                    payment: payment.clone(),
+                    amount: *amount,
+                    currency: currency.clone(),
+                    open: *open,
+                    won: *won,
+                    suspends: *suspends,
+                },
             }
         }
         fn thaw(self) -> b::BillingFact {
@@ -486,6 +513,23 @@ pub mod v1 {
                 }
                 Self::Features(f) => b::BillingFact::Features(f),
                 Self::MeterErrors { count } => b::BillingFact::MeterErrors { count },
+                Self::Dispute {
+                    id,
+                    payment,
+                    amount,
+                    currency,
+                    open,
+                    won,
+                    suspends,
+                } => b::BillingFact::Dispute {
+                    id,
+                    payment,
+                    amount,
+                    currency,
+                    open,
+                    won,
+                    suspends,
+                },
             }
         }
     }
@@ -546,7 +590,20 @@ pub mod v1 {
         },
         /// Boxed like the domain's (bincode writes a box as its content).
         Stripe(Box<StripeRecord>),
+        /// Appended with issue 12 (older data never holds it).
+        Clawback(ClawbackRecord),
     }
+
+    frozen_struct!(ClawbackRecord => l::ClawbackRecord {
+        reference: String,
+        owed: u64,
+        burns: Vec<(u64, u64)>,
+        debt_added: u64,
+        forgiven: u64,
+        debt_paid: u64,
+        credits_after: u64,
+        debt_after: u64,
+    });
 
     impl Freeze<l::EntryKind> for EntryKind {
         fn freeze(d: &l::EntryKind) -> Self {
@@ -574,6 +631,7 @@ pub mod v1 {
                     credits_after: *credits_after,
                 },
                 l::EntryKind::Stripe(r) => Self::Stripe(Box::new(StripeRecord::freeze(r))),
+                l::EntryKind::Clawback(c) => Self::Clawback(Freeze::freeze(c)),
             }
         }
         fn thaw(self) -> l::EntryKind {
@@ -601,6 +659,7 @@ pub mod v1 {
                     credits_after,
                 },
                 Self::Stripe(r) => l::EntryKind::Stripe(Box::new((*r).thaw())),
+                Self::Clawback(c) => l::EntryKind::Clawback(c.thaw()),
             }
         }
     }
@@ -616,13 +675,69 @@ pub mod v1 {
         burns: Vec<(u64, u64)>,
     });
 
-    frozen_struct!(Balances => l::Balances {
-        period: Period,
-        meters: BTreeMap<String, MeterUsage>,
-        grants: BTreeMap<u64, Grant>,
-        holds: BTreeMap<u64, Hold>,
-        alerts: Vec<FiredAlert>,
-    });
+    /// `Balances` as releases before issue 12 wrote it. The credit debt, clawbacks and open
+    /// disputes that came later travel beside it (`BalancesExtra`, snapshot V3); thawed alone
+    /// (V1, V2 snapshots) they are empty, as they were.
+    #[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+    pub struct Balances {
+        pub period: Period,
+        pub meters: BTreeMap<String, MeterUsage>,
+        pub grants: BTreeMap<u64, Grant>,
+        pub holds: BTreeMap<u64, Hold>,
+        pub alerts: Vec<FiredAlert>,
+    }
+
+    impl Freeze<l::Balances> for Balances {
+        fn freeze(d: &l::Balances) -> Self {
+            Self {
+                period: Freeze::freeze(&d.period),
+                meters: Freeze::freeze(&d.meters),
+                grants: Freeze::freeze(&d.grants),
+                holds: Freeze::freeze(&d.holds),
+                alerts: Freeze::freeze(&d.alerts),
+            }
+        }
+        fn thaw(self) -> l::Balances {
+            l::Balances {
+                period: self.period.thaw(),
+                meters: self.meters.thaw(),
+                grants: self.grants.thaw(),
+                holds: self.holds.thaw(),
+                alerts: self.alerts.thaw(),
+                credit_debt: 0,
+                clawbacks: BTreeMap::new(),
+                disputes: std::collections::BTreeSet::new(),
+                disputes_closed: std::collections::BTreeSet::new(),
+            }
+        }
+    }
+
+    /// What `Balances` gained with issue 12 (snapshot V3).
+    #[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+    pub struct BalancesExtra {
+        pub credit_debt: u64,
+        pub clawbacks: BTreeMap<String, u64>,
+        pub disputes: Vec<String>,
+        pub disputes_closed: Vec<String>,
+    }
+
+    impl BalancesExtra {
+        pub fn of(b: &l::Balances) -> Self {
+            Self {
+                credit_debt: b.credit_debt,
+                clawbacks: b.clawbacks.clone(),
+                disputes: b.disputes.iter().cloned().collect(),
+                disputes_closed: b.disputes_closed.iter().cloned().collect(),
+            }
+        }
+
+        pub fn restore(self, b: &mut l::Balances) {
+            b.credit_debt = self.credit_debt;
+            b.clawbacks = self.clawbacks;
+            b.disputes = self.disputes.into_iter().collect();
+            b.disputes_closed = self.disputes_closed.into_iter().collect();
+        }
+    }
 
     frozen_struct!(PaymentMethodState => b::PaymentMethodState {
         id: String,
@@ -711,6 +826,15 @@ pub mod v1 {
         currency: String,
         customer: String,
         created_ms: i64,
+    });
+
+    frozen_struct!(TopUpPayment => ev::TopUpPayment {
+        account: String,
+        session_id: String,
+        package: String,
+        credits: u64,
+        amount: u64,
+        currency: String,
     });
 
     frozen_unit_enum!(ReconStatus => rc::ReconStatus {

@@ -156,6 +156,19 @@ pub fn ledger_entry_view(e: &LedgerEntry) -> LedgerEntryView {
                 }
             });
         }
+        EntryKind::Clawback(c) => {
+            let taken: u64 = c.burns.iter().map(|(_, n)| n).sum();
+            v.credits_delta = Some(-i64::try_from(taken).unwrap_or(i64::MAX));
+            v.credits_after = Some(c.credits_after);
+            v.reason = Some(if c.reference == meterd_actors::ledger::DEBT {
+                format!("credit debt paid: {}, left {}", c.debt_paid, c.debt_after)
+            } else {
+                format!(
+                    "payment {} refunded or lost: {} credits owed in all, {taken} taken, {} to debt, {} forgiven; debt {}",
+                    c.reference, c.owed, c.debt_added, c.forgiven, c.debt_after
+                )
+            });
+        }
     }
     v
 }

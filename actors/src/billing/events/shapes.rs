@@ -194,6 +194,8 @@ pub(super) struct CheckoutSession {
     pub(super) currency: Option<String>,
     #[serde(deserialize_with = "lenient")]
     pub(super) subscription: Option<Expandable>,
+    #[serde(deserialize_with = "lenient")]
+    pub(super) payment_intent: Option<Expandable>,
 }
 
 #[derive(Default, Deserialize)]
@@ -430,9 +432,26 @@ pub(super) struct Charge {
     #[serde(deserialize_with = "lenient")]
     pub(super) currency: Option<String>,
     #[serde(deserialize_with = "lenient")]
-    pub(super) payment_intent: Option<String>,
+    pub(super) payment_intent: Option<Expandable>,
     #[serde(deserialize_with = "lenient")]
-    pub(super) invoice: Option<String>,
+    pub(super) invoice: Option<Expandable>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+pub(super) struct Dispute {
+    #[serde(deserialize_with = "lenient")]
+    pub(super) id: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    pub(super) charge: Option<Expandable>,
+    #[serde(deserialize_with = "lenient")]
+    pub(super) payment_intent: Option<Expandable>,
+    #[serde(deserialize_with = "lenient")]
+    pub(super) amount: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
+    pub(super) currency: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    pub(super) status: Option<String>,
 }
 
 /// A v2 `v1.billing.meter.error_report_triggered` event (fetched in full).
