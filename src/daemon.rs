@@ -560,6 +560,10 @@ pub async fn run_with_clock(
                 alert_percent: r.alert_percent,
                 money_meters: r.money_meters.clone(),
                 keep_ok: r.keep_ok,
+                state_stale: r.state_stale,
+                prices: price_map(&config),
+                fallback_plan: config.webhooks.fallback_plan.clone(),
+                money: config.webhooks.money,
             },
         });
         supervisor

@@ -72,6 +72,13 @@ pub struct ReconcilerSettings {
     pub money_meters: Vec<String>,
     /// `ok` windows are kept this long for the report.
     pub keep_ok: Duration,
+    /// The state pass: an account whose subscription looks inconsistent, or whose last
+    /// Stripe event is older than this, is re-read from Stripe (`None`: no state pass).
+    pub state_stale: Option<Duration>,
+    /// Plans by Stripe price, read as the webhook actor reads them.
+    pub prices: crate::billing::PriceMap,
+    pub fallback_plan: String,
+    pub money: crate::account::MoneyPolicy,
 }
 
 #[derive(Clone)]
@@ -100,7 +107,16 @@ pub struct ReconcilerState {
     meter_ids: Option<HashMap<String, String>>,
     pacer: tokio::time::Interval,
     ticker: Option<ractor::concurrency::JoinHandle<()>>,
+    /// The state pass of the run under way: `Some(last customer done)`; `None`: none.
+    state_pass: Option<Option<String>>,
+    /// When the next state pass is due (a run starts one at most daily; an admin run always).
+    next_state_ms: UnixMs,
 }
+
+/// A state pass runs at most once a day (and on every admin run).
+const STATE_EVERY_MS: i64 = 86_400_000;
+/// A subscription's period is over for longer than this before its renewal counts as missed.
+const PERIOD_GRACE_MS: i64 = 86_400_000;
 
 pub struct ReconcilerActor;
 
@@ -195,6 +211,8 @@ impl Actor for ReconcilerActor {
             meter_ids: None,
             pacer,
             ticker: Some(ticker),
+            state_pass: None,
+            next_state_ms: now,
         })
     }
 
@@ -298,7 +316,12 @@ impl ReconcilerState {
             unrepairable: 0,
             reads: 0,
             alerts: 0,
+            state_checked: 0,
+            state_reread: 0,
         };
+        self.state_pass = (self.args.settings.state_stale.is_some()
+            && (trigger == "admin" || now >= self.next_state_ms))
+            .then_some(None);
         self.args.store.put_recon_run(&run)?;
         tracing::info!(run = id, trigger, "reconciliation run started");
         self.run = Some(run);
@@ -324,6 +347,8 @@ impl ReconcilerState {
             unrepairable = run.unrepairable,
             reads = run.reads,
             alerts = run.alerts,
+            state_checked = run.state_checked,
+            state_reread = run.state_reread,
             pruned_repairs = pruned,
             "reconciliation run finished"
         );
@@ -367,7 +392,7 @@ impl ReconcilerState {
             .into_iter()
             .next()
         else {
-            return Ok(false);
+            return self.state_step(&client).await;
         };
         match self.visit(&client, &account, &mark).await {
             Ok(()) => {}
@@ -926,6 +951,207 @@ impl ReconcilerState {
         }
         self.args.store.put_repair(ident, &r)?;
         Ok(r)
+    }
+}
+
+/// Why an account's Stripe state is worth reading again, and the subscription to read
+/// (`None`: list the customer's).
+fn state_doubt(
+    view: &crate::account::AccountView,
+    prices: &crate::billing::PriceMap,
+    now: UnixMs,
+    stale: Duration,
+) -> Option<(&'static str, Option<String>)> {
+    let b = &view.billing;
+    let held = b
+        .subscription
+        .as_ref()
+        .filter(|s| !b.ended_subscriptions.contains(&s.id));
+    let Some(s) = held else {
+        // On a plan sold through Stripe, with no live subscription known: events were lost,
+        // or the plan was set by hand.
+        let sold = prices.plans.values().any(|p| *p == view.profile.plan);
+        return sold.then_some(("plan_without_subscription", None));
+    };
+    let id = Some(s.id.clone());
+    let status = s.status.as_str();
+    if matches!(status, "canceled" | "incomplete_expired") {
+        return Some(("ended_not_applied", id));
+    }
+    if matches!(status, "active" | "trialing" | "past_due")
+        && s.plan.as_ref().is_some_and(|p| *p != view.profile.plan)
+    {
+        return Some(("plan_mismatch", id));
+    }
+    if matches!(status, "active" | "trialing")
+        && s.period
+            .is_some_and(|(_, end)| end.saturating_mul(1000).saturating_add(PERIOD_GRACE_MS) < now)
+    {
+        return Some(("period_over", id));
+    }
+    let last_s = [
+        b.subscription_version.0,
+        b.customer_version,
+        b.features_version,
+        b.payment_version,
+        b.invoices.first().map_or(0, |i| i.event_created_s),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    let stale_ms = i64::try_from(stale.as_millis()).unwrap_or(i64::MAX);
+    (last_s.saturating_mul(1000).saturating_add(stale_ms) < now).then_some(("quiet", id))
+}
+
+impl ReconcilerState {
+    /// One linked customer of the state pass; false when the pass (and so the run) is done.
+    async fn state_step(&mut self, client: &StripeHttp) -> Result<bool, ActorProcessingErr> {
+        let Some(cursor) = self.state_pass.clone() else {
+            return Ok(false);
+        };
+        let Some((customer, account)) = self
+            .args
+            .store
+            .linked_customers(cursor.as_deref(), 1)?
+            .into_iter()
+            .next()
+        else {
+            self.state_pass = None;
+            self.next_state_ms = self.args.clock.now_ms().saturating_add(STATE_EVERY_MS);
+            return Ok(false);
+        };
+        self.state_pass = Some(Some(customer.clone()));
+        match self.check_state(client, &customer, &account).await {
+            Ok(()) => Ok(true),
+            Err(Visit::Stripe(e)) => {
+                tracing::warn!(account = %account, error = %e, "reconciler: Stripe did not answer; the state pass stops here and runs again next time");
+                self.state_pass = None;
+                Ok(false)
+            }
+            Err(Visit::Store(e)) => Err(e.into()),
+        }
+    }
+
+    /// Re-reads the account's subscription from Stripe if its state looks inconsistent or
+    /// stale, and applies what Stripe holds now as an event would (`reread_…`).
+    async fn check_state(
+        &mut self,
+        client: &StripeHttp,
+        customer: &str,
+        account: &AccountId,
+    ) -> Result<(), Visit> {
+        let Some(stale) = self.args.settings.state_stale else {
+            return Ok(());
+        };
+        let view = match self.args.accounts.get(account).await {
+            Ok(v) => v,
+            Err(AccountError::UnknownAccount(_)) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(account = %account, error = %e, "reconciler: cannot read the account; its state is checked next time");
+                return Ok(());
+            }
+        };
+        if view.profile.stripe_customer_id.as_deref() != Some(customer) {
+            return Ok(());
+        }
+        if let Some(r) = &mut self.run {
+            r.state_checked += 1;
+        }
+        let now = self.args.clock.now_ms();
+        let Some((reason, sub)) = state_doubt(&view, &self.args.settings.prices, now, stale) else {
+            return Ok(());
+        };
+        self.read_pace().await;
+        let read = match &sub {
+            Some(id) => client.subscription(id).await.map(|s| vec![s]),
+            None => client.customer_subscriptions(customer).await,
+        };
+        let subs = match read {
+            Ok(s) => s,
+            Err(e) if matches!(e.disposition(), Disposition::Permanent) => {
+                tracing::warn!(account = %account, reason, error = %e, "reconciler: Stripe refused to read the account's subscription; reported, nothing changed");
+                return Ok(());
+            }
+            Err(e) => return Err(Visit::Stripe(e)),
+        };
+        // The subscription to apply: the one read, or the customer's newest live one of a
+        // configured plan. None: reported, not guessed.
+        let plan_of = |s: &serde_json::Value| {
+            s["items"]["data"].as_array().is_some_and(|items| {
+                items.iter().any(|i| {
+                    i["price"]["id"]
+                        .as_str()
+                        .or_else(|| i["price"].as_str())
+                        .is_some_and(|p| self.args.settings.prices.plans.contains_key(p))
+                })
+            })
+        };
+        let chosen = match &sub {
+            Some(_) => subs.into_iter().next(),
+            None => subs
+                .into_iter()
+                .filter(|s| {
+                    !matches!(
+                        s["status"].as_str(),
+                        Some("canceled" | "incomplete_expired" | "incomplete")
+                    ) && plan_of(s)
+                })
+                .max_by_key(|s| s["created"].as_i64().unwrap_or(0)),
+        };
+        let Some(obj) = chosen else {
+            tracing::warn!(account = %account, customer, reason, "reconciler: the account's plan is sold through Stripe but its customer has no live subscription of a configured plan; reported, nothing changed");
+            return Ok(());
+        };
+        let now_s = now.div_euclid(1000);
+        let ended = matches!(
+            obj["status"].as_str(),
+            Some("canceled" | "incomplete_expired")
+        );
+        let sub_id = obj["id"].as_str().unwrap_or_default().to_owned();
+        let event_type = if ended {
+            "customer.subscription.deleted"
+        } else {
+            "customer.subscription.updated"
+        };
+        let event = serde_json::json!({
+            "id": format!("reread_{sub_id}_{now_s}"),
+            "object": "event",
+            "type": event_type,
+            "created": now_s,
+            "data": {"object": obj},
+        });
+        let (_, change) = match crate::billing::interpret(&event, &self.args.settings.prices) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(account = %account, subscription = %sub_id, error = %e, "reconciler: Stripe's subscription could not be read; reported, nothing changed");
+                return Ok(());
+            }
+        };
+        let sub_customer = match &change {
+            crate::billing::StripeChange::Subscription { info, .. } => info.customer.clone(),
+            _ => None,
+        };
+        let cmd = crate::account::StripeCmd {
+            event_id: format!("reread_{sub_id}_{now_s}"),
+            event_type: event_type.to_owned(),
+            created_s: now_s,
+            change,
+            fallback_plan: self.args.settings.fallback_plan.clone(),
+            customer: sub_customer,
+            money: self.args.settings.money,
+        };
+        match self.args.accounts.stripe(account, cmd).await {
+            Ok(r) => {
+                if let Some(run) = &mut self.run {
+                    run.state_reread += 1;
+                }
+                tracing::info!(account = %account, subscription = %sub_id, reason, outcome = ?r.outcome, "reconciler: re-read the account's subscription from Stripe");
+            }
+            Err(e) => {
+                tracing::warn!(account = %account, subscription = %sub_id, reason, error = %e, "reconciler: the subscription read from Stripe was not applied");
+            }
+        }
+        Ok(())
     }
 }
 

@@ -285,6 +285,27 @@ impl StripeHttp {
         read_answer(&format!("GET {path}"), &bytes)
     }
 
+    /// A subscription, as Stripe holds it now.
+    pub async fn subscription(&self, id: &str) -> Result<serde_json::Value, StripeCallError> {
+        self.get_json(&format!("v1/subscriptions/{}", path_segment(id)))
+            .await
+    }
+
+    /// The customer's subscriptions in any status (newest first, at most 10: a customer of
+    /// meterd has one live subscription, and a few ended ones).
+    pub async fn customer_subscriptions(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<serde_json::Value>, StripeCallError> {
+        let v = self
+            .get_json(&format!(
+                "v1/subscriptions?customer={}&status=all&limit=10",
+                path_segment(customer)
+            ))
+            .await?;
+        Ok(v["data"].as_array().cloned().unwrap_or_default())
+    }
+
     /// One page of the events Stripe failed to deliver, created at or after `since_s`, of
     /// `types`, newest first: `(events, has_more)`.
     pub async fn undelivered_events(
@@ -816,6 +837,20 @@ async fn send(r: reqwest::RequestBuilder) -> Result<Bytes, StripeCallError> {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs),
     })
+}
+
+/// `s` percent-encoded for a URL path segment or query value (Stripe ids are `[A-Za-z0-9_]`;
+/// anything else is encoded rather than trusted).
+fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

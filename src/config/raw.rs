@@ -521,6 +521,7 @@ pub(super) struct RawReconciler {
     pub alert_percent: u32,
     pub money_meters: Vec<String>,
     pub keep_ok_days: u64,
+    pub state_stale_days: u64,
 }
 
 impl Default for RawReconciler {
@@ -533,6 +534,7 @@ impl Default for RawReconciler {
             alert_percent: 5,
             money_meters: Vec::new(),
             keep_ok_days: 3,
+            state_stale_days: 35,
         }
     }
 }

@@ -18,6 +18,9 @@ pub struct ReconcilerConfig {
     pub alert_percent: u32,
     pub money_meters: Vec<String>,
     pub keep_ok: Duration,
+    /// The state pass re-reads an account's subscription when it looks inconsistent or
+    /// its last Stripe event is older than this (`None`: `state_stale_days = 0`, no pass).
+    pub state_stale: Option<Duration>,
 }
 
 /// Stripe's read limit in live mode is 100 requests a second (25 in test mode), shared with
@@ -54,6 +57,12 @@ pub(super) fn build(r: &RawReconciler, catalog: &Catalog) -> Result<ReconcilerCo
             "must be between 1 and 40",
         ));
     }
+    if r.state_stale_days > 366 {
+        return Err(invalid(
+            "reconciler.state_stale_days",
+            "must be 0 (no state pass) to 366",
+        ));
+    }
     for m in &r.money_meters {
         if !catalog.meters.contains_key(m.as_str()) {
             return Err(invalid(
@@ -70,5 +79,7 @@ pub(super) fn build(r: &RawReconciler, catalog: &Catalog) -> Result<ReconcilerCo
         alert_percent: r.alert_percent,
         money_meters: r.money_meters.clone(),
         keep_ok: Duration::from_secs(r.keep_ok_days * 86_400),
+        state_stale: (r.state_stale_days > 0)
+            .then(|| Duration::from_secs(r.state_stale_days * 86_400)),
     })
 }

@@ -81,6 +81,10 @@ pub struct RunView {
     /// Stripe reads (event summary pages).
     pub reads: u64,
     pub alerts: u64,
+    /// The state pass (daily, and on every admin run): linked accounts checked, and those
+    /// whose subscription looked inconsistent or stale and was re-read from Stripe.
+    pub state_checked: u64,
+    pub state_reread: u64,
 }
 
 /// The reconciliation report.
@@ -148,6 +152,8 @@ fn run_view(r: ReconRun) -> RunView {
         unrepairable: r.unrepairable,
         reads: r.reads,
         alerts: r.alerts,
+        state_checked: r.state_checked,
+        state_reread: r.state_reread,
     }
 }
 

@@ -451,3 +451,164 @@ async fn many_accounts_are_reconciled_under_the_read_rate_limit() {
     );
     d.stop().await;
 }
+
+const TEAM_PRICE: &str = "price_17NKaQm7Yc2Hd9anf59xSqfT";
+
+/// The story's subscription as Stripe would hold it now: `id`, `customer`, `status`, the
+/// team price for `seats`, and a current period that contains now.
+fn stripe_subscription(id: &str, customer: &str, status: &str, seats: u64, created: i64) -> Value {
+    let path = crate::support::stripe_events_dir().join("customer.subscription.created.json");
+    let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let mut s = v["data"]["object"].clone();
+    let now_s = Clock::System.now_ms() / 1000;
+    s["id"] = json!(id);
+    s["customer"] = json!(customer);
+    s["status"] = json!(status);
+    s["created"] = json!(created);
+    s["metadata"] = json!({});
+    s["trial_end"] = Value::Null;
+    for item in s["items"]["data"].as_array_mut().unwrap() {
+        item["current_period_start"] = json!(now_s - 86_400);
+        item["current_period_end"] = json!(now_s + 29 * 86_400);
+        if item["price"]["id"] == TEAM_PRICE {
+            item["quantity"] = json!(seats);
+        }
+    }
+    if status == "canceled" {
+        s["ended_at"] = json!(now_s - 3_600);
+        s["canceled_at"] = json!(now_s - 3_600);
+    }
+    s
+}
+
+/// Issue 12, "reconcile state": an account whose subscription looks inconsistent, or whose
+/// last Stripe event is old, is re-read from Stripe and what Stripe holds is applied; a
+/// consistent account costs no read; what cannot be resolved is reported, not guessed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_pass_rereads_inconsistent_or_quiet_accounts_from_stripe() {
+    let fake = FakeStripe::start().await;
+    let clock = Clock::System;
+    let d = start_with(tempfile::tempdir().unwrap(), &fake, &clock, |c| {
+        c.stripe.plans.get_mut("team").unwrap().stripe_price = Some(TEAM_PRICE.into());
+    })
+    .await;
+    let now_s = clock.now_ms() / 1000;
+    let put = |id: &'static str, plan: &'static str, customer: &'static str| {
+        let client = d.client.clone();
+        async move {
+            let r = client
+                .put_account(
+                    id,
+                    json!({"plan": plan, "stripe_customer_id": customer, "seats": 2}),
+                )
+                .await;
+            assert!(r.status < 300, "{:?}", r.body);
+        }
+    };
+    // On team (sold through Stripe) with no subscription known: its events were lost.
+    put("acct_lost", "team", "cus_lost").await;
+    fake.put_subscription(stripe_subscription(
+        "sub_lost",
+        "cus_lost",
+        "active",
+        4,
+        now_s - 600,
+    ));
+    fake.put_subscription(stripe_subscription(
+        "sub_old",
+        "cus_lost",
+        "canceled",
+        9,
+        now_s - 9_000,
+    ));
+    // Its subscription arrived 40 days ago and nothing since; Stripe has cancelled it.
+    put("acct_quiet", "free", "cus_quiet").await;
+    let path = crate::support::stripe_events_dir().join("customer.subscription.created.json");
+    let mut ev: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    ev["id"] = json!("evt_quiet_created");
+    ev["created"] = json!(now_s - 40 * 86_400);
+    ev["data"]["object"] =
+        stripe_subscription("sub_quiet", "cus_quiet", "active", 2, now_s - 40 * 86_400);
+    let body = serde_json::to_vec(&ev).unwrap();
+    let sig = sign(&body, WEBHOOK_SECRET, now_s);
+    let r = d
+        .client
+        .http
+        .post(format!("{}/webhooks/stripe", d.client.base))
+        .header("content-type", "application/json")
+        .header("stripe-signature", sig)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    eventually(Duration::from_secs(10), || async {
+        d.client.get_account("acct_quiet").await.body["plan"] == "team"
+    })
+    .await;
+    fake.put_subscription(stripe_subscription(
+        "sub_quiet",
+        "cus_quiet",
+        "canceled",
+        2,
+        now_s - 40 * 86_400,
+    ));
+    // Consistent: a free plan, nothing to read.
+    put("acct_fine", "free", "cus_fine").await;
+    // On team, but Stripe has no live subscription for it either: reported, not guessed.
+    put("acct_orphan", "team", "cus_orphan").await;
+
+    let rep = reconcile(&d).await;
+    let run = &rep["runs"][0];
+    assert_eq!(
+        (run["state_checked"].as_u64(), run["state_reread"].as_u64()),
+        (Some(4), Some(2)),
+        "{run}"
+    );
+    let lost = d.client.get_account("acct_lost").await.body;
+    assert_eq!(
+        (
+            lost["plan"].as_str(),
+            lost["seats"].as_u64(),
+            lost["status"].as_str()
+        ),
+        (Some("team"), Some(4), Some("active")),
+        "{lost}"
+    );
+    assert_eq!(lost["stripe"]["subscription"]["id"], "sub_lost", "{lost}");
+    let quiet = d.client.get_account("acct_quiet").await.body;
+    assert_eq!(
+        quiet["plan"], "free",
+        "a cancelled subscription ends the plan: {quiet}"
+    );
+    let orphan = d.client.get_account("acct_orphan").await.body;
+    assert_eq!(orphan["plan"], "team", "nothing is guessed: {orphan}");
+    // Reads: the lost and orphan customers' lists, and the quiet one's subscription; none for
+    // the consistent account.
+    let reads: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/v1/subscriptions"))
+        .map(|r| format!("{}?{:?}", r.path, r.params))
+        .collect();
+    assert_eq!(reads.len(), 3, "{reads:?}");
+    assert!(reads.iter().all(|r| !r.contains("cus_fine")), "{reads:?}");
+    assert!(
+        reads
+            .iter()
+            .any(|r| r.starts_with("/v1/subscriptions/sub_quiet")),
+        "{reads:?}"
+    );
+    // The next pass finds the repaired accounts consistent: only the orphan is read again.
+    let rep = reconcile(&d).await;
+    assert_eq!(rep["runs"][0]["state_reread"], 0, "{}", rep["runs"][0]);
+    let reads = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/v1/subscriptions"))
+        .count();
+    assert_eq!(reads, 4);
+    assert_eq!(fake.spec_violations(), Vec::<String>::new());
+    d.stop().await;
+    fake.stop().await;
+}

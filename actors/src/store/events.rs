@@ -414,6 +414,36 @@ impl Store {
         Ok(())
     }
 
+    /// Linked customers after `after`, in customer order: `(customer, account)`, at most
+    /// `limit` (the reconciler's state pass pages through them).
+    pub fn linked_customers(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, AccountId)>, StoreError> {
+        let corrupt = |detail: String| StoreError::Corrupt {
+            tree: "customers",
+            detail,
+        };
+        let range = match after {
+            Some(a) => self.inner.customers.range::<&[u8], _>((
+                std::ops::Bound::Excluded(a.as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.inner.customers.iter(),
+        };
+        let mut out = Vec::new();
+        for kv in range.take(limit) {
+            let (k, v) = kv?;
+            let c = String::from_utf8(k.to_vec())
+                .map_err(|_| corrupt("customer id is not UTF-8".into()))?;
+            let a =
+                std::str::from_utf8(&v).map_err(|_| corrupt("account id is not UTF-8".into()))?;
+            out.push((c, AccountId::parse(a).map_err(|e| corrupt(e.to_string()))?));
+        }
+        Ok(out)
+    }
+
     /// The account linked to Stripe customer `customer`.
     pub fn customer_account(&self, customer: &str) -> Result<Option<AccountId>, StoreError> {
         let Some(v) = self.inner.customers.get(customer.as_bytes())? else {

@@ -736,6 +736,8 @@ fn samples() -> Vec<Sample> {
         unrepairable: 0,
         reads: 2,
         alerts: 1,
+        state_checked: 40,
+        state_reread: 2,
     };
     let bytes = super::recon::encode_recon_run(&run).ok();
     out.push(sample(

@@ -169,9 +169,13 @@ pub struct ReconRun {
     pub drift: u64,
     pub repaired: u64,
     pub unrepairable: u64,
-    /// Stripe reads made (event summary pages).
+    /// Stripe reads made (event summary pages, subscriptions).
     pub reads: u64,
     pub alerts: u64,
+    /// The state pass: linked accounts checked, and those whose subscription was re-read
+    /// from Stripe and applied.
+    pub state_checked: u64,
+    pub state_reread: u64,
 }
 
 #[derive(Debug, bincode::Encode, bincode::Decode)]

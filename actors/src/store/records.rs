@@ -899,5 +899,7 @@ pub mod v1 {
         unrepairable: u64,
         reads: u64,
         alerts: u64,
+        state_checked: u64,
+        state_reread: u64,
     });
 }

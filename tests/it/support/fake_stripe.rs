@@ -37,7 +37,8 @@
 //! arrived, to check a client's pacing.
 //!
 //! Objects the test registers are served as given: v1 events (`GET /v1/events`, newest first,
-//! with the spec's filters and cursor pagination), subscriptions (`GET /v1/subscriptions/{id}`)
+//! with the spec's filters and cursor pagination), subscriptions (`GET /v1/subscriptions/{id}`,
+//! and the list by `customer` and `status`)
 //! and v2 events (`GET /v2/core/events/{id}`; v2 is not in the spec, so that route is checked
 //! by hand: Bearer auth, no query parameters, an optional well-formed `Stripe-Version`).
 //!
@@ -241,8 +242,8 @@ impl FakeStripe {
         self.inner.lock().v2_events.insert(id, event);
     }
 
-    /// A subscription (string `id`) for `GET /v1/subscriptions/{id}`, replacing one with the same
-    /// id.
+    /// A subscription (string `id`) for `GET /v1/subscriptions/{id}` (and the list by
+    /// customer), replacing one with the same id.
     pub fn put_subscription(&self, sub: Value) {
         let id = object_id(&sub, "put_subscription");
         self.inner.lock().subscriptions.insert(id, sub);
@@ -1059,6 +1060,7 @@ impl State {
             ("POST", "/v1/billing_portal/sessions") => self.create_portal_session(&tree),
             ("GET", "/v1/prices/{price}") => self.get_price(p("price")),
             ("GET", "/v1/events") => self.list_events(method, path, &tree),
+            ("GET", "/v1/subscriptions") => self.list_subscriptions(&tree),
             ("GET", "/v1/subscriptions/{subscription_exposed_id}") => {
                 self.get_subscription(p("subscription_exposed_id"))
             }
@@ -1425,6 +1427,31 @@ impl State {
             Some(s) => Reply::ok(s.clone()),
             None => missing("subscription", id),
         }
+    }
+
+    /// `GET /v1/subscriptions`: by `customer`, `status` (`all` or one status; default: all but
+    /// `canceled`), newest first, at most `limit` (no paging: a test customer has a few).
+    fn list_subscriptions(&self, t: &Params) -> Reply {
+        let customer = leaf(t, "customer");
+        let status = leaf(t, "status");
+        let limit = leaf(t, "limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .unwrap_or(10);
+        let mut subs: Vec<Value> = self
+            .subscriptions
+            .values()
+            .filter(|s| customer.is_none_or(|c| s["customer"].as_str() == Some(c)))
+            .filter(|s| match status {
+                Some("all") => true,
+                Some(st) => s["status"].as_str() == Some(st),
+                None => s["status"].as_str() != Some("canceled"),
+            })
+            .cloned()
+            .collect();
+        subs.sort_by_key(|s| std::cmp::Reverse(s["created"].as_i64().unwrap_or(0)));
+        let has_more = subs.len() > limit;
+        subs.truncate(limit);
+        Reply::ok(list(subs, has_more, "/v1/subscriptions"))
     }
 
     fn put_event(&mut self, event: Value, delivered: bool) {
